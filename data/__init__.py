@@ -1,0 +1,97 @@
+"""Datasets by name (CIFAR-10, CIFAR-100, the small UCI digits set) as uint8 N×3×32×32 tensors.
+
+load_splits() gives the train/val/test split used for training (val = the first `val_size` training
+images); load_dataset() gives one float split for notebooks and evaluation.
+"""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .augment import crop_flip, crop_flip_params, random_crop_flip
+from .cifar import load_cifar10, load_cifar100
+from .digits import DIGITS_VAL_SIZE, load_digits
+from .loader import TrainLoader, iterate_batches, to_float
+
+# name -> loader(split in {"train", "test"}, root, download) -> (x uint8 N×3×32×32, y int64 N).
+DATASETS: dict[str, Callable[[str, str, bool], tuple[torch.Tensor, torch.Tensor]]] = {
+    "cifar10": load_cifar10,
+    "cifar100": load_cifar100,
+    "digits": load_digits,
+}
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10}
+# Validation size when the caller gives none: Wang et al. (2023) hold out the first 1024 CIFAR
+# training images; the digits set has only 1,437 training images, so it keeps 200.
+DEFAULT_VAL_SIZE = {"cifar10": 1024, "cifar100": 1024, "digits": DIGITS_VAL_SIZE}
+
+
+@dataclass
+class Splits:
+    """uint8 N×3×32×32 images and int64 labels, on the CPU; val may be empty (val_size=0)."""
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+    name: str
+
+
+def load_splits(name: str, root: str = "data", val_size: int | None = None,
+                download: bool = True) -> Splits:
+    """Train/val/test: val is the FIRST val_size training images, train the rest.
+
+    val_size=None uses DEFAULT_VAL_SIZE[name] (1024 for CIFAR, 200 for digits).
+    """
+    loader = DATASETS[_check_name(name)]
+    val_size = DEFAULT_VAL_SIZE[name] if val_size is None else val_size
+    x, y = loader("train", root, download)
+    if not 0 <= val_size < len(x):
+        raise ValueError(f"val_size must satisfy 0 <= val_size < {len(x)} (the {name} training "
+                         f"set), got {val_size}")
+    test_x, test_y = loader("test", root, download)
+    return Splits(x[val_size:], y[val_size:], x[:val_size], y[:val_size], test_x, test_y,
+                  NUM_CLASSES[name], name)
+
+
+def load_dataset(name: str, split: str = "test", root: str = "data",
+                 n_examples: int | None = None,
+                 download: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """One split as (x float32 N×3×32×32 in [0, 1], y int64 N); n_examples keeps the FIRST n.
+
+    split: "train" (the full official training set, validation images included) or "test"; digits
+    also has "val", the first DIGITS_VAL_SIZE (200) of its "train" images, as load_splits makes it.
+    """
+    loader = DATASETS[_check_name(name)]
+    valid = ("train", "val", "test") if name == "digits" else ("train", "test")
+    if split not in valid:
+        raise ValueError(f"unknown split {split!r} for {name}; valid splits: {', '.join(valid)}")
+    x, y = loader("test" if split == "test" else "train", root, download)
+    if split == "val":
+        x, y = x[:DEFAULT_VAL_SIZE[name]], y[:DEFAULT_VAL_SIZE[name]]
+    if n_examples is not None:
+        if not 1 <= n_examples <= len(x):
+            # Refused rather than clipped: a silently smaller evaluation set misreports results.
+            raise ValueError(f"n_examples must be in [1, {len(x)}] for {name} {split}, "
+                             f"got {n_examples}")
+        x, y = x[:n_examples], y[:n_examples]
+    return to_float(x), y
+
+
+def _check_name(name: str) -> str:
+    if name not in DATASETS:
+        close = difflib.get_close_matches(str(name), DATASETS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown dataset {name!r}{hint}; valid names: {', '.join(DATASETS)}")
+    return name
+
+
+__all__ = [
+    "DATASETS", "DEFAULT_VAL_SIZE", "NUM_CLASSES", "Splits", "TrainLoader", "crop_flip",
+    "crop_flip_params", "iterate_batches", "load_dataset", "load_splits", "random_crop_flip",
+    "to_float",
+]

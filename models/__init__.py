@@ -1,0 +1,69 @@
+"""Model registry: `MODELS` maps a name to a constructor `(num_classes, **kwargs) -> nn.Module`;
+`build_model` resolves the name and, for the DeepMind (swish) models, the normalization.
+All models take N x 3 x 32 x 32 inputs in [0, 1] and return N x num_classes logits.
+"""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from .preact_resnet import PreActResNet, preact_resnet18
+from .wideresnet import WideResNet
+from .wideresnet_dm import NORMALIZATION, DMWideResNet, normalization_for
+
+__all__ = ["MODELS", "NORMALIZATION", "build_model", "normalization_for",
+           "WideResNet", "DMWideResNet", "PreActResNet", "preact_resnet18"]
+
+
+def _wrn(depth: int, widen_factor: int) -> Callable[..., WideResNet]:
+    def build(num_classes: int, **kwargs: Any) -> WideResNet:
+        return WideResNet(depth, widen_factor, num_classes, **kwargs)
+    return build
+
+
+def _dm_wrn(depth: int, width: int) -> Callable[..., DMWideResNet]:
+    def build(num_classes: int, dataset: str | None = None, **kwargs: Any) -> DMWideResNet:
+        # Explicit mean/std win; otherwise derive them from dataset / num_classes.
+        mean, std = normalization_for(num_classes, dataset)
+        kwargs.setdefault("mean", mean)
+        kwargs.setdefault("std", std)
+        return DMWideResNet(depth, width, num_classes, **kwargs)
+    return build
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "wrn-16-1": _wrn(16, 1),
+    "wrn-16-4": _wrn(16, 4),
+    "wrn-28-10": _wrn(28, 10),
+    "wrn-34-10": _wrn(34, 10),
+    "wrn-16-1-swish": _dm_wrn(16, 1),  # tiny DM model, for fast CPU tests
+    "wrn-28-10-swish": _dm_wrn(28, 10),
+    "wrn-70-16-swish": _dm_wrn(70, 16),
+    "preact-resnet18": preact_resnet18,
+}
+
+# Models that normalize inside and therefore care about `dataset`.
+_DATASET_AWARE = frozenset(name for name in MODELS if name.endswith("-swish"))
+
+
+def build_model(name: str, num_classes: int, dataset: str | None = None,
+                **kwargs: Any) -> nn.Module:
+    """Instantiate `MODELS[name]`. `dataset` ("cifar10"/"cifar100") only selects the
+    in-model normalization of the swish models; other/None falls back to CIFAR-100
+    stats iff num_classes == 100 (RobustBench's convention). Extra kwargs (e.g.
+    `bn_momentum`) go to the constructor."""
+    if name not in MODELS:
+        valid = sorted(MODELS)
+        msg = f"unknown model {name!r}; valid: {', '.join(valid)}"
+        close = difflib.get_close_matches(name.lower(), valid, n=1)
+        if close:
+            msg += f"; did you mean {close[0]!r}?"
+        raise ValueError(msg)
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if name in _DATASET_AWARE:
+        kwargs["dataset"] = dataset
+    return MODELS[name](num_classes, **kwargs)

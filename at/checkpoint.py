@@ -1,0 +1,101 @@
+"""Run-state files: atomic writes, safe loads, and the random-number-generator state of a run.
+
+Checkpoints hold only tensors, numbers, strings, lists and dicts, so they load with
+`torch.load(weights_only=True)`: opening a checkpoint never runs code.
+"""
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message is one line."""
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """Write to a temporary file in the same directory, fsync, then rename over `path`, so `path`
+    is always either the previous complete file or the new complete file."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load(path: str | Path, map_location: Any = "cpu") -> dict:
+    """Load a checkpoint written by this project (weights_only: no arbitrary unpickling)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint not found: {path}") from None
+    except Exception as err:  # truncated zip, foreign pickle, ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"cannot load checkpoint {path}: {first}") from err
+
+
+def load_model_state(model: torch.nn.Module, state: dict, source: str) -> None:
+    """Strict load with a one-line message listing (a few) missing and unexpected keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        def few(keys: list[str]) -> str:
+            return ", ".join(keys[:4]) + (f" (+{len(keys) - 4} more)" if len(keys) > 4 else "")
+        parts = [f"missing keys: {few(missing)}" if missing else "",
+                 f"unexpected keys: {few(unexpected)}" if unexpected else "",
+                 f"shape mismatch: {few(shapes)}" if shapes else ""]
+        raise CheckpointError(f"{source} does not fit the model "
+                              f"({'; '.join(p for p in parts if p)}): wrong architecture or "
+                              f"number of classes?")
+    model.load_state_dict(state)
+
+
+def rng_state() -> dict:
+    """Every global generator a training step may draw from (python, numpy, torch CPU and CUDA)."""
+    np_state = np.random.get_state()
+    state = {
+        "python": list(random.getstate()[1]),
+        "python_pos": random.getstate()[0:3:2],
+        "numpy": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_pos": [int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    version, gauss = state["python_pos"]
+    random.setstate((version, tuple(state["python"]), gauss))
+    pos, has_gauss, cached = state["numpy_pos"]
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(pos),
+                         int(has_gauss), float(cached)))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

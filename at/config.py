@@ -1,0 +1,164 @@
+"""Configuration: configs/base.yaml <- experiment YAML <- `dotted.key=value` overrides.
+
+base.yaml declares every key; anything else is rejected with a close-match suggestion. Values are
+parsed with `yaml.safe_load`; strings like `8/255` become floats. A config is a plain nested dict.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+import subprocess
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BASE_CONFIG = REPO_ROOT / "configs" / "base.yaml"
+_FRACTION = re.compile(r"^\s*[-+]?\d+(\.\d*)?\s*/\s*\d+(\.\d*)?\s*$")
+# YAML 1.1 reads `5e-4` (no dot) as a string; accept it as the float everybody means.
+_EXPONENT = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+\s*$")
+
+
+class ConfigError(ValueError):
+    """A configuration problem the user can fix; the message is one line."""
+
+
+def parse_value(value: Any) -> Any:
+    """Turn fraction strings ('8/255') into floats, recursively; leave everything else alone."""
+    if isinstance(value, str) and _FRACTION.match(value):
+        num, den = value.split("/")
+        if float(den) == 0:
+            raise ConfigError(f"division by zero in {value!r}")
+        return float(Fraction(num.strip()) / Fraction(den.strip()))
+    if isinstance(value, str) and _EXPONENT.match(value):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: parse_value(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [parse_value(v) for v in value]
+    return value
+
+
+def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in tree.items():
+        keys.append(prefix + k)
+        if isinstance(v, dict):
+            keys += _flat_keys(v, prefix + k + ".")
+    return keys
+
+
+def _unknown(key: str, base: dict, source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _flat_keys(base), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return ConfigError(f"unknown config key {key!r} (from {source}){hint}")
+
+
+def _check_type(key: str, default: Any, value: Any, source: str) -> Any:
+    """Values must keep the type declared in base.yaml (ints may widen to floats; null is free)."""
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(default, bool) and isinstance(value, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float))
+        value = float(value) if ok else value
+    elif isinstance(default, int):
+        ok = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        value = int(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(f"config key {key!r} expects {type(default).__name__}, got {value!r} "
+                          f"(from {source})")
+    return value
+
+
+def merge(base: dict, diff: dict, source: str, prefix: str = "", root: dict | None = None) -> dict:
+    """Return `base` updated with `diff`; every key of `diff` must already exist in `base`."""
+    root = base if root is None else root
+    out = copy.deepcopy(base)
+    for k, v in diff.items():
+        key = prefix + str(k)
+        if k not in base:
+            raise _unknown(key, root, source)
+        if isinstance(base[k], dict):
+            if not isinstance(v, dict):
+                raise ConfigError(f"config key {key!r} is a section; set its entries instead "
+                                  f"(from {source})")
+            out[k] = merge(base[k], v, source, key + ".", root)
+        else:
+            out[k] = _check_type(key, base[k], v, source)
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"cannot parse {path}: {str(err).splitlines()[0]}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config keys")
+    return parse_value(data)
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict:
+    """['optim.epochs=1', 'attack.eps=8/255'] -> nested dict."""
+    tree: dict = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        try:
+            value = parse_value(yaml.safe_load(raw)) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r} conflicts with an earlier override")
+        node[parts[-1]] = value
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict:
+    """Resolve base.yaml <- experiment YAML at `path` <- overrides (later wins)."""
+    cfg = _read_yaml(BASE_CONFIG)
+    if path is not None:
+        cfg = merge(cfg, _read_yaml(Path(path)), str(path))
+    return merge(cfg, parse_overrides(overrides), "command line")
+
+
+def git_state() -> dict:
+    """Commit SHA of the code and whether the working tree has uncommitted changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+    try:
+        sha = git("rev-parse", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        sha, dirty = "", False
+    return {"sha": sha or "unknown", "dirty": dirty}
+
+
+def dump_config(cfg: dict, path: Path, **provenance: Any) -> None:
+    """Write the resolved config; provenance goes under keys starting with '_' (ignored on reload)."""
+    doc = {**cfg, **{f"_{k}": v for k, v in provenance.items()}}
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+
+def load_run_config(run_dir: str | Path) -> dict:
+    """The resolved config a run was started with (provenance keys dropped, unknown keys rejected)."""
+    path = Path(run_dir) / "config.yaml"
+    data = {k: v for k, v in _read_yaml(path).items() if not str(k).startswith("_")}
+    return merge(_read_yaml(BASE_CONFIG), data, str(path))

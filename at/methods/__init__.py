@@ -1,0 +1,36 @@
+"""Training methods, chosen by `method.name` from a plain dict; parameters come from the config
+section of the same name (configs/base.yaml declares them)."""
+from __future__ import annotations
+
+import difflib
+
+from .base import AttackBudget, Method, StepOutput
+from .ikl_at import IKLAT
+from .pgd_at import PGDAT
+from .standard import Standard
+from .trades import TRADES
+
+METHODS: dict[str, type[Method]] = {
+    "standard": Standard,
+    "pgd_at": PGDAT,
+    "trades": TRADES,
+    "ikl_at": IKLAT,
+}
+
+
+def unknown_name(kind: str, name: str, valid) -> ValueError:
+    """One-line error for a name that is not in a registry, with a close-match suggestion."""
+    close = difflib.get_close_matches(str(name), list(valid), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return ValueError(f"unknown {kind} {name!r}{hint}; valid: {', '.join(sorted(valid))}")
+
+
+def build_method(method_cfg: dict, num_classes: int) -> Method:
+    """Instantiate `method_cfg['name']` with the parameters in `method_cfg[name]`."""
+    name = method_cfg["name"]
+    if name not in METHODS:
+        raise unknown_name("method", name, METHODS)
+    return METHODS[name](num_classes, **(method_cfg.get(name) or {}))
+
+
+__all__ = ["METHODS", "build_method", "Method", "StepOutput", "AttackBudget", "unknown_name"]

@@ -1,0 +1,64 @@
+"""The interface every training method implements; the trainer knows nothing else about methods.
+
+A method owns the inner maximisation (`perturb`) and the outer loss (`loss`), and may keep state
+(buffers, or extra trainable modules) that is saved with the run through its `state_dict`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class AttackBudget:
+    """One epoch's inner-maximisation settings (radius and step on the [0,1] scale)."""
+    eps: float
+    step_size: float
+    steps: int
+    norm: str = "linf"
+    init: str = "normal"
+    clamp_init: bool = True
+
+    def pgd_kwargs(self) -> dict:
+        return dict(eps=self.eps, step_size=self.step_size, steps=self.steps, norm=self.norm,
+                    init=self.init, clamp_init=self.clamp_init)
+
+
+@dataclass
+class StepOutput:
+    """What `Method.loss` returns: weighted loss terms (their sum is minimised) and the logits the
+    trainer and the method's statistics need. Terms are batch means."""
+    terms: dict[str, Tensor]
+    logits_adv: Tensor | None = None
+    logits_clean: Tensor | None = None
+    extra: dict[str, Tensor] = field(default_factory=dict)
+
+    def total(self) -> Tensor:
+        return torch.stack(list(self.terms.values())).sum()
+
+
+class Method(nn.Module):
+    """Base class. Subclasses document their BatchNorm policy: it changes the numbers."""
+
+    uses_attack = True  # False for methods that never call an attack (standard training)
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, budget: AttackBudget) -> Tensor:
+        """Inner maximisation: adversarial images for the batch (model left as it was found)."""
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor) -> StepOutput:
+        """Outer loss at the current weights. Must not change method state, so that a wrapper
+        (e.g. adversarial weight perturbation) may call it more than once per step."""
+        raise NotImplementedError
+
+    def observe(self, y: Tensor, out: StepOutput) -> None:
+        """Called once per optimisation step with the outer pass's outputs (statistics)."""
+
+    def on_epoch_end(self) -> None:
+        """Called after the last step of every epoch (e.g. to finalise a class prior)."""

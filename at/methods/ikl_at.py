@@ -1,0 +1,87 @@
+"""IKL-AT (Cui et al., "Decoupled Kullback-Leibler Divergence Loss", NeurIPS 2024, arXiv 2305.13948).
+
+Outer loss CE(f(x), y) + beta * wMSE + alpha * SCE (`at.losses.ikl_terms`), where wMSE weights the
+pairwise logit differences with a class-wise prior P[y] learned from the model's own clean
+predictions over the previous epoch (algorithms.md §1.2-§1.6).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from attacks import frozen, pgd
+
+from ..losses import ikl_loss, ikl_terms
+from .base import AttackBudget, Method, StepOutput
+
+
+class IKLAT(Method):
+    """BN: eval mode during the attack, whose clean logits are computed once per batch (the
+    reference recomputes them every step; identical in eval mode). Then two separate train-mode
+    forwards, adversarial first, as in the reference (each with its own batch statistics).
+
+    Class prior P (C x C): row c is the mean of softmax(z_clean / temperature) over the epoch's
+    training images of class c, from the outer pass (train-mode BN, weights before the update).
+    Epoch 1 uses the uniform prior; P is saved with the run (buffers `prior`, `prior_sum`).
+    """
+
+    def __init__(self, num_classes: int, alpha: float = 3.0, beta: float = 20.0,
+                 version: str = "v1", gamma: float = 1.0, temperature: float = 4.0,
+                 prior_momentum: float = 1.0, attack_alpha: float = 1.0,
+                 attack_beta: float = 0.0, attack_gamma: float | None = 1.0):
+        super().__init__(num_classes)
+        if version not in ("v1", "v2"):
+            raise ValueError(f"unknown IKL version {version!r}; valid: v1, v2")
+        if version == "v1" and (gamma != 1.0 or (attack_gamma or 1.0) != 1.0):
+            raise ValueError("method.ikl_at.gamma / attack_gamma apply to version v2 only; "
+                             "set them to 1.0 or use version=v2")
+        if temperature <= 0:
+            raise ValueError(f"method.ikl_at.temperature must be > 0, got {temperature}")
+        if not 0.0 < prior_momentum <= 1.0:
+            raise ValueError(f"method.ikl_at.prior_momentum must be in (0, 1], got {prior_momentum}")
+        self.alpha, self.beta, self.version, self.gamma = alpha, beta, version, gamma
+        self.temperature, self.prior_momentum = temperature, prior_momentum
+        self.attack_alpha, self.attack_beta = attack_alpha, attack_beta
+        self.attack_gamma = gamma if attack_gamma is None else attack_gamma
+        self.register_buffer("prior", torch.full((num_classes, num_classes), 1.0 / num_classes))
+        # Running sum of this epoch's soft predictions per true class (kept in float64 so that a
+        # long epoch's sum does not lose precision); the row sums are the class counts.
+        self.register_buffer("prior_sum", torch.zeros(num_classes, num_classes, dtype=torch.float64))
+
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, budget: AttackBudget) -> Tensor:
+        weights = self.prior[y]
+        with frozen(model):
+            with torch.no_grad():
+                logits_clean = model(x)
+
+            def objective(z: Tensor) -> Tensor:
+                return ikl_loss(model(z), logits_clean, weights, alpha=self.attack_alpha,
+                                beta=self.attack_beta, gamma=self.attack_gamma, version=self.version)
+
+            return pgd(objective, x, **budget.pgd_kwargs())
+
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor) -> StepOutput:
+        model.train()
+        logits_adv = model(x_adv)
+        logits_clean = model(x)
+        ikl = ikl_terms(logits_adv, logits_clean, self.prior[y], gamma=self.gamma,
+                        version=self.version)
+        terms = {"ce": F.cross_entropy(logits_clean, y), "wmse": self.beta * ikl["wmse"],
+                 "sce": self.alpha * ikl["sce"]}
+        return StepOutput(terms, logits_adv=logits_adv, logits_clean=logits_clean)
+
+    @torch.no_grad()
+    def observe(self, y: Tensor, out: StepOutput) -> None:
+        probs = F.softmax(out.logits_clean.detach().float() / self.temperature, dim=1)
+        self.prior_sum.index_add_(0, y, probs.to(self.prior_sum.dtype))
+
+    @torch.no_grad()
+    def on_epoch_end(self) -> None:
+        counts = self.prior_sum.sum(dim=1, keepdim=True)
+        # A class absent from the epoch keeps its previous row instead of dividing by zero.
+        fresh = torch.where(counts > 0, self.prior_sum / counts.clamp_min(1e-300),
+                            self.prior.to(self.prior_sum.dtype))
+        m = self.prior_momentum
+        self.prior.copy_((m * fresh + (1 - m) * self.prior.to(fresh.dtype)).to(self.prior.dtype))
+        self.prior_sum.zero_()

@@ -1,0 +1,80 @@
+"""Per-epoch records of a run: metrics.jsonl, curves.png and (optionally) Weights & Biases."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+ACCURACY_KEYS = ("train_adv_acc", "train_clean_acc", "val_clean_acc", "val_robust_acc",
+                 "test_clean_acc")
+
+
+class RunLog:
+    def __init__(self, out_dir: Path, cfg: dict, *, resume_epoch: int = 0):
+        self.path = out_dir / "metrics.jsonl"
+        self.plot_path = out_dir / "curves.png" if cfg["log"]["plot"] else None
+        self.records = [r for r in self._read() if r["epoch"] <= resume_epoch]
+        # Lines written after the checkpoint we resume from describe epochs that will be redone.
+        self._rewrite()
+        self.wandb = _init_wandb(out_dir, cfg) if cfg["log"]["wandb"] else None
+
+    def _read(self) -> list[dict]:
+        if not self.path.exists():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def _rewrite(self) -> None:
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
+        os.replace(tmp, self.path)
+
+    def append(self, record: dict) -> None:
+        self.records.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.plot_path is not None:
+            plot_curves(self.records, self.plot_path)
+        if self.wandb is not None:
+            self.wandb.log(record, step=record["epoch"])
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def _init_wandb(out_dir: Path, cfg: dict):
+    try:
+        import wandb
+    except ImportError:
+        raise RuntimeError("log.wandb=true but wandb is not installed (pip install wandb)") from None
+    # Offline unless the user asked otherwise: training must not depend on the network.
+    mode = os.environ.get("WANDB_MODE", "offline")
+    return wandb.init(project=cfg["log"]["wandb_project"], dir=str(out_dir), config=cfg,
+                      name=out_dir.name, mode=mode)
+
+
+def plot_curves(records: list[dict], path: Path) -> None:
+    """Accuracies (left) and loss terms (right) against the epoch."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in records]
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in ACCURACY_KEYS:
+        if any(r.get(key) is not None for r in records):
+            ax_acc.plot(epochs, [r.get(key) for r in records], marker=".", label=key)
+    for key in sorted({k for r in records for k in r if k.startswith("loss")}):
+        ax_loss.plot(epochs, [r.get(key) for r in records], marker=".", label=key)
+    ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="training loss terms")
+    for ax in (ax_acc, ax_loss):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(".curves.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,80 @@
+"""Per-epoch schedules: the learning rate and the training attack's budget. Epochs are 1-based."""
+from __future__ import annotations
+
+import math
+
+from .methods.base import AttackBudget
+
+LR_SCHEDULES = ("cosine", "piecewise", "onecycle", "constant")
+ATTACK_SCHEDULES = ("fixed", "dkl_high", "dkl_high_intended")
+
+
+def _cos_interp(start: float, end: float, frac: float) -> float:
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def _onecycle(lr: float, step: int, total: int, pct: float) -> float:
+    """torch's OneCycleLR (cosine, two phases, div 25, final div 1e4) at `step` of `total`, as
+    stepped once per epoch by Wang et al. (momentum cycling is not reproduced)."""
+    initial, final = lr / 25.0, lr / 25.0 / 1e4
+    warm_end = pct * total - 1
+    if warm_end > 0 and step <= warm_end:
+        return _cos_interp(initial, lr, step / warm_end)
+    start = max(warm_end, 0.0)
+    return _cos_interp(lr, final, (step - start) / max(total - 1 - start, 1e-12))
+
+
+def lr_at(optim_cfg: dict, epoch: int) -> float:
+    """Learning rate for 1-based `epoch` of `optim.epochs`.
+
+    cosine: lr * (1 + cos(pi * e / (E + 1))) / 2, the DKL reference formula (never exactly 0);
+    piecewise: lr * lr_decay ** (number of milestones m with e >= m); onecycle: see `_onecycle`;
+    constant: lr. A linear warm-up lr * e / W replaces the first W - 1 epochs, and cosine then
+    runs over the remaining epochs, as in the reference's warm-up variant.
+    """
+    lr, total, warm = optim_cfg["lr"], optim_cfg["epochs"], optim_cfg["warmup_epochs"]
+    kind = optim_cfg["schedule"]
+    if kind not in LR_SCHEDULES:
+        raise ValueError(f"unknown optim.schedule {kind!r}; valid: {', '.join(LR_SCHEDULES)}")
+    if kind == "onecycle":
+        return _onecycle(lr, epoch - 1, total, optim_cfg["onecycle_pct"])
+    if warm > 0 and epoch < warm:
+        return lr * epoch / warm
+    if kind == "cosine":
+        return lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - warm) / (total - warm + 1)))
+    if kind == "piecewise":
+        return lr * optim_cfg["lr_decay"] ** sum(epoch >= m for m in optim_cfg["milestones"])
+    return lr
+
+
+def attack_budget(attack_cfg: dict, epoch: int, epochs: int) -> AttackBudget:
+    """The training attack for 1-based `epoch` of `epochs`.
+
+    eps_ramp: eps_t = eps * epoch / epochs (DKL's curriculum), else eps_t = eps.
+    fixed: `steps` steps of `step_size` (scaled by eps_t / eps). dkl_high: 5 steps of eps_t / 2 in
+    every epoch, which is what the DKL code runs: its 'high' budget is a chain of independent `if`s
+    whose last branch always wins (algorithms.md §1.4). dkl_high_intended: the chain read as
+    if/elif with thresholds scaled by epochs / 200: 2 steps of eps_t, 3 of 2 eps_t / 3, 4 of
+    eps_t / 2, 5 of eps_t / 2 over the four quarters of training.
+    """
+    eps, kind = attack_cfg["eps"], attack_cfg["schedule"]
+    scale = epoch / epochs if attack_cfg["eps_ramp"] else 1.0
+    eps_t = eps * scale
+    if kind == "fixed":
+        steps, step_size = attack_cfg["steps"], attack_cfg["step_size"] * scale
+    elif kind == "dkl_high":
+        steps, step_size = 5, eps_t / 2
+    elif kind == "dkl_high_intended":
+        quarter = epochs / 200
+        if epoch <= 50 * quarter:
+            steps, step_size = 2, eps_t
+        elif epoch <= 100 * quarter:
+            steps, step_size = 3, 2 * eps_t / 3
+        elif epoch <= 150 * quarter:
+            steps, step_size = 4, eps_t / 2
+        else:
+            steps, step_size = 5, eps_t / 2
+    else:
+        raise ValueError(f"unknown attack.schedule {kind!r}; valid: {', '.join(ATTACK_SCHEDULES)}")
+    return AttackBudget(eps=eps_t, step_size=step_size, steps=steps, norm=attack_cfg["norm"],
+                        init=attack_cfg["init"], clamp_init=attack_cfg["clamp_init"])

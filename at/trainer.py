@@ -1,0 +1,276 @@
+"""The one training loop for every method: data -> model -> method -> epochs -> run directory.
+
+Run directory: config.yaml (resolved config + git state), metrics.jsonl (one record per epoch),
+curves.png, last.pt (everything needed to continue), best.pt (best validation PGD accuracy) and
+final.json (test clean / PGD accuracy of the best and last weights).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import data as datasets
+import models
+
+from . import checkpoint as ckpt
+from .config import dump_config, git_state
+from .evaluate import accuracy
+from .methods import Method, build_method
+from .optim import build_optimizer
+from .run_log import RunLog
+from .schedules import attack_budget, lr_at
+
+CHECKPOINT_FORMAT = 1
+# Keys that may change when a run is resumed; anything else would silently change the experiment.
+RESUMABLE_CHANGES = ("optim.epochs", "device", "data.root", "data.download", "log.", "eval.every",
+                     "eval.batch_size", "eval.n_test", "eval.final_pgd")
+
+
+class RunError(RuntimeError):
+    """A problem with the run the user can fix; the message is one line."""
+
+
+class NonFiniteLoss(RunError):
+    pass
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RunError(f"device={name} requested but CUDA is not available")
+    return torch.device(name)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            flat.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            flat[prefix + k] = v
+    return flat
+
+
+def _config_changes(saved: dict, cfg: dict) -> list[str]:
+    old, new = _flatten(saved), _flatten(cfg)
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)
+                  and not k.startswith(RESUMABLE_CHANGES))
+
+
+class Trainer:
+    def __init__(self, cfg: dict, *, resume: bool = False):
+        self.cfg, self.out = cfg, Path(cfg["out_dir"])
+        self._check_out_dir(resume)
+        self.device = resolve_device(cfg["device"])
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        ckpt.seed_everything(cfg["seed"])
+
+        dcfg = cfg["data"]
+        self.splits = datasets.load_splits(dcfg["name"], root=dcfg["root"],
+                                           val_size=dcfg["val_size"], download=dcfg["download"])
+        self.sampler = torch.Generator().manual_seed(cfg["seed"])
+        self.loader = datasets.TrainLoader(
+            self.splits.train_x, self.splits.train_y, cfg["optim"]["batch_size"],
+            generator=self.sampler, augment=dcfg["augment"], drop_last=dcfg["drop_last"],
+            device=self.device)
+        num_classes = self.splits.num_classes
+        self.model = models.build_model(cfg["model"]["name"], num_classes,
+                                        dataset=dcfg["name"]).to(self.device)
+        self.method: Method = build_method(cfg["method"], num_classes).to(self.device)
+        self.optimizer = build_optimizer(cfg["optim"], [self.model, self.method])
+        self.epoch, self.best = 0, {"val_robust_acc": -math.inf, "epoch": 0}
+        if resume:
+            self._restore()
+        self.out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, self.out / "config.yaml", git=git_state(), command=" ".join(sys.argv))
+        self.log = RunLog(self.out, cfg, resume_epoch=self.epoch)
+
+    # ---- run directory and resume -------------------------------------------------------------
+    def _check_out_dir(self, resume: bool) -> None:
+        if resume:
+            if not (self.out / "last.pt").exists():
+                raise RunError(f"--resume: no last.pt in {self.out}")
+        elif self.out.exists() and any(self.out.iterdir()):
+            raise RunError(f"out_dir {self.out} exists and is not empty; pass --resume to "
+                           f"continue it or choose another out_dir")
+
+    def _restore(self) -> None:
+        state = ckpt.load(self.out / "last.pt", map_location=self.device)
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise RunError(f"{self.out / 'last.pt'} has format {state.get('format')}, "
+                           f"expected {CHECKPOINT_FORMAT}")
+        changed = _config_changes(state["config"], self.cfg)
+        if changed:
+            raise RunError(f"--resume with a config that differs from the run's in: "
+                           f"{', '.join(changed)}")
+        ckpt.load_model_state(self.model, state["model"], str(self.out / "last.pt"))
+        self.method.load_state_dict(state["method"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.loader.load_state_dict(state["loader"])
+        ckpt.set_rng_state(state["rng"])
+        self.epoch, self.best = state["epoch"], state["best"]
+
+    def _save(self, record: dict) -> None:
+        state = {"format": CHECKPOINT_FORMAT, "epoch": self.epoch, "config": self.cfg,
+                 "model": self.model.state_dict(), "method": self.method.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(),
+                 "rng": ckpt.rng_state(), "best": self.best, "metrics": record}
+        improved = record.get("val_robust_acc") is not None and \
+            record["val_robust_acc"] > self.best["val_robust_acc"]
+        if improved:
+            self.best = {"val_robust_acc": record["val_robust_acc"], "epoch": self.epoch}
+            state["best"] = self.best
+            ckpt.atomic_save({"format": CHECKPOINT_FORMAT, "epoch": self.epoch,
+                              "config": self.cfg, "model": state["model"], "metrics": record},
+                             self.out / "best.pt")
+        ckpt.atomic_save(state, self.out / "last.pt")
+
+    # ---- one epoch ----------------------------------------------------------------------------
+    def train_epoch(self) -> dict:
+        cfg, model, method = self.cfg, self.model, self.method
+        lr = lr_at(cfg["optim"], self.epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        budget = attack_budget(cfg["attack"], self.epoch, cfg["optim"]["epochs"])
+        interval = max(1, cfg["log"]["interval"])
+        # Running sums stay on the device; the host reads them once per log interval.
+        zero = torch.zeros((), device=self.device, dtype=torch.float64)
+        sums: dict[str, torch.Tensor] = {}
+        first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
+        seen = 0
+        bar = tqdm(total=len(self.loader), desc=f"epoch {self.epoch}", leave=False,
+                   disable=not sys.stderr.isatty())
+        start = time.time()
+        for step, (x, y) in enumerate(self.loader, start=1):
+            x_adv = method.perturb(model, x, y, budget) if method.uses_attack else x
+            out = method.loss(model, x, y, x_adv)
+            loss = out.total()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            method.observe(y, out)
+
+            n = len(y)
+            seen += n
+            batch = {"loss": loss, **{f"loss_{k}": v for k, v in out.terms.items()}}
+            for key, value in batch.items():
+                sums[key] = sums.get(key, zero) + value.detach().double() * n
+            for key, logits in (("train_adv_acc", out.logits_adv),
+                                ("train_clean_acc", out.logits_clean)):
+                if logits is not None:
+                    sums[key] = sums.get(key, zero) + (logits.argmax(1) == y).sum()
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss),
+                                    torch.full_like(first_bad, step), first_bad)
+            bar.update(1)
+            if step % interval == 0 or step == len(self.loader):
+                self._check_finite(first_bad)
+                bar.set_postfix(loss=f"{sums['loss'].item() / seen:.4f}")
+        bar.close()
+        method.on_epoch_end()
+        seconds = time.time() - start
+        stats = {k: v.item() / seen * (100.0 if k.endswith("_acc") else 1.0)
+                 for k, v in sums.items()}
+        return {"epoch": self.epoch, "lr": lr, "eps": budget.eps, "attack_steps":
+                budget.steps if method.uses_attack else 0, **stats, "train_seconds": seconds,
+                "images_per_s": seen / seconds}
+
+    def _check_finite(self, first_bad: torch.Tensor) -> None:
+        bad = int(first_bad.item())
+        if bad >= 0:
+            raise NonFiniteLoss(f"non-finite training loss at epoch {self.epoch}, step {bad}; "
+                                f"stopped without saving (last.pt still holds epoch "
+                                f"{self.epoch - 1})")
+
+    def validate(self, final: bool) -> dict:
+        ecfg, acfg = self.cfg["eval"], self.cfg["attack"]
+        pgd = dict(eps=acfg["eps"], steps=ecfg["pgd_steps"], step_size=ecfg["pgd_step_size"],
+                   norm=acfg["norm"], seed=self.cfg["seed"])
+        start = time.time()
+        record: dict = {}
+        if len(self.splits.val_y) and (final or self.epoch % ecfg["every"] == 0):
+            record["val_clean_acc"] = self._acc(self.splits.val_x, self.splits.val_y)
+            record["val_robust_acc"] = self._acc(self.splits.val_x, self.splits.val_y, **pgd)
+        n_test = ecfg["n_test"] or len(self.splits.test_y)
+        record["test_clean_acc"] = self._acc(self.splits.test_x[:n_test],
+                                             self.splits.test_y[:n_test])
+        record["eval_seconds"] = time.time() - start
+        return record
+
+    def _acc(self, x: torch.Tensor, y: torch.Tensor, **pgd) -> float:
+        return accuracy(self.model, x, y, batch_size=self.cfg["eval"]["batch_size"], **pgd)
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def fit(self) -> dict:
+        epochs = self.cfg["optim"]["epochs"]
+        try:
+            while self.epoch < epochs:
+                self.epoch += 1
+                record = self.train_epoch()
+                record.update(self.validate(final=self.epoch == epochs))
+                self.log.append(record)
+                self._save(record)
+                print(_summary(record, epochs), flush=True)
+            return self.finish()
+        finally:
+            self.log.close()
+
+    def finish(self) -> dict:
+        """Test clean and PGD accuracy of the last and the best weights -> final.json + a table."""
+        ecfg, acfg = self.cfg["eval"], self.cfg["attack"]
+        result = {}
+        weights = {"last": (self.epoch, self.model.state_dict())}
+        if (self.out / "best.pt").exists():
+            best = ckpt.load(self.out / "best.pt", map_location=self.device)
+            weights["best"] = (best["epoch"], best["model"])
+        last_state = {k: v.clone() for k, v in self.model.state_dict().items()}
+        for name, (epoch, state) in weights.items():
+            self.model.load_state_dict(state)
+            row = {"epoch": epoch,
+                   "test_clean_acc": self._acc(self.splits.test_x, self.splits.test_y)}
+            if ecfg["final_pgd"]:
+                row["test_robust_acc"] = self._acc(
+                    self.splits.test_x, self.splits.test_y, eps=acfg["eps"],
+                    steps=ecfg["pgd_steps"], step_size=ecfg["pgd_step_size"], norm=acfg["norm"],
+                    seed=self.cfg["seed"])
+            result[name] = row
+        self.model.load_state_dict(last_state)
+        (self.out / "final.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(_final_table(result, self.cfg), flush=True)
+        return result
+
+
+def _fmt(value) -> str:
+    return "   -  " if value is None else f"{value:6.2f}"
+
+
+def _summary(r: dict, epochs: int) -> str:
+    losses = " ".join(f"{k[5:] or 'total'} {v:.4f}" for k, v in r.items() if k.startswith("loss"))
+    train_acc = r.get("train_adv_acc", r.get("train_clean_acc"))
+    return (f"epoch {r['epoch']:>3}/{epochs}  lr {r['lr']:.4f}  eps {r['eps'] * 255:.2f}/255 "
+            f"x{r['attack_steps']}  {losses}  train {_fmt(train_acc)}  val clean "
+            f"{_fmt(r.get('val_clean_acc'))} pgd {_fmt(r.get('val_robust_acc'))}  test clean "
+            f"{_fmt(r.get('test_clean_acc'))}  {r['train_seconds']:.0f}s+{r['eval_seconds']:.0f}s")
+
+
+def _final_table(result: dict, cfg: dict) -> str:
+    steps = cfg["eval"]["pgd_steps"]
+    eps = cfg["attack"]["eps"] * 255
+    lines = [f"final test accuracy (%), PGD-{steps} at eps {eps:.4g}/255 ({cfg['attack']['norm']})",
+             f"{'weights':<10}{'epoch':>6}{'clean':>9}{'PGD':>9}"]
+    for name, row in result.items():
+        lines.append(f"{name:<10}{row['epoch']:>6}{_fmt(row['test_clean_acc']):>9}"
+                     f"{_fmt(row.get('test_robust_acc')):>9}")
+    return "\n".join(lines)
+
+
+def fit(cfg: dict, *, resume: bool = False) -> dict:
+    """Train according to `cfg` (see configs/base.yaml); returns the final test accuracies."""
+    return Trainer(cfg, resume=resume).fit()
