@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# TRADES baseline on CIFAR-100, WRN-34-10 (DKL repo recipe, beta 9).
+# Extra dotted.key=value arguments override the config, e.g. optim.epochs=1 out_dir=runs/try
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source sh/venv.sh
+exec python -m at.train -c configs/cifar100/trades.yaml "$@"
