@@ -20,8 +20,8 @@ def _onecycle(lr: float, step: int, total: int, pct: float) -> float:
     warm_end = pct * total - 1
     if warm_end > 0 and step <= warm_end:
         return _cos_interp(initial, lr, step / warm_end)
-    start = max(warm_end, 0.0)
-    return _cos_interp(lr, final, (step - start) / max(total - 1 - start, 1e-12))
+    # As in torch, the anneal phase starts at warm_end even when that is negative (short runs).
+    return _cos_interp(lr, final, (step - warm_end) / max(total - 1 - warm_end, 1e-12))
 
 
 def lr_at(optim_cfg: dict, epoch: int) -> float:
