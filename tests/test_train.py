@@ -1,0 +1,190 @@
+"""End to end: training learns robustness on real data, run directories are complete, a killed run
+resumes to the same weights, and bad input stops with a one-line error."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from at.checkpoint import CheckpointError, load, load_model_state
+from at.config import REPO_ROOT, load_config
+from at.trainer import fit
+from fake_cifar import write_fake_cifar
+from models import build_model
+
+DIGITS = REPO_ROOT / "configs" / "digits" / "ikl_at.yaml"
+# A short IKL-AT schedule on the digits: the same recipe as the demo, 8 of its 15 epochs.
+LEARN = ["optim.epochs=8", "eval.every=100"]
+# A fast configuration for plumbing tests: one attack step, no per-epoch validation.
+QUICK = ["attack.schedule=fixed", "attack.steps=1", "attack.step_size=8/255", "eval.every=100",
+         "eval.final_pgd=false", "log.plot=false"]
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "disabled"}
+    return subprocess.run([sys.executable, "-m", "at.train", *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def model_state(run: Path) -> dict:
+    return load(run / "last.pt")["model"]
+
+
+@pytest.fixture(scope="module")
+def learned(tmp_path_factory):
+    """IKL-AT and standard training on the digits, same model, data, epochs and eps."""
+    root = tmp_path_factory.mktemp("learn")
+    runs = {}
+    for name in ("ikl_at", "standard"):
+        out = root / name
+        cfg = load_config(DIGITS, [*LEARN, f"method.name={name}", f"out_dir={out}"])
+        runs[name] = (out, fit(cfg))
+    return runs
+
+
+def test_ikl_at_learns_accuracy_and_robustness(learned):
+    ikl_dir, ikl = learned["ikl_at"]
+    _, standard = learned["standard"]
+    last = json.loads((ikl_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["val_clean_acc"] >= 80.0, last
+    assert ikl["best"]["test_clean_acc"] >= 80.0, ikl
+    # Same eps (8/255), same PGD-10: adversarial training must buy a large robustness margin.
+    assert ikl["best"]["test_robust_acc"] >= standard["best"]["test_robust_acc"] + 20.0, \
+        (ikl, standard)
+    assert standard["best"]["test_clean_acc"] >= 80.0  # the comparison is with a working model
+
+
+def test_run_directory_is_complete(learned):
+    out, result = learned["ikl_at"]
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["method"]["name"] == "ikl_at" and len(config["_git"]["sha"]) in (7, 40) or \
+        config["_git"]["sha"] == "unknown"
+    assert isinstance(config["_git"]["dirty"], bool)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == list(range(1, 9))
+    for key in ("lr", "eps", "loss", "loss_ce", "loss_wmse", "loss_sce", "train_adv_acc",
+                "train_clean_acc", "test_clean_acc", "train_seconds", "images_per_s"):
+        assert all(key in r for r in records), key
+    assert records[-1]["eps"] == pytest.approx(8 / 255)  # the eps ramp reaches eps at the end
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    last, best = load(out / "last.pt"), load(out / "best.pt")
+    assert last["epoch"] == 8 and best["epoch"] == result["best"]["epoch"]
+    prior = last["method"]["prior"]
+    torch.testing.assert_close(prior.sum(1), torch.ones(10))
+    assert prior.diagonal().min() > 0.1  # learned from the model's predictions, not uniform
+    assert json.loads((out / "final.json").read_text()) == result
+
+
+def test_fake_cifar_trains_through_the_real_loader(tmp_path):
+    write_fake_cifar(str(tmp_path / "data"), "cifar100", n_train=96, n_test=40)
+    cfg = load_config(REPO_ROOT / "configs" / "cifar100" / "ikl_at.yaml", [
+        *QUICK, "model.name=wrn-16-1", "device=cpu", f"data.root={tmp_path / 'data'}",
+        "data.download=false", "data.val_size=32", "optim.epochs=2", "optim.batch_size=32",
+        f"out_dir={tmp_path / 'run'}"])
+    result = fit(cfg)
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(records) == 2 and records[-1]["val_robust_acc"] is not None
+    assert load(tmp_path / "run" / "last.pt")["method"]["prior"].shape == (100, 100)
+    assert set(result) == {"last", "best"}
+
+
+def test_killed_run_resumes_to_identical_weights(tmp_path):
+    common = ["-c", str(DIGITS), *QUICK, "optim.epochs=3"]
+    straight = run_cli(*common, f"out_dir={tmp_path / 'straight'}")
+    assert straight.returncode == 0, straight.stderr
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "disabled"}
+    proc = subprocess.Popen([sys.executable, "-m", "at.train", *common, f"out_dir={killed}"],
+                            cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (killed / "last.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert load(killed / "last.pt")["epoch"] < 3
+
+    resumed = run_cli(*common, f"out_dir={killed}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = model_state(tmp_path / "straight"), model_state(killed)
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from an uninterrupted run"
+    assert torch.equal(load(tmp_path / "straight" / "last.pt")["method"]["prior"],
+                       load(killed / "last.pt")["method"]["prior"])
+    epochs = [json.loads(x)["epoch"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
+
+    # A resumed run may extend its schedule, but not silently change the experiment.
+    changed = run_cli(*common, "optim.epochs=4", "model.name=wrn-16-4", f"out_dir={killed}",
+                      "--resume")
+    assert changed.returncode != 0 and "model.name" in changed.stderr
+    assert load(killed / "last.pt")["epoch"] == 3
+
+
+def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tmp_path):
+    out = tmp_path / "nan"
+    # Epoch 2 runs at lr * 1e30: the weights blow up within a few steps.
+    proc = run_cli("-c", str(DIGITS), *QUICK, "method.name=standard", "optim.epochs=3",
+                   "optim.schedule=piecewise", "optim.milestones=[2]", "optim.lr_decay=1e30",
+                   f"out_dir={out}")
+    assert proc.returncode != 0
+    error = proc.stderr.strip().splitlines()[-1]
+    assert "non-finite" in error and "epoch 2, step" in error, proc.stderr
+    state = load(out / "last.pt")
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("model.name=wrn-34-11", "unknown model 'wrn-34-11'"),
+    ("method.name=ikl", "unknown method 'ikl'"),
+    ("data.name=cifar1000", "unknown dataset"),
+    ("optim.epoch=3", "unknown config key 'optim.epoch'"),
+])
+def test_bad_names_give_one_line_errors(tmp_path, override, needle):
+    proc = run_cli("-c", str(DIGITS), override, f"out_dir={tmp_path / 'run'}")
+    assert proc.returncode != 0
+    assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_missing_dataset_names_the_expected_path(tmp_path):
+    proc = run_cli("data.name=cifar10", f"data.root={tmp_path}", "data.download=false",
+                   "device=cpu", f"out_dir={tmp_path / 'run'}")
+    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert str(tmp_path / "cifar-10-batches-py") in proc.stderr
+
+
+def test_existing_out_dir_and_resume_without_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    proc = run_cli("-c", str(DIGITS), f"out_dir={out}")
+    assert proc.returncode != 0 and "not empty" in proc.stderr and "--resume" in proc.stderr
+    assert (out / "notes.txt").read_text() == "keep me"
+    proc = run_cli("-c", str(DIGITS), f"out_dir={out}", "--resume")
+    assert proc.returncode != 0 and "no last.pt" in proc.stderr
+
+
+def test_checkpoint_of_another_architecture_is_refused(tmp_path):
+    small = build_model("wrn-16-1", 10)
+    with pytest.raises(CheckpointError, match="shape mismatch.*wrong architecture"):
+        load_model_state(small, build_model("wrn-16-4", 10).state_dict(), "x.pt")
+    with pytest.raises(CheckpointError, match="fc.weight"):
+        load_model_state(small, build_model("wrn-16-1", 100).state_dict(), "x.pt")
+    with pytest.raises(CheckpointError, match="missing keys"):
+        load_model_state(small, build_model("wrn-16-1-swish", 10).state_dict(), "x.pt")
+    bad = tmp_path / "truncated.pt"
+    torch.save({"model": small.state_dict()}, bad)
+    bad.write_bytes(bad.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="cannot load"):
+        load(bad)
