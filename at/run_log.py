@@ -5,6 +5,8 @@ import json
 import os
 from pathlib import Path
 
+from .errors import RunError
+
 ACCURACY_KEYS = ("train_adv_acc", "train_clean_acc", "val_clean_acc", "val_robust_acc",
                  "test_clean_acc")
 
@@ -44,11 +46,16 @@ class RunLog:
             self.wandb.finish()
 
 
-def _init_wandb(out_dir: Path, cfg: dict):
+def require_wandb():
     try:
         import wandb
     except ImportError:
-        raise RuntimeError("log.wandb=true but wandb is not installed (pip install wandb)") from None
+        raise RunError("log.wandb=true but wandb is not installed (pip install wandb)") from None
+    return wandb
+
+
+def _init_wandb(out_dir: Path, cfg: dict):
+    wandb = require_wandb()
     # Offline unless the user asked otherwise: training must not depend on the network.
     mode = os.environ.get("WANDB_MODE", "offline")
     return wandb.init(project=cfg["log"]["wandb_project"], dir=str(out_dir), config=cfg,

@@ -6,7 +6,8 @@ import sys
 
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
-from .trainer import RunError, fit
+from .errors import RunError
+from .trainer import fit
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,24 +20,20 @@ import models
 
 from . import checkpoint as ckpt
 from .config import dump_config, git_state
+from .errors import NonFiniteLoss, RunError
 from .evaluate import accuracy
 from .methods import Method, build_method
 from .optim import build_optimizer
-from .run_log import RunLog
+from .run_log import RunLog, require_wandb
 from .schedules import attack_budget, lr_at
 
 CHECKPOINT_FORMAT = 1
+# Files a run writes before its first checkpoint: a directory holding only these has nothing to
+# resume (the run died in epoch 1), so --resume starts it afresh instead of refusing.
+PRE_CHECKPOINT_FILES = {"config.yaml", "metrics.jsonl", "curves.png", "wandb"}
 # Keys that may change when a run is resumed; anything else would silently change the experiment.
 RESUMABLE_CHANGES = ("optim.epochs", "device", "data.root", "data.download", "log.", "eval.every",
                      "eval.batch_size", "eval.n_test", "eval.final_pgd")
-
-
-class RunError(RuntimeError):
-    """A problem with the run the user can fix; the message is one line."""
-
-
-class NonFiniteLoss(RunError):
-    pass
 
 
 def resolve_device(name: str) -> torch.device:
@@ -67,7 +63,9 @@ def _config_changes(saved: dict, cfg: dict) -> list[str]:
 class Trainer:
     def __init__(self, cfg: dict, *, resume: bool = False):
         self.cfg, self.out = cfg, Path(cfg["out_dir"])
-        self._check_out_dir(resume)
+        resume = self._check_out_dir(resume)
+        if cfg["log"]["wandb"]:
+            require_wandb()
         self.device = resolve_device(cfg["device"])
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
@@ -94,13 +92,21 @@ class Trainer:
         self.log = RunLog(self.out, cfg, resume_epoch=self.epoch)
 
     # ---- run directory and resume -------------------------------------------------------------
-    def _check_out_dir(self, resume: bool) -> None:
-        if resume:
-            if not (self.out / "last.pt").exists():
-                raise RunError(f"--resume: no last.pt in {self.out}")
-        elif self.out.exists() and any(self.out.iterdir()):
-            raise RunError(f"out_dir {self.out} exists and is not empty; pass --resume to "
-                           f"continue it or choose another out_dir")
+    def _check_out_dir(self, resume: bool) -> bool:
+        """Whether there is a checkpoint to resume; refuses to write over another run."""
+        if resume and (self.out / "last.pt").exists():
+            return True
+        present = sorted(p.name for p in self.out.iterdir()) if self.out.is_dir() else []
+        if not resume:
+            if present:
+                raise RunError(f"out_dir {self.out} exists and is not empty; pass --resume to "
+                               f"continue it or choose another out_dir")
+            return False
+        if not self.out.is_dir() or set(present) - PRE_CHECKPOINT_FILES:
+            raise RunError(f"--resume: no last.pt in {self.out}")
+        print(f"at.train: {self.out} has no last.pt (the run stopped in its first epoch); "
+              f"starting from epoch 1", file=sys.stderr)
+        return False
 
     def _restore(self) -> None:
         state = ckpt.load(self.out / "last.pt", map_location=self.device)

@@ -140,7 +140,7 @@ def test_corrupt_cifar_file_names_the_file(tmp_path):
     write_fake_cifar(str(tmp_path), "cifar10", n_train=10, n_test=4)
     path = tmp_path / "cifar-10-batches-py" / "data_batch_3"
     path.write_bytes(path.read_bytes()[:100])  # truncated mid-pickle
-    with pytest.raises(RuntimeError) as info:
+    with pytest.raises(cifar.CorruptDataError) as info:
         data.load_splits("cifar10", root=str(tmp_path), val_size=2, download=False)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 

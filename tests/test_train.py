@@ -188,3 +188,28 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     bad.write_bytes(bad.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="cannot load"):
         load(bad)
+
+
+def test_resume_of_a_run_that_died_before_its_first_checkpoint_starts_afresh(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text("seed: 0\n")
+    (out / "metrics.jsonl").write_text("")
+    proc = run_cli("-c", str(DIGITS), *QUICK, "method.name=standard", "optim.epochs=1",
+                   f"out_dir={out}", "--resume")
+    assert proc.returncode == 0, proc.stderr
+    assert "starting from epoch 1" in proc.stderr and load(out / "last.pt")["epoch"] == 1
+    proc = run_cli("-c", str(DIGITS), f"out_dir={tmp_path / 'nowhere'}", "--resume")
+    assert proc.returncode != 0 and "no last.pt" in proc.stderr
+
+
+def test_wandb_offline_logging_needs_no_network(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "run"
+    cfg = load_config(DIGITS, [*QUICK, "method.name=standard", "optim.epochs=1", "log.wandb=true",
+                               f"out_dir={out}"])
+    fit(cfg)
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
