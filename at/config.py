@@ -152,13 +152,13 @@ def git_state() -> dict:
 
 
 def dump_config(cfg: dict, path: Path, **provenance: Any) -> None:
-    """Write the resolved config; provenance goes under keys starting with '_' (ignored on reload)."""
+    """Write the resolved config; provenance goes under '_'-prefixed keys (ignored on reload)."""
     doc = {**cfg, **{f"_{k}": v for k, v in provenance.items()}}
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
 def load_run_config(run_dir: str | Path) -> dict:
-    """The resolved config a run was started with (provenance keys dropped, unknown keys rejected)."""
+    """The resolved config a run was started with (provenance dropped, unknown keys rejected)."""
     path = Path(run_dir) / "config.yaml"
     data = {k: v for k, v in _read_yaml(path).items() if not str(k).startswith("_")}
     return merge(_read_yaml(BASE_CONFIG), data, str(path))

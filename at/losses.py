@@ -35,7 +35,7 @@ def pair_weighted_mse(logits_a: Tensor, logits_b: Tensor, weights: Tensor) -> Te
 
 
 def trades_kl(logits_adv: Tensor, logits_clean: Tensor) -> Tensor:
-    """Batch mean of KL(softmax(logits_clean) || softmax(logits_adv)); gradients reach both inputs."""
+    """Batch mean of KL(softmax(logits_clean) || softmax(logits_adv)); both inputs get gradients."""
     log_p_clean = F.log_softmax(logits_clean, dim=1)
     log_p_adv = F.log_softmax(logits_adv, dim=1)
     return (log_p_clean.exp() * (log_p_clean - log_p_adv)).sum(dim=1).mean()
@@ -60,9 +60,9 @@ def ikl_terms(logits_adv: Tensor, logits_clean: Tensor, class_weights: Tensor, *
 
     Args:
         class_weights: B x C, row b = P[y_b], the class-wise prior of sample b's label (constant).
-        version: "v1" (IKL): wMSE summed over the batch / B. "v2" (GKL): weights ** gamma and the sum
-            divided by the total pair weight sum_b (sum_j w_bj)^2 (equal to v1 when gamma = 1 and
-            the rows sum to 1).
+        version: "v1" (IKL): wMSE summed over the batch / B. "v2" (GKL): weights ** gamma and the
+            sum divided by the total pair weight sum_b (sum_j w_bj)^2 (equal to v1 when gamma = 1
+            and the rows sum to 1).
     wMSE has no stop-gradient (both branches learn from it); the SCE target is detached.
     """
     weights = class_weights.detach()

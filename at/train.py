@@ -12,7 +12,8 @@ from .trainer import fit
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m at.train", description=__doc__)
-    parser.add_argument("-c", "--config", help="experiment YAML (differences from configs/base.yaml)")
+    parser.add_argument("-c", "--config",
+                        help="experiment YAML (differences from configs/base.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, applied last")
     parser.add_argument("--resume", action="store_true", help="continue the run in out_dir")
     args = parser.parse_args(argv)

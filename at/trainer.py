@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 import data as datasets
 import models
+from attacks.pgd import INITS, NORMS
 
 from . import checkpoint as ckpt
 from .config import dump_config, git_state
@@ -25,7 +26,7 @@ from .evaluate import accuracy
 from .methods import Method, build_method
 from .optim import build_optimizer
 from .run_log import RunLog, require_wandb
-from .schedules import attack_budget, lr_at
+from .schedules import ATTACK_SCHEDULES, LR_SCHEDULES, attack_budget, lr_at
 
 CHECKPOINT_FORMAT = 1
 # Files a run writes before its first checkpoint: a directory holding only these has nothing to
@@ -34,6 +35,31 @@ PRE_CHECKPOINT_FILES = {"config.yaml", "metrics.jsonl", "curves.png", "wandb"}
 # Keys that may change when a run is resumed; anything else would silently change the experiment.
 RESUMABLE_CHANGES = ("optim.epochs", "device", "data.root", "data.download", "log.", "eval.every",
                      "eval.batch_size", "eval.n_test", "eval.final_pgd")
+
+
+def check_config(cfg: dict) -> None:
+    """Reject values that would fail late (after hours) or silently mean something else."""
+    o, a, e = cfg["optim"], cfg["attack"], cfg["eval"]
+    checks = [
+        (o["epochs"] >= 1, "optim.epochs must be >= 1"),
+        (o["batch_size"] >= 1, "optim.batch_size must be >= 1"),
+        (o["lr"] > 0, "optim.lr must be > 0"),
+        (0 <= o["warmup_epochs"] <= o["epochs"],
+         "optim.warmup_epochs must be in [0, optim.epochs]"),
+        (o["schedule"] in LR_SCHEDULES, f"optim.schedule must be one of {', '.join(LR_SCHEDULES)}"),
+        (a["schedule"] in ATTACK_SCHEDULES,
+         f"attack.schedule must be one of {', '.join(ATTACK_SCHEDULES)}"),
+        (a["norm"] in NORMS, f"attack.norm must be one of {', '.join(NORMS)}"),
+        (a["init"] in INITS, f"attack.init must be one of {', '.join(INITS)}"),
+        (a["eps"] >= 0 and a["step_size"] >= 0, "attack.eps and attack.step_size must be >= 0"),
+        (a["steps"] >= 0 and e["pgd_steps"] >= 0, "attack.steps and eval.pgd_steps must be >= 0"),
+        (e["every"] >= 1 and e["batch_size"] >= 1, "eval.every and eval.batch_size must be >= 1"),
+        (e["n_test"] is None or e["n_test"] >= 1, "eval.n_test must be null or >= 1"),
+        (cfg["log"]["interval"] >= 1, "log.interval must be >= 1"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise RunError(message)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,6 +88,7 @@ def _config_changes(saved: dict, cfg: dict) -> list[str]:
 
 class Trainer:
     def __init__(self, cfg: dict, *, resume: bool = False):
+        check_config(cfg)
         self.cfg, self.out = cfg, Path(cfg["out_dir"])
         resume = self._check_out_dir(resume)
         if cfg["log"]["wandb"]:
@@ -146,7 +173,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         budget = attack_budget(cfg["attack"], self.epoch, cfg["optim"]["epochs"])
-        interval = max(1, cfg["log"]["interval"])
+        interval = cfg["log"]["interval"]
         # Running sums stay on the device; the host reads them once per log interval.
         zero = torch.zeros((), device=self.device, dtype=torch.float64)
         sums: dict[str, torch.Tensor] = {}

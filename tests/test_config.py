@@ -1,12 +1,18 @@
 """Config: base <- experiment <- CLI precedence, strict keys, fractions, provenance round trip."""
 import re
-from pathlib import Path
 
 import pytest
 import yaml
 
-from at.config import (BASE_CONFIG, ConfigError, dump_config, git_state, load_config,
-                       load_run_config, parse_value)
+from at.config import (
+    BASE_CONFIG,
+    ConfigError,
+    dump_config,
+    git_state,
+    load_config,
+    load_run_config,
+    parse_value,
+)
 
 CONFIGS = sorted((BASE_CONFIG.parent).glob("*/*.yaml"))
 
@@ -38,8 +44,8 @@ def test_unknown_keys_are_errors_with_suggestions(tmp_path, source):
 
 
 def test_fractions_exponents_and_types():
-    cfg = load_config(None, ["attack.eps=8/255", "optim.weight_decay=5e-4", "attack.step_size=2/255",
-                             "optim.lr=1"])
+    cfg = load_config(None, ["attack.eps=8/255", "optim.weight_decay=5e-4",
+                             "attack.step_size=2/255", "optim.lr=1"])
     assert cfg["attack"]["eps"] == pytest.approx(8 / 255, abs=0, rel=1e-15)
     assert cfg["optim"]["weight_decay"] == 5e-4 and isinstance(cfg["optim"]["lr"], float)
     assert load_config()["attack"]["eps"] == 8 / 255  # base.yaml itself says 8/255

@@ -1,4 +1,5 @@
-"""Tests for data/: CIFAR reading (fake files in torchvision's layout), digits, augmentation, loader.
+"""Tests for data/: CIFAR reading (fake files in torchvision's layout), digits, augmentation,
+the training loader.
 
 Everything runs on the CPU without network; a CUDA-only check is skipped when no GPU is present.
 """

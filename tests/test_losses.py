@@ -81,7 +81,7 @@ def test_wmse_is_shift_invariant_and_stable_for_large_logits():
     adv, clean = _logits(scale=1.0)
     w = _prior_weights(torch.arange(6), 7)
     base = pair_weighted_mse(clean, adv, w)
-    shifted = pair_weighted_mse(clean + 1e6, adv - 3e5, w)  # per-row constants cancel in differences
+    shifted = pair_weighted_mse(clean + 1e6, adv - 3e5, w)  # constants cancel in differences
     torch.testing.assert_close(base, shifted, rtol=1e-6, atol=1e-6)
     f32 = pair_weighted_mse(clean.float() + 1e4, adv.float(), w.float())
     torch.testing.assert_close(f32.double(), pair_weighted_mse(clean + 1e4, adv, w), rtol=1e-4,

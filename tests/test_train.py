@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from fake_cifar import write_fake_cifar
 
 from at.checkpoint import CheckpointError, load, load_model_state
 from at.config import REPO_ROOT, load_config
 from at.trainer import fit
-from fake_cifar import write_fake_cifar
 from models import build_model
 
 DIGITS = REPO_ROOT / "configs" / "digits" / "ikl_at.yaml"
@@ -117,7 +117,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     resumed = run_cli(*common, f"out_dir={killed}", "--resume")
     assert resumed.returncode == 0, resumed.stderr
     a, b = model_state(tmp_path / "straight"), model_state(killed)
-    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from an uninterrupted run"
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from a straight run"
     assert torch.equal(load(tmp_path / "straight" / "last.pt")["method"]["prior"],
                        load(killed / "last.pt")["method"]["prior"])
     epochs = [json.loads(x)["epoch"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
@@ -149,6 +149,8 @@ def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tmp_path):
     ("method.name=ikl", "unknown method 'ikl'"),
     ("data.name=cifar1000", "unknown dataset"),
     ("optim.epoch=3", "unknown config key 'optim.epoch'"),
+    ("eval.every=0", "eval.every and eval.batch_size must be >= 1"),
+    ("attack.schedule=high", "attack.schedule must be one of"),
 ])
 def test_bad_names_give_one_line_errors(tmp_path, override, needle):
     proc = run_cli("-c", str(DIGITS), override, f"out_dir={tmp_path / 'run'}")

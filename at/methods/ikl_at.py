@@ -1,4 +1,5 @@
-"""IKL-AT (Cui et al., "Decoupled Kullback-Leibler Divergence Loss", NeurIPS 2024, arXiv 2305.13948).
+"""IKL-AT (Cui et al., "Decoupled Kullback-Leibler Divergence Loss", NeurIPS 2024,
+arXiv 2305.13948).
 
 Outer loss CE(f(x), y) + beta * wMSE + alpha * SCE (`at.losses.ikl_terms`), where wMSE weights the
 pairwise logit differences with a class-wise prior P[y] learned from the model's own clean
@@ -39,7 +40,8 @@ class IKLAT(Method):
         if temperature <= 0:
             raise ValueError(f"method.ikl_at.temperature must be > 0, got {temperature}")
         if not 0.0 < prior_momentum <= 1.0:
-            raise ValueError(f"method.ikl_at.prior_momentum must be in (0, 1], got {prior_momentum}")
+            raise ValueError(f"method.ikl_at.prior_momentum must be in (0, 1], "
+                             f"got {prior_momentum}")
         self.alpha, self.beta, self.version, self.gamma = alpha, beta, version, gamma
         self.temperature, self.prior_momentum = temperature, prior_momentum
         self.attack_alpha, self.attack_beta = attack_alpha, attack_beta
@@ -47,7 +49,8 @@ class IKLAT(Method):
         self.register_buffer("prior", torch.full((num_classes, num_classes), 1.0 / num_classes))
         # Running sum of this epoch's soft predictions per true class (kept in float64 so that a
         # long epoch's sum does not lose precision); the row sums are the class counts.
-        self.register_buffer("prior_sum", torch.zeros(num_classes, num_classes, dtype=torch.float64))
+        self.register_buffer("prior_sum",
+                             torch.zeros(num_classes, num_classes, dtype=torch.float64))
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, budget: AttackBudget) -> Tensor:
         weights = self.prior[y]
@@ -57,7 +60,8 @@ class IKLAT(Method):
 
             def objective(z: Tensor) -> Tensor:
                 return ikl_loss(model(z), logits_clean, weights, alpha=self.attack_alpha,
-                                beta=self.attack_beta, gamma=self.attack_gamma, version=self.version)
+                                beta=self.attack_beta, gamma=self.attack_gamma,
+                                version=self.version)
 
             return pgd(objective, x, **budget.pgd_kwargs())
 

@@ -1,5 +1,6 @@
 """TRADES (Zhang et al., "Theoretically Principled Trade-off between Robustness and Accuracy",
-ICML 2019, arXiv 1901.08573): CE(f(x), y) + beta * KL(p(x) || p(x_adv)), the attack maximising the KL."""
+ICML 2019, arXiv 1901.08573): CE(f(x), y) + beta * KL(p(x) || p(x_adv)); the attack maximises
+the KL."""
 from __future__ import annotations
 
 import torch
