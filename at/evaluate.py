@@ -1,4 +1,4 @@
-"""Clean and PGD accuracy of a model on a tensor dataset, always in float32 and eval mode."""
+"""Clean and PGD (cross-entropy or CW margin) accuracy on a tensor dataset, in eval mode."""
 from __future__ import annotations
 
 import torch
@@ -12,27 +12,43 @@ def _as_float(x: Tensor) -> Tensor:
     return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
 
-def accuracy(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 256,
-             eps: float = 0.0, steps: int = 0, step_size: float = 0.0, norm: str = "linf",
-             seed: int = 0) -> float:
-    """Top-1 accuracy in percent. With steps > 0: under PGD-`steps` on the cross-entropy from a
-    uniform random start, seeded by `seed` so that every call attacks identically.
+def cw_margin(logits: Tensor, y: Tensor) -> Tensor:
+    """Per-example margin max_{i != y} z_i - z_y (Carlini & Wagner); positive = misclassified."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    return other - true
 
-    `x` may be uint8 (0..255) or float in [0,1], on any device; batches move to the model's device.
-    """
-    if len(x) == 0:
-        return float("nan")
+
+ATTACK_LOSSES = {
+    "ce": lambda logits, y: F.cross_entropy(logits, y, reduction="none"),
+    "cw": cw_margin,
+}
+
+
+def correct(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 256,
+            eps: float = 0.0, steps: int = 0, step_size: float = 0.0, norm: str = "linf",
+            loss: str = "ce", seed: int = 0) -> Tensor:
+    """Per-example correctness (bool, on the CPU). With steps > 0: under PGD-`steps` maximising
+    `loss` ("ce" or "cw") from a uniform random start, seeded by `seed` so every call attacks
+    identically. `x` may be uint8 (0..255) or float in [0,1], on any device."""
+    objective = ATTACK_LOSSES[loss]
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    correct = torch.zeros((), dtype=torch.long, device=device)
+    flags = []
     with frozen(model):
         for start in range(0, len(x), batch_size):
             xb = _as_float(x[start:start + batch_size].to(device, non_blocking=True))
             yb = y[start:start + batch_size].to(device, non_blocking=True)
             if steps > 0:
-                xb = pgd(lambda z: F.cross_entropy(model(z), yb, reduction="sum"), xb, eps=eps,
-                         step_size=step_size, steps=steps, norm=norm, init="uniform",
-                         generator=generator)
+                xb = pgd(lambda z: objective(model(z), yb), xb, eps=eps, step_size=step_size,
+                         steps=steps, norm=norm, init="uniform", generator=generator)
             with torch.no_grad():
-                correct += (model(xb).argmax(dim=1) == yb).sum()
-    return 100.0 * correct.item() / len(x)
+                flags.append(model(xb).argmax(dim=1) == yb)
+    # One transfer at the end: no host synchronisation per batch.
+    return torch.cat(flags).cpu() if flags else torch.zeros(0, dtype=torch.bool)
+
+
+def accuracy(model: nn.Module, x: Tensor, y: Tensor, **kwargs) -> float:
+    """Top-1 accuracy in percent (NaN for an empty set); keyword arguments as for `correct`."""
+    flags = correct(model, x, y, **kwargs)
+    return 100.0 * flags.float().mean().item() if len(flags) else float("nan")

@@ -4,16 +4,14 @@ loaded directly from disk because importing the `robustbench` package itself pul
 dependencies that are not installed here."""
 from __future__ import annotations
 
-import functools
-import importlib.util
 import re
-from pathlib import Path
 from types import ModuleType
 
 import pytest
 import torch
 from torch import nn
 
+from eval.robustbench_arch import architecture_module
 from models import MODELS, NORMALIZATION, build_model, normalization_for
 
 CIFAR10 = NORMALIZATION["cifar10"]
@@ -21,18 +19,11 @@ CIFAR100 = NORMALIZATION["cifar100"]
 SMALL = ["wrn-16-1", "wrn-16-4", "wrn-16-1-swish", "preact-resnet18"]
 
 
-@functools.cache
 def _rb_arch(stem: str) -> ModuleType:
-    """Load robustbench/model_zoo/architectures/<stem>.py without importing robustbench."""
-    spec = importlib.util.find_spec("robustbench")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("robustbench is not installed")
-    path = Path(spec.submodule_search_locations[0]) / "model_zoo" / "architectures" / f"{stem}.py"
-    if not path.is_file():
-        pytest.skip(f"robustbench has no {path.name}")
-    mod_spec = importlib.util.spec_from_file_location(f"_rb_arch_{stem}", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
+    """robustbench/model_zoo/architectures/<stem>.py, loaded without importing robustbench."""
+    module = architecture_module(stem)
+    if module is None:
+        pytest.skip(f"robustbench (or its {stem}.py) is not installed")
     return module
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import DIGITS
 from fake_cifar import write_fake_cifar
 
 from at.checkpoint import CheckpointError, load, load_model_state
@@ -20,9 +21,6 @@ from at.config import REPO_ROOT, load_config
 from at.trainer import fit
 from models import build_model
 
-DIGITS = REPO_ROOT / "configs" / "digits" / "ikl_at.yaml"
-# A short IKL-AT schedule on the digits: the same recipe as the demo, 8 of its 15 epochs.
-LEARN = ["optim.epochs=8", "eval.every=100"]
 # A fast configuration for plumbing tests: one attack step, no per-epoch validation.
 QUICK = ["attack.schedule=fixed", "attack.steps=1", "attack.step_size=8/255", "eval.every=100",
          "eval.final_pgd=false", "log.plot=false"]
@@ -36,18 +34,6 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
 
 def model_state(run: Path) -> dict:
     return load(run / "last.pt")["model"]
-
-
-@pytest.fixture(scope="module")
-def learned(tmp_path_factory):
-    """IKL-AT and standard training on the digits, same model, data, epochs and eps."""
-    root = tmp_path_factory.mktemp("learn")
-    runs = {}
-    for name in ("ikl_at", "standard"):
-        out = root / name
-        cfg = load_config(DIGITS, [*LEARN, f"method.name={name}", f"out_dir={out}"])
-        runs[name] = (out, fit(cfg))
-    return runs
 
 
 def test_ikl_at_learns_accuracy_and_robustness(learned):

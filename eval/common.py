@@ -1,0 +1,206 @@
+"""What every evaluation needs: the model behind a target (a run directory or a checkpoint file),
+its test data, where results go, and the provenance recorded with every number.
+
+Checkpoints are always opened with `torch.load(weights_only=True)`, so evaluating a checkpoint
+made by somebody else never executes code from it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import tempfile
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import data as datasets
+import models
+from at import checkpoint as ckpt
+from at.config import ConfigError, git_state, load_run_config
+
+WEIGHTS = ("best", "last", "avg")
+PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
+
+
+class EvalError(RuntimeError):
+    """A problem with what the user asked to evaluate; the message is one line."""
+
+
+@dataclass
+class Target:
+    """A model ready for evaluation and everything needed to describe the result."""
+    model: nn.Module
+    arch: str
+    dataset: str
+    weights: str          # best / last / avg for a run, the file stem for a bare checkpoint
+    checkpoint: Path
+    checkpoint_sha256: str
+    out_dir: Path         # <run>/eval or <checkpoint dir>/eval
+    data_root: str
+    run_dir: Path | None = None
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def strip_prefixes(state: dict) -> dict:
+    """Remove wrapper prefixes (`module.`, `_orig_mod.`, in any nesting) from the keys."""
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def _state_dict_of(obj, path: Path) -> dict:
+    """The model weights inside a loaded checkpoint: ours ({'model': ...}), the common
+    {'state_dict': ...} wrapper, or a plain state_dict (RobustBench)."""
+    if isinstance(obj, dict):
+        for key in ("model", "state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
+        raise EvalError(f"{path} holds no state_dict of tensors")
+    return strip_prefixes(obj)
+
+
+def _run_checkpoint(run_dir: Path, weights: str) -> tuple[Path, str | None]:
+    """(file, key inside it) for the requested weights of a training run."""
+    if weights not in WEIGHTS:
+        raise EvalError(f"unknown weights {weights!r}; valid: {', '.join(WEIGHTS)}")
+    if weights == "avg":
+        return run_dir / "last.pt", "avg"
+    path = run_dir / f"{weights}.pt"
+    if not path.exists():
+        hint = " (the run has no validation split: use --weights last)" if weights == "best" else ""
+        raise EvalError(f"{path} not found{hint}")
+    return path, None
+
+
+def load_target(target: str | Path, weights: str = "best", arch: str | None = None,
+                dataset: str | None = None, device: str | torch.device | None = None,
+                data_root: str | None = None) -> Target:
+    """Resolve `target` (a run directory or a checkpoint file) into a model in eval mode."""
+    target = Path(target)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if target.is_dir():
+        if not (target / "config.yaml").exists():
+            raise EvalError(f"{target} is not a run directory (no config.yaml)")
+        try:
+            cfg = load_run_config(target)
+        except ConfigError as err:
+            raise EvalError(str(err)) from err
+        run_arch, run_dataset = cfg["model"]["name"], cfg["data"]["name"]
+        for given, actual, what in ((arch, run_arch, "arch"), (dataset, run_dataset, "dataset")):
+            if given is not None and given != actual:
+                raise EvalError(f"--{what} {given} contradicts the run's {what} {actual}")
+        arch, dataset = run_arch, run_dataset
+        path, key = _run_checkpoint(target, weights)
+        out_dir, run_dir = target / "eval", target
+        data_root = data_root or cfg["data"]["root"]
+    elif target.is_file():
+        if arch is None or dataset is None:
+            raise EvalError(f"{target} is a bare checkpoint: give --arch and --dataset")
+        path, key, weights = target, None, target.stem
+        out_dir, run_dir = target.parent / "eval", None
+        data_root = data_root or "data"
+    else:
+        raise EvalError(f"{target} does not exist (expected a run directory or a checkpoint)")
+
+    if dataset not in datasets.NUM_CLASSES:
+        raise EvalError(f"unknown dataset {dataset!r}; valid: {', '.join(datasets.NUM_CLASSES)}")
+    try:
+        model = models.build_model(arch, datasets.NUM_CLASSES[dataset], dataset=dataset)
+    except ValueError as err:
+        raise EvalError(str(err)) from err
+    try:
+        loaded = ckpt.load(path)
+    except ckpt.CheckpointError as err:
+        raise EvalError(str(err)) from err
+    if key is not None:
+        if key not in loaded:
+            raise EvalError(f"{path} has no weight-averaged model ('{key}'): the run did not "
+                            f"average weights")
+        loaded = loaded[key]
+    try:
+        ckpt.load_model_state(model, _state_dict_of(loaded, path), f"{path} ({arch}, {dataset})")
+    except ckpt.CheckpointError as err:
+        raise EvalError(str(err)) from err
+    model = model.to(device).float().eval()
+    return Target(model, arch, dataset, weights, path, sha256(path), out_dir, data_root, run_dir)
+
+
+def load_model(target: str | Path, weights: str = "best", arch: str | None = None,
+               dataset: str | None = None) -> nn.Module:
+    """The model of a run directory (`weights`: best / last / avg) or of a checkpoint file
+    (`arch` and `dataset` required; RobustBench state_dicts with or without `module.` /
+    `_orig_mod.` prefixes load too), in eval mode, on the GPU when there is one."""
+    return load_target(target, weights, arch, dataset).model
+
+
+def load_test_data(t: Target, n_examples: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `n_examples` test images (all when None) as float32 in [0,1], on the CPU."""
+    try:
+        return datasets.load_dataset(t.dataset, "test", root=t.data_root, n_examples=n_examples)
+    except ValueError as err:
+        raise EvalError(str(err)) from err
+
+
+def parse_eps(text: str) -> tuple[str, float]:
+    """'8/255' -> ('8/255', 0.0313...); '0.5' -> ('0.5', 0.5)."""
+    try:
+        value = float(Fraction(text.replace(" ", "")))
+    except (ValueError, ZeroDivisionError):
+        raise EvalError(f"cannot read eps {text!r}; write it like 8/255 or 0.5") from None
+    if not math.isfinite(value) or value < 0:
+        raise EvalError(f"eps must be a finite number >= 0, got {text!r}")
+    return text.replace(" ", ""), value
+
+
+def provenance(t: Target, device: torch.device | str) -> dict:
+    """Versions, code and checkpoint identity written next to every result."""
+    import pyautoattack
+    dev = torch.device(device)
+    return {
+        "arch": t.arch, "dataset": t.dataset, "weights": t.weights,
+        "checkpoint": str(t.checkpoint), "checkpoint_sha256": t.checkpoint_sha256,
+        "git": git_state(), "torch": torch.__version__, "pyautoattack": pyautoattack.__version__,
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "command": " ".join(sys.argv),
+    }
+
+
+def write_text(text: str, path: Path) -> None:
+    """Atomic: the file is either absent, the previous version or the complete new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(obj: dict, path: Path) -> None:
+    write_text(json.dumps(obj, indent=2) + "\n", path)

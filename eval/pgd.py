@@ -1,0 +1,101 @@
+"""Quick white-box checks: PGD-k on the cross-entropy (Madry et al. 2018) or on the CW margin
+(CW-inf, Carlini & Wagner 2017), from a uniform random start, in eval mode and float32.
+
+    python -m eval.pgd runs/cifar100_ikl_at --attack cw --steps 20
+
+Writes <run>/eval/<attack><steps>_<weights>.json. Use AutoAttack (eval.autoattack) for reported
+numbers; these are for screening checkpoints and for sanity checks (AutoAttack <= PGD <= clean).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from at.evaluate import correct
+
+from .common import (
+    EvalError,
+    Target,
+    load_target,
+    load_test_data,
+    parse_eps,
+    provenance,
+    write_json,
+)
+
+ATTACKS = {"pgd": "ce", "cw": "cw"}
+NORMS = {"Linf": "linf", "L2": "l2"}
+
+
+def evaluate(t: Target, *, attack: str = "pgd", steps: int = 20, n_ex: int | None = None,
+             eps: str = "8/255", step_size: str | None = None, norm: str = "Linf",
+             batch_size: int = 500, seed: int = 0) -> dict:
+    """Clean and PGD accuracy of `t` on the first `n_ex` test images; the result is also written
+    to <out_dir>/<attack><steps>_<weights>.json."""
+    if attack not in ATTACKS:
+        raise EvalError(f"unknown attack {attack!r}; valid: {', '.join(ATTACKS)}")
+    if norm not in NORMS:
+        raise EvalError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
+    if steps < 1 or batch_size < 1:
+        raise EvalError("--steps and --batch-size must be >= 1")
+    eps_text, eps_value = parse_eps(eps)
+    # Default step: 2/255 for the usual L-inf 8/255 setting, otherwise eps / 4.
+    step_text, step_value = parse_eps(step_size) if step_size else (
+        ("2/255", 2 / 255) if (norm, eps_text) == ("Linf", "8/255") else
+        (f"{eps_text}/4", eps_value / 4))
+    x, y = load_test_data(t, n_ex)
+    started = time.time()
+    common = dict(batch_size=batch_size, seed=seed)
+    clean = correct(t.model, x, y, **common)
+    robust = correct(t.model, x, y, eps=eps_value, steps=steps, step_size=step_value,
+                     norm=NORMS[norm], loss=ATTACKS[attack], **common)
+    device = next(t.model.parameters()).device
+    result = {
+        "clean_acc": round(100 * clean.float().mean().item(), 2),
+        "robust_acc": round(100 * robust.float().mean().item(), 2),
+        "attack": attack, "loss": ATTACKS[attack], "steps": steps, "step_size": step_text,
+        "step_size_float": step_value, "init": "uniform", "restarts": 1,
+        "n_ex": len(y), "eps": eps_text, "eps_float": eps_value, "norm": norm, "seed": seed,
+        "batch_size": batch_size, "seconds": round(time.time() - started, 1),
+        **provenance(t, device),
+    }
+    write_json(result, t.out_dir / f"{attack}{steps}_{t.weights}.json")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval.pgd", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("target", help="run directory, or a checkpoint file with --arch/--dataset")
+    p.add_argument("--attack", default="pgd", help="pgd (cross-entropy) | cw (CW margin)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--step-size", help="default 2/255 for Linf 8/255, else eps/4")
+    p.add_argument("--weights", default="best", help="best | last | avg (run directories)")
+    p.add_argument("--arch", help="model name for a bare checkpoint (e.g. wrn-34-10)")
+    p.add_argument("--dataset", help="dataset for a bare checkpoint (cifar10 | cifar100 | digits)")
+    p.add_argument("--data-root", help="dataset directory (default: the run's data.root)")
+    p.add_argument("--n-ex", type=int, help="evaluate the first N test images (default: all)")
+    p.add_argument("--norm", default="Linf", help="Linf | L2")
+    p.add_argument("--eps", default="8/255")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
+    args = p.parse_args(argv)
+    try:
+        t = load_target(args.target, args.weights, args.arch, args.dataset, args.device,
+                        args.data_root)
+        r = evaluate(t, attack=args.attack, steps=args.steps, n_ex=args.n_ex, eps=args.eps,
+                     step_size=args.step_size, norm=args.norm, batch_size=args.batch_size,
+                     seed=args.seed)
+    except (EvalError, FileNotFoundError, ValueError) as err:
+        print(f"eval.pgd: error: {err}", file=sys.stderr)
+        return 1
+    print(f"{t.arch} {t.dataset} ({t.weights}): clean {r['clean_acc']:.2f}%  "
+          f"{args.attack.upper()}-{r['steps']} {r['norm']} {r['eps']}: {r['robust_acc']:.2f}% "
+          f"on {r['n_ex']} images")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,23 @@
+"""Shared fixtures: a digits IKL-AT run and a standard-trained one, trained once per session."""
+from __future__ import annotations
+
+import pytest
+
+from at.config import REPO_ROOT, load_config
+from at.trainer import fit
+
+DIGITS = REPO_ROOT / "configs" / "digits" / "ikl_at.yaml"
+# A short IKL-AT schedule on the digits: the demo's recipe, 8 of its 15 epochs.
+LEARN = ["optim.epochs=8", "eval.every=100"]
+
+
+@pytest.fixture(scope="session")
+def learned(tmp_path_factory):
+    """{'ikl_at': (run_dir, final results), 'standard': (...)}: same model, data, epochs, eps."""
+    root = tmp_path_factory.mktemp("learn")
+    runs = {}
+    for name in ("ikl_at", "standard"):
+        out = root / name
+        cfg = load_config(DIGITS, [*LEARN, f"method.name={name}", f"out_dir={out}"])
+        runs[name] = (out, fit(cfg))
+    return runs

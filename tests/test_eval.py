@@ -1,0 +1,231 @@
+"""Evaluation: loading any checkpoint safely, AutoAttack <= PGD <= clean on a trained model,
+chunked AutoAttack that resumes to the same totals, and the quick PGD / CW attacks."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import eval as evaluation
+from at.config import REPO_ROOT
+from at.evaluate import cw_margin
+from eval import autoattack, pgd
+from eval.common import EvalError, load_target, sha256
+from eval.robustbench_arch import architecture_module
+from models import build_model
+
+
+def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture()
+def ikl_run(learned, tmp_path):
+    """A private copy of the digits IKL-AT run (evaluations write into it)."""
+    run = tmp_path / "run"
+    shutil.copytree(learned["ikl_at"][0], run, ignore=shutil.ignore_patterns("eval"))
+    return run
+
+
+def test_autoattack_is_below_pgd_and_clean(learned):
+    # The standard-trained digits model: AutoAttack's cost on a CPU grows with the number of
+    # points that survive its first stage (about 8 s each here), and this model has few.
+    run = learned["standard"][0]
+    t = load_target(run, "best", device="cpu")
+    aa = autoattack.evaluate(t, n_ex=8, batch_size=64, progress=False)
+    quick = pgd.evaluate(t, n_ex=8, steps=20)
+    assert aa["robust_acc"] <= quick["robust_acc"] <= quick["clean_acc"] == aa["clean_acc"]
+    assert aa["robust_acc"] < aa["clean_acc"]
+    stages = [s["robust_acc"] for s in aa["stages"]]
+    assert [s["attack"] for s in aa["stages"]] == ["apgd-ce", "apgd-t", "fab-t", "square"]
+    assert stages == sorted(stages, reverse=True) and stages[-1] == aa["robust_acc"]
+    saved = json.loads((t.out_dir / "autoattack_best.json").read_text())
+    assert saved == {k: v for k, v in aa.items() if k != "path"}
+    assert saved["eps"] == "8/255" and saved["eps_float"] == pytest.approx(8 / 255)
+    assert saved["version"] == "standard" and saved["norm"] == "Linf" and saved["n_ex"] == 8
+    assert saved["full_test_set"] is False and saved["n_test"] == 360
+    assert saved["checkpoint_sha256"] == sha256(run / "best.pt")
+    assert saved["pyautoattack"] == "0.2.0" and saved["torch"] == torch.__version__
+    for key in ("seed", "seconds", "device", "git"):
+        assert key in saved
+    log = (t.out_dir / "autoattack_best.log").read_text()
+    assert "robust accuracy after APGD-CE" in log and "images 0-8" in log
+
+
+def test_chunked_autoattack_killed_after_a_chunk_resumes_to_the_same_totals(ikl_run, tmp_path):
+    straight = tmp_path / "straight"
+    shutil.copytree(ikl_run, straight)
+    args = ["--n-ex", "32", "--chunk-size", "8", "--attacks", "apgd-ce", "--batch-size", "8",
+            "--device", "cpu"]
+    done = run_module("eval.autoattack", str(straight), *args)
+    assert done.returncode == 0, done.stderr
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.Popen([sys.executable, "-m", "eval.autoattack", str(ikl_run), *args],
+                            cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    chunks = ikl_run / "eval" / "autoattack-apgd-ce_best_chunks"
+    deadline = time.time() + 300
+    while not list(chunks.glob("chunk_*.pt")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the evaluation finished before it was killed"
+    assert not list(chunks.glob("*.json"))
+
+    resumed = run_module("eval.autoattack", str(ikl_run), *args)
+    assert resumed.returncode == 0, resumed.stderr
+    name = "autoattack-apgd-ce_best.json"
+    a = json.loads((straight / "eval" / name).read_text())
+    b = json.loads((ikl_run / "eval" / name).read_text())
+    assert b["chunks_reused"] >= 1 and a["chunks_reused"] == 0
+    for key in ("clean_acc", "robust_acc", "stages", "n_ex", "version", "attacks"):
+        assert a[key] == b[key], key
+    assert a["version"] == "custom" and a["attacks"] == ["apgd-ce"]
+    assert a["robust_acc"] < a["clean_acc"]  # the attack did something worth comparing
+
+
+def test_corrupt_and_foreign_chunks_are_recomputed_not_trusted(ikl_run, caplog):
+    t = load_target(ikl_run, "last", device="cpu")
+    kwargs = dict(n_ex=24, chunk_size=12, attacks=["apgd-ce"], batch_size=12, progress=False)
+    first = autoattack.evaluate(t, **kwargs)
+    files = sorted((t.out_dir / "autoattack-apgd-ce_last_chunks").glob("chunk_*.pt"))
+    assert len(files) == 2
+    files[0].write_bytes(files[0].read_bytes()[:50])        # truncated by a crash or a full disk
+    foreign = torch.load(files[1], weights_only=True)
+    foreign["fingerprint"]["seed"] = 123                     # another evaluation's result
+    foreign["outcome"]["apgd-ce"] = ~foreign["outcome"]["apgd-ce"]
+    torch.save(foreign, files[1])
+    with caplog.at_level("WARNING", logger="eval.autoattack"):
+        again = autoattack.evaluate(t, **kwargs)
+    assert again["chunks_reused"] == 0
+    assert sum("recomputing" in r.getMessage() for r in caplog.records) == 2
+    for key in ("clean_acc", "robust_acc", "stages"):
+        assert first[key] == again[key]
+    third = autoattack.evaluate(t, **kwargs)
+    assert third["chunks_reused"] == 2 and third["robust_acc"] == first["robust_acc"]
+
+
+def test_autoattack_bad_arguments_give_one_line_errors(learned, capsys):
+    run = str(learned["ikl_at"][0])
+    for args, needle in ((["--n-ex", "1000"], "n_examples must be in [1, 360]"),
+                         (["--version", "fast"], "unknown AutoAttack version 'fast'"),
+                         (["--norm", "L3"], "unknown norm 'L3'"),
+                         (["--eps", "8/0"], "cannot read eps"),
+                         (["--attacks", "fab"], "choose among"),
+                         (["--weights", "avg"], "no weight-averaged model")):
+        assert autoattack.main([run, "--device", "cpu", *args]) == 1
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, (args, err)
+    proc = run_module("eval.autoattack", str(learned["ikl_at"][0] / "missing"))
+    assert proc.returncode == 1 and "does not exist" in proc.stderr
+
+
+def test_pgd_and_cw_quick_attacks(learned):
+    run = learned["ikl_at"][0]
+    proc = run_module("eval.pgd", str(run), "--attack", "cw", "--steps", "10", "--n-ex", "64")
+    assert proc.returncode == 0, proc.stderr
+    cw = json.loads((run / "eval" / "cw10_best.json").read_text())
+    t = load_target(run, "best", device="cpu")
+    ce = pgd.evaluate(t, steps=10, n_ex=64)
+    assert (run / "eval" / "pgd10_best.json").exists()
+    assert cw["clean_acc"] == ce["clean_acc"]
+    assert cw["robust_acc"] < cw["clean_acc"] and ce["robust_acc"] < ce["clean_acc"]
+    assert (cw["loss"], cw["steps"], cw["step_size"], cw["n_ex"]) == ("cw", 10, "2/255", 64)
+    stronger = pgd.evaluate(t, steps=10, n_ex=64, eps="16/255")
+    assert stronger["robust_acc"] <= ce["robust_acc"]
+
+
+def test_cw_margin_is_positive_exactly_when_misclassified():
+    logits = torch.tensor([[3.0, 1.0, 0.0], [0.0, 2.0, 5.0], [1.0, 1.5, -1.0]])
+    y = torch.tensor([0, 1, 1])
+    torch.testing.assert_close(cw_margin(logits, y), torch.tensor([-2.0, 3.0, -0.5]))
+
+
+def _robustbench_class(file: str, name: str):
+    module = architecture_module(file)
+    if module is None:
+        pytest.skip("robustbench is not installed (sh/test.sh installs it)")
+    return getattr(module, name)
+
+
+def test_load_model_accepts_run_dirs_and_foreign_checkpoints(learned, tmp_path):
+    run = learned["ikl_at"][0]
+    x = torch.rand(4, 3, 32, 32)
+    best = evaluation.load_model(run)
+    assert not best.training and not any(m.training for m in best.modules())
+    last = evaluation.load_model(run, weights="last")
+    with torch.no_grad():
+        reference = best.cpu()(x)
+        assert not torch.equal(reference, last.cpu()(x)) or \
+            learned["ikl_at"][1]["best"]["epoch"] == learned["ikl_at"][1]["last"]["epoch"]
+    # Someone else's RobustBench-format checkpoint: their class, their wrapper, DataParallel and
+    # torch.compile prefixes.
+    theirs = _robustbench_class("wide_resnet", "WideResNet")(depth=16, widen_factor=1,
+                                                                num_classes=10).eval()
+    state = {f"module._orig_mod.{k}": v for k, v in theirs.state_dict().items()}
+    torch.save({"state_dict": state}, tmp_path / "theirs.pt")
+    ours = evaluation.load_model(tmp_path / "theirs.pt", arch="wrn-16-1", dataset="cifar10")
+    with torch.no_grad():
+        torch.testing.assert_close(ours.cpu()(x), theirs(x), rtol=1e-5, atol=1e-5)
+
+
+def test_load_model_refuses_mismatched_or_incomplete_requests(learned, tmp_path):
+    run = learned["ikl_at"][0]
+    path = tmp_path / "w.pt"
+    torch.save(build_model("wrn-16-1", 10).state_dict(), path)
+    with pytest.raises(EvalError, match="shape mismatch: block1"):
+        evaluation.load_model(path, arch="wrn-16-4", dataset="cifar10")
+    with pytest.raises(EvalError, match="fc.weight"):
+        evaluation.load_model(path, arch="wrn-16-1", dataset="cifar100")
+    with pytest.raises(EvalError, match="missing keys: init_conv.weight"):
+        evaluation.load_model(path, arch="wrn-16-1-swish", dataset="cifar10")
+    with pytest.raises(EvalError, match="give --arch and --dataset"):
+        evaluation.load_model(path)
+    with pytest.raises(EvalError, match="contradicts the run's arch wrn-16-1"):
+        evaluation.load_model(run, arch="wrn-34-10")
+    with pytest.raises(EvalError, match="unknown weights"):
+        evaluation.load_model(run, weights="ema")
+    with pytest.raises(EvalError, match="does not exist"):
+        evaluation.load_model(tmp_path / "nothing")
+
+
+class _Payload:
+    """Unpickling this object would create a file: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+    state = build_model("wrn-16-1", 10).state_dict()
+    torch.save({"model": state, "extra": _Payload(marker)}, tmp_path / "evil.pt")
+    assert not marker.exists()
+    with pytest.raises(EvalError, match="cannot load checkpoint"):
+        evaluation.load_model(tmp_path / "evil.pt", arch="wrn-16-1", dataset="cifar10")
+    assert not marker.exists()
+    proc = run_module("eval.autoattack", str(tmp_path / "evil.pt"), "--arch", "wrn-16-1",
+                      "--dataset", "digits", "--n-ex", "4")
+    assert proc.returncode == 1 and "cannot load checkpoint" in proc.stderr
+    assert not marker.exists()
+
+
+def test_models_are_evaluated_in_float32_eval_mode(learned):
+    t = load_target(learned["ikl_at"][0], "best", device="cpu")
+    assert all(p.dtype == torch.float32 for p in t.model.parameters())
+    assert not any(isinstance(m, nn.BatchNorm2d) and m.training for m in t.model.modules())
