@@ -183,7 +183,7 @@ class Trainer:
                    disable=not sys.stderr.isatty())
         start = time.time()
         for step, (x, y) in enumerate(self.loader, start=1):
-            x_adv = method.perturb(model, x, y, budget) if method.uses_attack else x
+            x_adv = method.perturb(model, x, y, budget)
             out = method.loss(model, x, y, x_adv)
             loss = out.total()
             self.optimizer.zero_grad(set_to_none=True)
