@@ -8,7 +8,7 @@ from pathlib import Path
 from .errors import RunError
 
 ACCURACY_KEYS = ("train_adv_acc", "train_clean_acc", "val_clean_acc", "val_robust_acc",
-                 "test_clean_acc")
+                 "test_clean_acc", "avg_val_clean_acc", "avg_val_robust_acc", "avg_test_clean_acc")
 
 
 class RunLog:

@@ -6,6 +6,7 @@ final.json (test clean / PGD accuracy of the best and last weights).
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
@@ -19,7 +20,9 @@ import data as datasets
 import models
 from attacks.pgd import INITS, NORMS
 
+from . import averaging
 from . import checkpoint as ckpt
+from .awp import AWP
 from .config import dump_config, git_state
 from .errors import NonFiniteLoss, RunError
 from .evaluate import accuracy
@@ -56,10 +59,16 @@ def check_config(cfg: dict) -> None:
         (e["every"] >= 1 and e["batch_size"] >= 1, "eval.every and eval.batch_size must be >= 1"),
         (e["n_test"] is None or e["n_test"] >= 1, "eval.n_test must be null or >= 1"),
         (cfg["log"]["interval"] >= 1, "log.interval must be >= 1"),
+        (cfg["awp"]["gamma"] >= 0 and cfg["awp"]["warmup"] >= 0,
+         "awp.gamma and awp.warmup must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:
             raise RunError(message)
+    try:
+        averaging.check_config(cfg["avg"])
+    except ValueError as err:
+        raise RunError(str(err)) from None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,13 +113,22 @@ class Trainer:
         self.sampler = torch.Generator().manual_seed(cfg["seed"])
         self.loader = datasets.TrainLoader(
             self.splits.train_x, self.splits.train_y, cfg["optim"]["batch_size"],
-            generator=self.sampler, augment=dcfg["augment"], drop_last=dcfg["drop_last"],
-            device=self.device)
+            generator=self.sampler, augment=dcfg["augment"], second_view=dcfg["second_view"],
+            drop_last=dcfg["drop_last"], device=self.device)
         num_classes = self.splits.num_classes
-        self.model = models.build_model(cfg["model"]["name"], num_classes,
-                                        dataset=dcfg["name"]).to(self.device)
+        self.model = models.build_model(cfg["model"]["name"], num_classes, dataset=dcfg["name"],
+                                        bn_momentum=cfg["model"]["bn_momentum"]).to(self.device)
         self.method: Method = build_method(cfg["method"], num_classes).to(self.device)
+        if self.loader.views > 1 and not self.method.supports_views:
+            raise RunError(f"data.second_view={dcfg['second_view']} needs a method that weights "
+                           f"the two views (ikl_at); {cfg['method']['name']} does not")
         self.optimizer = build_optimizer(cfg["optim"], [self.model, self.method])
+        a = cfg["awp"]
+        # protect: a method's own modules (LBGAT's natural model) keep their BN statistics.
+        self.awp = AWP(self.model, gamma=a["gamma"], warmup=a["warmup"],
+                       protect=[self.method]) if a["enabled"] else None
+        self.avg = averaging.from_config(self.model, cfg["avg"], epochs=cfg["optim"]["epochs"],
+                                         steps_per_epoch=len(self.loader))
         self.epoch, self.best = 0, {"val_robust_acc": -math.inf, "epoch": 0}
         if resume:
             self._restore()
@@ -149,6 +167,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.loader.load_state_dict(state["loader"])
         ckpt.set_rng_state(state["rng"])
+        if self.avg is not None:
+            self.avg.load_state_dict(state["avg"])
         self.epoch, self.best = state["epoch"], state["best"]
 
     def _save(self, record: dict) -> None:
@@ -156,14 +176,18 @@ class Trainer:
                  "model": self.model.state_dict(), "method": self.method.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(),
                  "rng": ckpt.rng_state(), "best": self.best, "metrics": record}
+        if self.avg is not None:
+            state["avg"] = self.avg.state_dict()
         improved = record.get("val_robust_acc") is not None and \
             record["val_robust_acc"] > self.best["val_robust_acc"]
         if improved:
             self.best = {"val_robust_acc": record["val_robust_acc"], "epoch": self.epoch}
             state["best"] = self.best
-            ckpt.atomic_save({"format": CHECKPOINT_FORMAT, "epoch": self.epoch,
-                              "config": self.cfg, "model": state["model"], "metrics": record},
-                             self.out / "best.pt")
+            best = {"format": CHECKPOINT_FORMAT, "epoch": self.epoch, "config": self.cfg,
+                    "model": state["model"], "metrics": record}
+            if self.avg is not None:
+                best["avg"] = state["avg"]
+            ckpt.atomic_save(best, self.out / "best.pt")
         ckpt.atomic_save(state, self.out / "last.pt")
 
     # ---- one epoch ----------------------------------------------------------------------------
@@ -182,13 +206,21 @@ class Trainer:
         bar = tqdm(total=len(self.loader), desc=f"epoch {self.epoch}", leave=False,
                    disable=not sys.stderr.isatty())
         start = time.time()
+        awp = self.awp if self.awp is not None and self.awp.active(self.epoch) else None
+        views = self.loader.views
         for step, (x, y) in enumerate(self.loader, start=1):
-            x_adv = method.perturb(model, x, y, budget)
-            out = method.loss(model, x, y, x_adv)
+            x_adv = method.perturb(model, x, y, budget)  # at the unperturbed weights
+            if awp is not None:
+                awp.perturb(lambda: method.loss(model, x, y, x_adv, views).total())
+            out = method.loss(model, x, y, x_adv, views)
             loss = out.total()
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            if awp is not None:
+                awp.restore()  # after the step, as in the reference: wd acts at w + v
+            if self.avg is not None:  # sees the real (unperturbed) weights
+                self.avg.update_step(model, (self.epoch - 1) * len(self.loader) + step)
             method.observe(y, out)
 
             n = len(y)
@@ -208,6 +240,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{sums['loss'].item() / seen:.4f}")
         bar.close()
         method.on_epoch_end()
+        if self.avg is not None:
+            self.avg.update_epoch(model, self.epoch)
         seconds = time.time() - start
         stats = {k: v.item() / seen * (100.0 if k.endswith("_acc") else 1.0)
                  for k, v in sums.items()}
@@ -222,23 +256,26 @@ class Trainer:
                                 f"stopped without saving (last.pt still holds epoch "
                                 f"{self.epoch - 1})")
 
-    def validate(self, final: bool) -> dict:
+    def validate(self, final: bool, model: torch.nn.Module | None = None) -> dict:
         ecfg, acfg = self.cfg["eval"], self.cfg["attack"]
         pgd = dict(eps=acfg["eps"], steps=ecfg["pgd_steps"], step_size=ecfg["pgd_step_size"],
                    norm=acfg["norm"], seed=self.cfg["seed"])
         start = time.time()
         record: dict = {}
         if len(self.splits.val_y) and (final or self.epoch % ecfg["every"] == 0):
-            record["val_clean_acc"] = self._acc(self.splits.val_x, self.splits.val_y)
-            record["val_robust_acc"] = self._acc(self.splits.val_x, self.splits.val_y, **pgd)
+            record["val_clean_acc"] = self._acc(self.splits.val_x, self.splits.val_y, model)
+            record["val_robust_acc"] = self._acc(self.splits.val_x, self.splits.val_y, model,
+                                                 **pgd)
         n_test = ecfg["n_test"] or len(self.splits.test_y)
         record["test_clean_acc"] = self._acc(self.splits.test_x[:n_test],
-                                             self.splits.test_y[:n_test])
+                                             self.splits.test_y[:n_test], model)
         record["eval_seconds"] = time.time() - start
         return record
 
-    def _acc(self, x: torch.Tensor, y: torch.Tensor, **pgd) -> float:
-        return accuracy(self.model, x, y, batch_size=self.cfg["eval"]["batch_size"], **pgd)
+    def _acc(self, x: torch.Tensor, y: torch.Tensor, model: torch.nn.Module | None = None,
+             **pgd) -> float:
+        return accuracy(self.model if model is None else model, x, y,
+                        batch_size=self.cfg["eval"]["batch_size"], **pgd)
 
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -248,6 +285,9 @@ class Trainer:
                 self.epoch += 1
                 record = self.train_epoch()
                 record.update(self.validate(final=self.epoch == epochs))
+                if self.avg is not None and self.avg.ready:
+                    avg = self.validate(final=self.epoch == epochs, model=self.avg.module)
+                    record.update({f"avg_{k}": v for k, v in avg.items()})
                 self.log.append(record)
                 self._save(record)
                 print(_summary(record, epochs), flush=True)
@@ -256,25 +296,26 @@ class Trainer:
             self.log.close()
 
     def finish(self) -> dict:
-        """Test clean and PGD accuracy of the last and the best weights -> final.json + a table."""
+        """Test clean and PGD accuracy of the last, best and averaged weights -> final.json."""
         ecfg, acfg = self.cfg["eval"], self.cfg["attack"]
-        result = {}
-        weights = {"last": (self.epoch, self.model.state_dict())}
+        candidates = [("last", self.epoch, self.model)]
         if (self.out / "best.pt").exists():
             best = ckpt.load(self.out / "best.pt", map_location=self.device)
-            weights["best"] = (best["epoch"], best["model"])
-        last_state = {k: v.clone() for k, v in self.model.state_dict().items()}
-        for name, (epoch, state) in weights.items():
-            self.model.load_state_dict(state)
+            best_model = copy.deepcopy(self.model)
+            best_model.load_state_dict(best["model"])
+            candidates.append(("best", best["epoch"], best_model))
+        if self.avg is not None and self.avg.ready:
+            candidates.append(("avg", self.epoch, self.avg.module))
+        result = {}
+        for name, epoch, model in candidates:
             row = {"epoch": epoch,
-                   "test_clean_acc": self._acc(self.splits.test_x, self.splits.test_y)}
+                   "test_clean_acc": self._acc(self.splits.test_x, self.splits.test_y, model)}
             if ecfg["final_pgd"]:
                 row["test_robust_acc"] = self._acc(
-                    self.splits.test_x, self.splits.test_y, eps=acfg["eps"],
+                    self.splits.test_x, self.splits.test_y, model, eps=acfg["eps"],
                     steps=ecfg["pgd_steps"], step_size=ecfg["pgd_step_size"], norm=acfg["norm"],
                     seed=self.cfg["seed"])
             result[name] = row
-        self.model.load_state_dict(last_state)
         (self.out / "final.json").write_text(json.dumps(result, indent=2) + "\n")
         print(_final_table(result, self.cfg), flush=True)
         return result

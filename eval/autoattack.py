@@ -24,10 +24,11 @@ from at import checkpoint as ckpt
 from .common import (
     EvalError,
     Target,
-    load_target,
+    add_target_arguments,
     load_test_data,
     parse_eps,
     provenance,
+    target_from_arguments,
     write_json,
 )
 
@@ -207,26 +208,15 @@ def _attach_log_file(path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.autoattack", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("target", help="run directory, or a checkpoint file with --arch/--dataset")
-    p.add_argument("--weights", default="best", help="best | last | avg (run directories)")
-    p.add_argument("--arch", help="model name for a bare checkpoint (e.g. wrn-34-10)")
-    p.add_argument("--dataset", help="dataset for a bare checkpoint (cifar10 | cifar100 | digits)")
-    p.add_argument("--data-root", help="dataset directory (default: the run's data.root)")
-    p.add_argument("--n-ex", type=int, help="evaluate the first N test images (default: all)")
+    add_target_arguments(p)
     p.add_argument("--version", default="standard", help="standard | plus | rand")
-    p.add_argument("--norm", default="Linf", help="Linf | L2")
-    p.add_argument("--eps", default="8/255", help="radius on the [0,1] scale, e.g. 8/255")
-    p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--chunk-size", type=int, default=1000, help="images per saved chunk")
     p.add_argument("--attacks", help="comma-separated subset of the version's attacks, e.g. "
                    "apgd-ce,apgd-t for quick screening (reported as version 'custom')")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        t = load_target(args.target, args.weights, args.arch, args.dataset, args.device,
-                        args.data_root)
+        t = target_from_arguments(args)
         r = evaluate(t, n_ex=args.n_ex, version=args.version, norm=args.norm, eps=args.eps,
                      batch_size=args.batch_size, seed=args.seed, chunk_size=args.chunk_size,
                      attacks=args.attacks.split(",") if args.attacks else None,

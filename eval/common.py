@@ -6,12 +6,11 @@ made by somebody else never executes code from it.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import math
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -147,6 +146,30 @@ def load_target(target: str | Path, weights: str = "best", arch: str | None = No
     return Target(model, arch, dataset, weights, path, sha256(path), out_dir, data_root, run_dir)
 
 
+def add_target_arguments(parser: argparse.ArgumentParser, *, evaluation: bool = True) -> None:
+    """The arguments every eval entry point takes to say what to evaluate (see `load_target`),
+    and, with `evaluation`, on which images and at which radius."""
+    parser.add_argument("target", help="run directory, or a checkpoint file with --arch/--dataset")
+    parser.add_argument("--weights", default="best", help="best | last | avg (run directories)")
+    parser.add_argument("--arch", help="model name for a bare checkpoint (e.g. wrn-34-10)")
+    parser.add_argument("--dataset",
+                        help="dataset for a bare checkpoint (cifar10 | cifar100 | digits)")
+    if evaluation:
+        parser.add_argument("--data-root", help="dataset directory (default: the run's data.root)")
+        parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
+        parser.add_argument("--n-ex", type=int,
+                            help="evaluate the first N test images (default: all)")
+        parser.add_argument("--norm", default="Linf", help="Linf | L2")
+        parser.add_argument("--eps", default="8/255", help="radius on the [0,1] scale, e.g. 8/255")
+        parser.add_argument("--batch-size", type=int, default=500)
+        parser.add_argument("--seed", type=int, default=0)
+
+
+def target_from_arguments(args: argparse.Namespace) -> Target:
+    return load_target(args.target, args.weights, args.arch, args.dataset, args.device,
+                       args.data_root)
+
+
 def load_model(target: str | Path, weights: str = "best", arch: str | None = None,
                dataset: str | None = None) -> nn.Module:
     """The model of a run directory (`weights`: best / last / avg) or of a checkpoint file
@@ -190,16 +213,7 @@ def provenance(t: Target, device: torch.device | str) -> dict:
 def write_text(text: str, path: Path) -> None:
     """Atomic: the file is either absent, the previous version or the complete new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    ckpt.atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def write_json(obj: dict, path: Path) -> None:

@@ -32,7 +32,15 @@ import models
 from at import checkpoint as ckpt
 from models import NORMALIZATION
 
-from .common import EvalError, Target, load_target, parse_eps, write_json, write_text
+from .common import (
+    EvalError,
+    Target,
+    add_target_arguments,
+    load_target,
+    parse_eps,
+    write_json,
+    write_text,
+)
 from .robustbench_arch import zoo_namespace
 
 # Leaderboards RobustBench keeps for the CIFAR datasets: (dataset, norm) -> eps. CIFAR-100 has
@@ -307,12 +315,9 @@ def export(args: argparse.Namespace) -> tuple[dict[str, Path], dict]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m eval.export_robustbench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("target", help="run directory, or a checkpoint file with --arch/--dataset")
+    add_target_arguments(p, evaluation=False)
     p.add_argument("--name", required=True,
                    help="RobustBench model name, <Surname><Year><FirstTitleWord>[_<variant>]")
-    p.add_argument("--weights", default="best", help="best | last | avg (run directories)")
-    p.add_argument("--arch", help="model name for a bare checkpoint (e.g. wrn-34-10)")
-    p.add_argument("--dataset", help="dataset for a bare checkpoint (cifar10 | cifar100)")
     p.add_argument("--out", default="export", help="output directory (default: export)")
     p.add_argument("--paper-link", help="URL of the paper (card: link)")
     p.add_argument("--paper-title", help="title of the paper (card: name)")

@@ -17,10 +17,11 @@ from at.evaluate import correct
 from .common import (
     EvalError,
     Target,
-    load_target,
+    add_target_arguments,
     load_test_data,
     parse_eps,
     provenance,
+    target_from_arguments,
     write_json,
 )
 
@@ -67,24 +68,13 @@ def evaluate(t: Target, *, attack: str = "pgd", steps: int = 20, n_ex: int | Non
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.pgd", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("target", help="run directory, or a checkpoint file with --arch/--dataset")
+    add_target_arguments(p)
     p.add_argument("--attack", default="pgd", help="pgd (cross-entropy) | cw (CW margin)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--step-size", help="default 2/255 for Linf 8/255, else eps/4")
-    p.add_argument("--weights", default="best", help="best | last | avg (run directories)")
-    p.add_argument("--arch", help="model name for a bare checkpoint (e.g. wrn-34-10)")
-    p.add_argument("--dataset", help="dataset for a bare checkpoint (cifar10 | cifar100 | digits)")
-    p.add_argument("--data-root", help="dataset directory (default: the run's data.root)")
-    p.add_argument("--n-ex", type=int, help="evaluate the first N test images (default: all)")
-    p.add_argument("--norm", default="Linf", help="Linf | L2")
-    p.add_argument("--eps", default="8/255")
-    p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
     args = p.parse_args(argv)
     try:
-        t = load_target(args.target, args.weights, args.arch, args.dataset, args.device,
-                        args.data_root)
+        t = target_from_arguments(args)
         r = evaluate(t, attack=args.attack, steps=args.steps, n_ex=args.n_ex, eps=args.eps,
                      step_size=args.step_size, norm=args.norm, batch_size=args.batch_size,
                      seed=args.seed)

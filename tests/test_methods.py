@@ -10,7 +10,7 @@ from models import build_model
 
 BUDGET = AttackBudget(eps=8 / 255, step_size=2 / 255, steps=3)
 EXPECTED_TERMS = {"standard": {"ce"}, "pgd_at": {"ce_adv"}, "trades": {"ce", "kl"},
-                  "ikl_at": {"ce", "wmse", "sce"}}
+                  "ikl_at": {"ce", "wmse", "sce"}, "lbgat": {"mse", "ce_natural"}}
 
 
 def _batch(n=16, c=10, seed=0):
@@ -29,7 +29,8 @@ def test_registry_is_complete_and_unknown_names_fail():
 def test_one_training_step(name):
     torch.manual_seed(0)
     model = build_model("wrn-16-1", 10)
-    method = build_method({"name": name, name: {}}, 10)
+    method = build_method({"name": name, name: {"natural_model": "wrn-16-1"}
+                           if name == "lbgat" else {}}, 10)
     optimizer = build_optimizer({"weight_decay": 5e-4, "no_decay_bn": True, "lr": 0.1,
                                  "momentum": 0.9, "nesterov": False}, [model, method])
     x, y = _batch()
@@ -114,3 +115,64 @@ def test_ikl_attack_objective_follows_the_dataset_setting():
     assert not torch.equal(results[0.0], results[1.0])
     with pytest.raises(ValueError, match="v2"):
         IKLAT(10, version="v1", gamma=0.5)
+
+
+def test_lbgat_step_updates_both_models_and_its_kl_term():
+    torch.manual_seed(0)
+    model = build_model("wrn-16-1", 10)
+    method = build_method({"name": "lbgat", "lbgat": {"beta": 6.0, "natural_model": "wrn-16-1"}},
+                          10)
+    optimizer = build_optimizer({"weight_decay": 0.0, "no_decay_bn": False, "lr": 0.1,
+                                 "momentum": 0.0, "nesterov": False}, [model, method])
+    # The natural model's parameters are trained by the same optimizer.
+    n_params = sum(len(g["params"]) for g in optimizer.param_groups)
+    assert n_params == len(list(model.parameters())) + len(list(method.natural.parameters()))
+    x, y = _batch()
+    x_adv = method.perturb(model, x, y, BUDGET)
+    robust = [p.detach().clone() for p in model.parameters()]
+    natural = [p.detach().clone() for p in method.natural.parameters()]
+    out = method.loss(model, x, y, x_adv)
+    assert set(out.terms) == {"mse", "ce_natural", "kl"}
+    torch.testing.assert_close(out.terms["mse"],
+                               F.mse_loss(out.logits_adv, out.extra["logits_natural"]))
+    optimizer.zero_grad()
+    out.total().backward()
+    optimizer.step()
+    assert any(not torch.equal(a, b) for a, b in zip(robust, model.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(natural, method.natural.parameters()))
+    assert any(k.startswith("natural.") for k in method.state_dict())
+
+
+def test_label_smoothing_matches_the_smoothed_target_definition():
+    logits, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 0])
+    method = build_method({"name": "standard", "standard": {}, "label_smoothing": 0.1}, 5)
+    target = 0.9 * F.one_hot(y, 5) + 0.1 / 5
+    expected = -(target * F.log_softmax(logits, 1)).sum(1).mean()
+    torch.testing.assert_close(method.cross_entropy(logits, y), expected)
+    with pytest.raises(ValueError, match="label_smoothing"):
+        build_method({"name": "standard", "standard": {}, "label_smoothing": 1.0}, 5)
+
+
+def test_ikl_two_views_weight_the_augmented_view_and_feed_the_prior_the_basic_view():
+    torch.manual_seed(0)
+    model = build_model("wrn-16-1", 10).train()
+    method = IKLAT(10, alpha=2.0, beta=5.0, aug_weight=0.3)
+    method.prior.copy_(torch.softmax(torch.randn(10, 10), 1))
+    x, y = _batch(8)
+    x2, y2 = torch.cat([x, x.flip(3)]), torch.cat([y, y])
+    x_adv = (x2 + 0.02).clamp(0, 1)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    out = method.loss(model, x2, y2, x_adv, views=2)
+    model.load_state_dict(state)
+    logits_adv, logits_clean = model(x_adv), model(x2)  # one forward of all 2B rows per branch
+    from at.losses import ikl_terms
+    basic = ikl_terms(logits_adv[:8], logits_clean[:8], method.prior[y])
+    aug = ikl_terms(logits_adv[8:], logits_clean[8:], method.prior[y])
+    torch.testing.assert_close(out.terms["wmse"], 5.0 * (basic["wmse"] + 0.3 * aug["wmse"]))
+    torch.testing.assert_close(out.terms["sce"], 2.0 * (basic["sce"] + 0.3 * aug["sce"]))
+    torch.testing.assert_close(out.terms["ce"], F.cross_entropy(logits_clean, y2))
+    assert out.n_basic == 8 and len(out.logits_adv) == 16
+    method.observe(y2, out)
+    expected = torch.zeros(10, 10, dtype=torch.float64)
+    expected.index_add_(0, y, F.softmax(out.logits_clean[:8].detach() / 4.0, 1).double())
+    torch.testing.assert_close(method.prior_sum, expected)

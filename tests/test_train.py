@@ -79,11 +79,13 @@ def test_fake_cifar_trains_through_the_real_loader(tmp_path):
     records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(records) == 2 and records[-1]["val_robust_acc"] is not None
     assert load(tmp_path / "run" / "last.pt")["method"]["prior"].shape == (100, 100)
-    assert set(result) == {"last", "best"}
+    assert set(result) == {"last", "best", "avg"}  # the CIFAR-100 IKL-AT config averages weights
 
 
 def test_killed_run_resumes_to_identical_weights(tmp_path):
-    common = ["-c", str(DIGITS), *QUICK, "optim.epochs=3"]
+    # With AWP from epoch 2 and a per-step EMA: their state must survive the kill too.
+    common = ["-c", str(DIGITS), *QUICK, "optim.epochs=2", "awp.enabled=true", "awp.warmup=2",
+              "avg.kind=step_ema"]
     straight = run_cli(*common, f"out_dir={tmp_path / 'straight'}")
     assert straight.returncode == 0, straight.stderr
 
@@ -98,7 +100,7 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    assert load(killed / "last.pt")["epoch"] < 3
+    assert load(killed / "last.pt")["epoch"] < 2
 
     resumed = run_cli(*common, f"out_dir={killed}", "--resume")
     assert resumed.returncode == 0, resumed.stderr
@@ -106,14 +108,16 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from a straight run"
     assert torch.equal(load(tmp_path / "straight" / "last.pt")["method"]["prior"],
                        load(killed / "last.pt")["method"]["prior"])
+    a, b = (load(run / "last.pt")["avg"]["model"] for run in (tmp_path / "straight", killed))
+    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weight average differs"
     epochs = [json.loads(x)["epoch"] for x in (killed / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == [1, 2, 3]
+    assert epochs == [1, 2]
 
     # A resumed run may extend its schedule, but not silently change the experiment.
     changed = run_cli(*common, "optim.epochs=4", "model.name=wrn-16-4", f"out_dir={killed}",
                       "--resume")
     assert changed.returncode != 0 and "model.name" in changed.stderr
-    assert load(killed / "last.pt")["epoch"] == 3
+    assert load(killed / "last.pt")["epoch"] == 2
 
 
 def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tmp_path):
@@ -201,3 +205,37 @@ def test_wandb_offline_logging_needs_no_network(tmp_path, monkeypatch):
     fit(cfg)
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
+def test_awp_and_weight_averaging_run_and_the_average_evaluates(tmp_path):
+    from eval import load_model
+    from eval.common import load_target
+    from eval.pgd import evaluate
+    out = tmp_path / "run"
+    cfg = load_config(DIGITS, [*QUICK, "optim.epochs=2", "awp.enabled=true", "awp.warmup=2",
+                               "avg.kind=epoch_ema", f"out_dir={out}", "eval.every=1"])
+    result = fit(cfg)
+    assert set(result) == {"last", "best", "avg"}
+    records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all("avg_val_robust_acc" in r for r in records)
+    last, best = load(out / "last.pt"), load(out / "best.pt")
+    assert last["avg"]["kind"] == "epoch_ema" and "avg" in best
+    averaged = load_model(out, weights="avg")
+    assert not averaged.training
+    t = load_target(out, "avg", device="cpu")
+    quick = evaluate(t, steps=5, n_ex=50)
+    assert quick["weights"] == "avg" and (out / "eval" / "pgd5_avg.json").exists()
+    torch.testing.assert_close(load_model(out, weights="avg").state_dict()["fc.weight"],
+                               last["avg"]["model"]["fc.weight"])
+
+
+def test_two_view_training_runs_and_other_methods_refuse_it(tmp_path):
+    out = tmp_path / "two_views"
+    cfg = load_config(DIGITS, [*QUICK, "optim.epochs=1", "data.second_view=autoaugment",
+                               "method.ikl_at.aug_weight=0.5", f"out_dir={out}"])
+    fit(cfg)
+    prior = load(out / "last.pt")["method"]["prior"]
+    torch.testing.assert_close(prior.sum(1), torch.ones(10))
+    proc = run_cli("-c", str(DIGITS), "method.name=trades", "data.second_view=cutout",
+                   f"out_dir={tmp_path / 'refused'}")
+    assert proc.returncode == 1 and "needs a method that weights the two views" in proc.stderr

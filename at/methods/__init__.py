@@ -6,6 +6,7 @@ import difflib
 
 from .base import AttackBudget, Method, StepOutput
 from .ikl_at import IKLAT
+from .lbgat import LBGAT
 from .pgd_at import PGDAT
 from .standard import Standard
 from .trades import TRADES
@@ -15,6 +16,7 @@ METHODS: dict[str, type[Method]] = {
     "pgd_at": PGDAT,
     "trades": TRADES,
     "ikl_at": IKLAT,
+    "lbgat": LBGAT,
 }
 
 
@@ -30,7 +32,8 @@ def build_method(method_cfg: dict, num_classes: int) -> Method:
     name = method_cfg["name"]
     if name not in METHODS:
         raise unknown_name("method", name, METHODS)
-    return METHODS[name](num_classes, **(method_cfg.get(name) or {}))
+    return METHODS[name](num_classes, label_smoothing=method_cfg.get("label_smoothing", 0.0),
+                         **(method_cfg.get(name) or {}))
 
 
 __all__ = ["METHODS", "build_method", "Method", "StepOutput", "AttackBudget", "unknown_name"]

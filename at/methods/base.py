@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -34,6 +35,7 @@ class StepOutput:
     logits_adv: Tensor | None = None
     logits_clean: Tensor | None = None
     extra: dict[str, Tensor] = field(default_factory=dict)
+    n_basic: int | None = None  # rows of the basic view when the batch holds two views
 
     def total(self) -> Tensor:
         return torch.stack(list(self.terms.values())).sum()
@@ -43,18 +45,29 @@ class Method(nn.Module):
     """Base class. Subclasses document their BatchNorm policy: it changes the numbers."""
 
     uses_attack = True  # False for methods that never call an attack (standard training)
+    # Methods that weight a second, augmented view of the batch separately (data.second_view).
+    supports_views = False
 
-    def __init__(self, num_classes: int):
+    def __init__(self, num_classes: int, label_smoothing: float = 0.0):
         super().__init__()
-        self.num_classes = num_classes
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"method.label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.num_classes, self.label_smoothing = num_classes, label_smoothing
+
+    def cross_entropy(self, logits: Tensor, y: Tensor) -> Tensor:
+        """Batch-mean CE against labels smoothed over all C classes, (1 - ls) onehot + ls / C,
+        which is the label-smoothed CE of Wang et al. 2023 (ls = 0.1 there, 0 in DKL)."""
+        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, budget: AttackBudget) -> Tensor:
         """Inner maximisation: adversarial images for the batch (model left as it was found)."""
         raise NotImplementedError
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor) -> StepOutput:
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor,
+             views: int = 1) -> StepOutput:
         """Outer loss at the current weights. Must not change method state, so that a wrapper
-        (e.g. adversarial weight perturbation) may call it more than once per step."""
+        (e.g. adversarial weight perturbation) may call it more than once per step. With
+        views = 2 the batch is [basic view; augmented view] of the same images."""
         raise NotImplementedError
 
     def observe(self, y: Tensor, out: StepOutput) -> None:

@@ -27,11 +27,14 @@ class IKLAT(Method):
     Epoch 1 uses the uniform prior; P is saved with the run (buffers `prior`, `prior_sum`).
     """
 
+    supports_views = True
+
     def __init__(self, num_classes: int, alpha: float = 3.0, beta: float = 20.0,
                  version: str = "v1", gamma: float = 1.0, temperature: float = 4.0,
                  prior_momentum: float = 1.0, attack_alpha: float = 1.0,
-                 attack_beta: float = 0.0, attack_gamma: float | None = 1.0):
-        super().__init__(num_classes)
+                 attack_beta: float = 0.0, attack_gamma: float | None = 1.0,
+                 aug_weight: float = 1.0, label_smoothing: float = 0.0):
+        super().__init__(num_classes, label_smoothing)
         if version not in ("v1", "v2"):
             raise ValueError(f"unknown IKL version {version!r}; valid: v1, v2")
         if version == "v1" and (gamma != 1.0 or (attack_gamma or 1.0) != 1.0):
@@ -46,6 +49,7 @@ class IKLAT(Method):
         self.temperature, self.prior_momentum = temperature, prior_momentum
         self.attack_alpha, self.attack_beta = attack_alpha, attack_beta
         self.attack_gamma = gamma if attack_gamma is None else attack_gamma
+        self.aug_weight = aug_weight
         self.register_buffer("prior", torch.full((num_classes, num_classes), 1.0 / num_classes))
         # Running sum of this epoch's soft predictions per true class (kept in float64 so that a
         # long epoch's sum does not lose precision); the row sums are the class counts.
@@ -65,20 +69,30 @@ class IKLAT(Method):
 
             return pgd(objective, x, **budget.pgd_kwargs())
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor) -> StepOutput:
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor,
+             views: int = 1) -> StepOutput:
+        """Two views (algorithms.md §1.6): one forward of all 2B images per branch, the robust
+        terms averaged per view and the augmented view's weighted by `aug_weight`; the hard-label
+        CE over all rows; the prior accumulates the basic view only (`observe`)."""
         model.train()
         logits_adv = model(x_adv)
         logits_clean = model(x)
-        ikl = ikl_terms(logits_adv, logits_clean, self.prior[y], gamma=self.gamma,
-                        version=self.version)
-        terms = {"ce": F.cross_entropy(logits_clean, y), "wmse": self.beta * ikl["wmse"],
-                 "sce": self.alpha * ikl["sce"]}
-        return StepOutput(terms, logits_adv=logits_adv, logits_clean=logits_clean)
+        weights, n = self.prior[y], len(y) // views
+        wmse = sce = 0.0
+        for view, scale in enumerate((1.0, self.aug_weight)[:views]):
+            rows = slice(view * n, (view + 1) * n)
+            ikl = ikl_terms(logits_adv[rows], logits_clean[rows], weights[rows],
+                            gamma=self.gamma, version=self.version)
+            wmse, sce = wmse + scale * ikl["wmse"], sce + scale * ikl["sce"]
+        terms = {"ce": self.cross_entropy(logits_clean, y), "wmse": self.beta * wmse,
+                 "sce": self.alpha * sce}
+        return StepOutput(terms, logits_adv=logits_adv, logits_clean=logits_clean, n_basic=n)
 
     @torch.no_grad()
     def observe(self, y: Tensor, out: StepOutput) -> None:
-        probs = F.softmax(out.logits_clean.detach().float() / self.temperature, dim=1)
-        self.prior_sum.index_add_(0, y, probs.to(self.prior_sum.dtype))
+        n = len(y) if out.n_basic is None else out.n_basic
+        probs = F.softmax(out.logits_clean[:n].detach().float() / self.temperature, dim=1)
+        self.prior_sum.index_add_(0, y[:n], probs.to(self.prior_sum.dtype))
 
     @torch.no_grad()
     def on_epoch_end(self) -> None:

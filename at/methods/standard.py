@@ -1,7 +1,6 @@
 """Standard (non-adversarial) training: cross-entropy on clean images. Baseline and sanity check."""
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import AttackBudget, Method, StepOutput
@@ -15,7 +14,8 @@ class Standard(Method):
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, budget: AttackBudget) -> Tensor:
         return x
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor) -> StepOutput:
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor,
+             views: int = 1) -> StepOutput:
         model.train()
         logits = model(x)
-        return StepOutput({"ce": F.cross_entropy(logits, y)}, logits_clean=logits)
+        return StepOutput({"ce": self.cross_entropy(logits, y)}, logits_clean=logits)

@@ -4,7 +4,6 @@ the KL."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attacks import frozen, pgd
@@ -18,8 +17,8 @@ class TRADES(Method):
     reference recomputes them at every step, with identical results in eval mode); then two
     separate train-mode forwards, clean first, as in the reference."""
 
-    def __init__(self, num_classes: int, beta: float = 6.0):
-        super().__init__(num_classes)
+    def __init__(self, num_classes: int, beta: float = 6.0, label_smoothing: float = 0.0):
+        super().__init__(num_classes, label_smoothing)
         self.beta = beta
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, budget: AttackBudget) -> Tensor:
@@ -28,10 +27,11 @@ class TRADES(Method):
                 logits_clean = model(x)
             return pgd(lambda z: trades_kl(model(z), logits_clean), x, **budget.pgd_kwargs())
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor) -> StepOutput:
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor,
+             views: int = 1) -> StepOutput:
         model.train()
         logits_clean = model(x)
         logits_adv = model(x_adv)
-        terms = {"ce": F.cross_entropy(logits_clean, y),
+        terms = {"ce": self.cross_entropy(logits_clean, y),
                  "kl": self.beta * trades_kl(logits_adv, logits_clean)}
         return StepOutput(terms, logits_adv=logits_adv, logits_clean=logits_clean)
