@@ -51,4 +51,4 @@ def correct(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 256,
 def accuracy(model: nn.Module, x: Tensor, y: Tensor, **kwargs) -> float:
     """Top-1 accuracy in percent (NaN for an empty set); keyword arguments as for `correct`."""
     flags = correct(model, x, y, **kwargs)
-    return 100.0 * flags.float().mean().item() if len(flags) else float("nan")
+    return 100.0 * flags.double().mean().item() if len(flags) else float("nan")

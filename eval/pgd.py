@@ -53,8 +53,8 @@ def evaluate(t: Target, *, attack: str = "pgd", steps: int = 20, n_ex: int | Non
                      norm=NORMS[norm], loss=ATTACKS[attack], **common)
     device = next(t.model.parameters()).device
     result = {
-        "clean_acc": round(100 * clean.float().mean().item(), 2),
-        "robust_acc": round(100 * robust.float().mean().item(), 2),
+        "clean_acc": round(100 * clean.double().mean().item(), 2),
+        "robust_acc": round(100 * robust.double().mean().item(), 2),
         "attack": attack, "loss": ATTACKS[attack], "steps": steps, "step_size": step_text,
         "step_size_float": step_value, "init": "uniform", "restarts": 1,
         "n_ex": len(y), "eps": eps_text, "eps_float": eps_value, "norm": norm, "seed": seed,
