@@ -45,6 +45,19 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     atomic_write(path, lambda f: torch.save(obj, f))
 
 
+def keep_copy(path: Path, copy: Path) -> None:
+    """Make `copy` an atomically replaced second name of `path`'s current contents: a hard link
+    (no data copied) where the file system allows it, else a byte copy."""
+    tmp = copy.with_name(f".{copy.name}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+        os.replace(tmp, copy)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        atomic_write(copy, lambda f: f.write(path.read_bytes()))
+
+
 def load(path: str | Path, map_location: Any = "cpu") -> dict:
     """Load a checkpoint written by this project (weights_only: no arbitrary unpickling)."""
     try:

@@ -35,6 +35,7 @@ CHECKPOINT_FORMAT = 1
 # Files a run writes before its first checkpoint: a directory holding only these has nothing to
 # resume (the run died in epoch 1), so --resume starts it afresh instead of refusing.
 PRE_CHECKPOINT_FILES = {"config.yaml", "metrics.jsonl", "curves.png", "wandb"}
+PREVIOUS_CHECKPOINT = "last_prev.pt"  # the epoch before last.pt, used if last.pt is unreadable
 # Keys that may change when a run is resumed; anything else would silently change the experiment.
 RESUMABLE_CHANGES = ("optim.epochs", "device", "data.root", "data.download", "log.", "eval.every",
                      "eval.batch_size", "eval.n_test", "eval.final_pgd")
@@ -154,15 +155,27 @@ class Trainer:
         return False
 
     def _restore(self) -> None:
-        state = ckpt.load(self.out / "last.pt", map_location=self.device)
+        path = self.out / "last.pt"
+        try:
+            state = ckpt.load(path, map_location=self.device)
+        except ckpt.CheckpointError as err:
+            # A file damaged after it was written (a disk or copy error: our own writes are
+            # atomic) costs one epoch, not the run: the previous epoch's checkpoint is kept.
+            previous = self.out / PREVIOUS_CHECKPOINT
+            if not previous.exists():
+                raise
+            state = ckpt.load(previous, map_location=self.device)
+            print(f"at.train: {err}; resuming from {previous} (epoch {state['epoch']}) instead",
+                  file=sys.stderr)
+            path = previous
         if state.get("format") != CHECKPOINT_FORMAT:
-            raise RunError(f"{self.out / 'last.pt'} has format {state.get('format')}, "
+            raise RunError(f"{path} has format {state.get('format')}, "
                            f"expected {CHECKPOINT_FORMAT}")
         changed = _config_changes(state["config"], self.cfg)
         if changed:
             raise RunError(f"--resume with a config that differs from the run's in: "
                            f"{', '.join(changed)}")
-        ckpt.load_model_state(self.model, state["model"], str(self.out / "last.pt"))
+        ckpt.load_model_state(self.model, state["model"], str(path))
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.loader.load_state_dict(state["loader"])
@@ -188,7 +201,10 @@ class Trainer:
             if self.avg is not None:
                 best["avg"] = state["avg"]
             ckpt.atomic_save(best, self.out / "best.pt")
-        ckpt.atomic_save(state, self.out / "last.pt")
+        last = self.out / "last.pt"
+        if last.exists():  # keep the previous epoch's checkpoint as a fallback (see _restore)
+            ckpt.keep_copy(last, self.out / PREVIOUS_CHECKPOINT)
+        ckpt.atomic_save(state, last)
 
     # ---- one epoch ----------------------------------------------------------------------------
     def train_epoch(self) -> dict:

@@ -239,3 +239,24 @@ def test_two_view_training_runs_and_other_methods_refuse_it(tmp_path):
     proc = run_cli("-c", str(DIGITS), "method.name=trades", "data.second_view=cutout",
                    f"out_dir={tmp_path / 'refused'}")
     assert proc.returncode == 1 and "needs a method that weights the two views" in proc.stderr
+
+
+def test_a_damaged_last_checkpoint_falls_back_to_the_previous_epoch(tmp_path):
+    # Nothing may depend on the total epoch count here (lr schedule, eps ramp): the damaged run
+    # first trains for 2 epochs, then is extended to 3.
+    common = ["-c", str(DIGITS), *QUICK, "method.name=standard", "optim.schedule=constant",
+              "attack.eps_ramp=false"]
+    straight = run_cli(*common, "optim.epochs=3", f"out_dir={tmp_path / 'straight'}")
+    assert straight.returncode == 0, straight.stderr
+    run = tmp_path / "damaged"
+    first = run_cli(*common, "optim.epochs=2", f"out_dir={run}")
+    assert first.returncode == 0, first.stderr
+    assert load(run / "last_prev.pt")["epoch"] == 1 and load(run / "last.pt")["epoch"] == 2
+    (run / "last.pt").write_bytes((run / "last.pt").read_bytes()[:1000])  # e.g. a bad copy
+    resumed = run_cli(*common, "optim.epochs=3", f"out_dir={run}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from" in resumed.stderr and "last_prev.pt (epoch 1)" in resumed.stderr
+    a, b = model_state(tmp_path / "straight"), model_state(run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    epochs = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2, 3]
