@@ -15,6 +15,8 @@ from typing import Any, Iterable
 
 import yaml
 
+from .checkpoint import atomic_write
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO_ROOT / "configs" / "base.yaml"
 _FRACTION = re.compile(r"^\s*[-+]?\d+(\.\d*)?\s*/\s*\d+(\.\d*)?\s*$")
@@ -154,7 +156,8 @@ def git_state() -> dict:
 def dump_config(cfg: dict, path: Path, **provenance: Any) -> None:
     """Write the resolved config; provenance goes under '_'-prefixed keys (ignored on reload)."""
     doc = {**cfg, **{f"_{k}": v for k, v in provenance.items()}}
-    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    text = yaml.safe_dump(doc, sort_keys=False)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def load_run_config(run_dir: str | Path) -> dict:

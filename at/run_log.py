@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+from .checkpoint import atomic_write
 from .errors import RunError
 
 ACCURACY_KEYS = ("train_adv_acc", "train_clean_acc", "val_clean_acc", "val_robust_acc",
@@ -26,9 +27,8 @@ class RunLog:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
 
     def _rewrite(self) -> None:
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        os.replace(tmp, self.path)
+        text = "".join(json.dumps(r) + "\n" for r in self.records)
+        atomic_write(self.path, lambda f: f.write(text.encode()))
 
     def append(self, record: dict) -> None:
         self.records.append(record)
@@ -81,7 +81,5 @@ def plot_curves(records: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    tmp = path.with_name(".curves.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, path)

@@ -332,7 +332,8 @@ class Trainer:
                     steps=ecfg["pgd_steps"], step_size=ecfg["pgd_step_size"], norm=acfg["norm"],
                     seed=self.cfg["seed"])
             result[name] = row
-        (self.out / "final.json").write_text(json.dumps(result, indent=2) + "\n")
+        text = json.dumps(result, indent=2) + "\n"
+        ckpt.atomic_write(self.out / "final.json", lambda f: f.write(text.encode()))
         print(_final_table(result, self.cfg), flush=True)
         return result
 
