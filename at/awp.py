@@ -28,6 +28,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import distributed
+
 # The reference's epsilon in ||w|| / (||dw|| + eps). It only matters for a zero gradient, where
 # it turns 0/0 into 0 (the layer is left where it is, as the proxy step would leave it).
 _EPS = 1e-20
@@ -93,6 +95,8 @@ class AWP:
         with torch.no_grad():
             # A weight the loss does not reach gets no proxy update, hence v = 0.
             grads = [torch.zeros_like(w) if g is None else g for w, g in zip(self.weights, grads)]
+            # Under torchrun: the gradient of the global batch, so every rank moves alike.
+            distributed.all_reduce_mean_(grads)
             w_norms = torch._foreach_norm(self.weights)
             g_norms = torch._foreach_add(torch._foreach_norm(grads), _EPS)
             scales = torch._foreach_mul(torch._foreach_div(w_norms, g_norms), self.gamma)

@@ -3,6 +3,10 @@
 Run directory: config.yaml (resolved config + git state), metrics.jsonl (one record per epoch),
 curves.png, last.pt (everything needed to continue), best.pt (best validation PGD accuracy) and
 final.json (test clean / PGD accuracy of the best and last weights).
+
+Under torchrun every rank runs this loop on its share of each global batch (optim.batch_size is
+the global batch); the outer loss goes through DistributedDataParallel, statistics and validation
+are summed over ranks, and only rank 0 writes the run directory (at/distributed.py).
 """
 from __future__ import annotations
 
@@ -14,31 +18,34 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import data as datasets
 import models
 from attacks.pgd import INITS, NORMS
+from data.generated import GeneratedSet
 
-from . import averaging
+from . import averaging, distributed, sync_bn
 from . import checkpoint as ckpt
 from .awp import AWP
 from .config import dump_config, git_state
 from .errors import NonFiniteLoss, RunError
-from .evaluate import accuracy
+from .evaluate import accuracy, correct
 from .methods import Method, build_method
 from .optim import build_optimizer
 from .run_log import RunLog, require_wandb
 from .schedules import ATTACK_SCHEDULES, LR_SCHEDULES, attack_budget, lr_at
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: loader state with epoch and real-image permutation; no rng state
 # Files a run writes before its first checkpoint: a directory holding only these has nothing to
 # resume (the run died in epoch 1), so --resume starts it afresh instead of refusing.
 PRE_CHECKPOINT_FILES = {"config.yaml", "metrics.jsonl", "curves.png", "wandb"}
 PREVIOUS_CHECKPOINT = "last_prev.pt"  # the epoch before last.pt, used if last.pt is unreadable
 # Keys that may change when a run is resumed; anything else would silently change the experiment.
 RESUMABLE_CHANGES = ("optim.epochs", "device", "data.root", "data.download", "log.", "eval.every",
-                     "eval.batch_size", "eval.n_test", "eval.final_pgd")
+                     "eval.batch_size", "eval.n_test", "eval.final_pgd", "data.generated.path")
 
 
 def check_config(cfg: dict) -> None:
@@ -62,6 +69,8 @@ def check_config(cfg: dict) -> None:
         (cfg["log"]["interval"] >= 1, "log.interval must be >= 1"),
         (cfg["awp"]["gamma"] >= 0 and cfg["awp"]["warmup"] >= 0,
          "awp.gamma and awp.warmup must be >= 0"),
+        (0 <= cfg["data"]["generated"]["fraction"] <= 1,
+         "data.generated.fraction must be in [0, 1]"),
     ]
     for ok, message in checks:
         if not ok:
@@ -96,30 +105,73 @@ def _config_changes(saved: dict, cfg: dict) -> list[str]:
                   and not k.startswith(RESUMABLE_CHANGES))
 
 
+class _Objective(nn.Module):
+    """The outer loss as one module call, so that DistributedDataParallel sees the model and the
+    method's own modules (LBGAT's natural model) in one forward and averages all their gradients."""
+
+    def __init__(self, model: nn.Module, method: Method):
+        super().__init__()
+        self.model, self.method = model, method
+
+    def forward(self, x, y, x_adv, views):
+        return self.method.loss(self.model, x, y, x_adv, views)
+
+
 class Trainer:
     def __init__(self, cfg: dict, *, resume: bool = False):
         check_config(cfg)
         self.cfg, self.out = cfg, Path(cfg["out_dir"])
-        resume = self._check_out_dir(resume)
-        if cfg["log"]["wandb"]:
+        if distributed.launched():
+            self.device = distributed.init(cfg["device"])
+        else:
+            self.device = resolve_device(cfg["device"])
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.main = self.rank == 0
+        # Rank 0 inspects the run directory (the others would see the files it writes next).
+        verdict = None
+        if self.main:
+            try:
+                verdict = ("resume" if self._check_out_dir(resume) else "new", None)
+            except RunError as err:
+                verdict = ("error", str(err))
+        verdict = distributed.broadcast_object(verdict)
+        if verdict[0] == "error":
+            raise RunError(verdict[1])
+        resume = verdict[0] == "resume"
+        if cfg["log"]["wandb"] and self.main:
             require_wandb()
-        self.device = resolve_device(cfg["device"])
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-        ckpt.seed_everything(cfg["seed"])
+        ckpt.seed_everything(cfg["seed"])  # the same initial weights on every rank
 
         dcfg = cfg["data"]
         self.splits = datasets.load_splits(dcfg["name"], root=dcfg["root"],
                                            val_size=dcfg["val_size"], download=dcfg["download"])
+        num_classes = self.splits.num_classes
+        gcfg = dcfg["generated"]
+        generated = GeneratedSet(gcfg["path"], num_classes) if gcfg["path"] else None
         self.sampler = torch.Generator().manual_seed(cfg["seed"])
         self.loader = datasets.TrainLoader(
             self.splits.train_x, self.splits.train_y, cfg["optim"]["batch_size"],
             generator=self.sampler, augment=dcfg["augment"], second_view=dcfg["second_view"],
-            drop_last=dcfg["drop_last"], device=self.device)
-        num_classes = self.splits.num_classes
+            drop_last=dcfg["drop_last"], device=self.device, generated=generated,
+            fraction=gcfg["fraction"],
+            # An epoch with generated data: as many batches as the official training set fills
+            # (50,000 CIFAR images, validation included), as Wang et al.
+            epoch_size=len(self.splits.train_y) + len(self.splits.val_y),
+            rank=self.rank, world_size=self.world)
         self.model = models.build_model(cfg["model"]["name"], num_classes, dataset=dcfg["name"],
                                         bn_momentum=cfg["model"]["bn_momentum"]).to(self.device)
         self.method: Method = build_method(cfg["method"], num_classes).to(self.device)
+        if cfg["model"]["sync_bn"]:
+            sync_bn.convert(self.model)
+            sync_bn.convert(self.method)
+        objective = _Objective(self.model, self.method)
+        # No buffer sync per forward: rank 0 would overwrite the other ranks' method statistics
+        # (the IKL-AT prior sums) every step; buffers are synchronised once per epoch instead.
+        self.objective = objective if self.world == 1 else DDP(
+            objective, device_ids=[self.device] if self.device.type == "cuda" else None,
+            forward_sync_buffers=False)
         if self.loader.views > 1 and not self.method.supports_views:
             raise RunError(f"data.second_view={dcfg['second_view']} needs a method that weights "
                            f"the two views (ikl_at); {cfg['method']['name']} does not")
@@ -133,9 +185,12 @@ class Trainer:
         self.epoch, self.best = 0, {"val_robust_acc": -math.inf, "epoch": 0}
         if resume:
             self._restore()
-        self.out.mkdir(parents=True, exist_ok=True)
-        dump_config(cfg, self.out / "config.yaml", git=git_state(), command=" ".join(sys.argv))
-        self.log = RunLog(self.out, cfg, resume_epoch=self.epoch)
+        self.log = None
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            dump_config(cfg, self.out / "config.yaml", git=git_state(),
+                        command=" ".join(sys.argv), world_size=self.world)
+            self.log = RunLog(self.out, cfg, resume_epoch=self.epoch)
 
     # ---- run directory and resume -------------------------------------------------------------
     def _check_out_dir(self, resume: bool) -> bool:
@@ -179,7 +234,6 @@ class Trainer:
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.loader.load_state_dict(state["loader"])
-        ckpt.set_rng_state(state["rng"])
         if self.avg is not None:
             self.avg.load_state_dict(state["avg"])
         self.epoch, self.best = state["epoch"], state["best"]
@@ -188,7 +242,7 @@ class Trainer:
         state = {"format": CHECKPOINT_FORMAT, "epoch": self.epoch, "config": self.cfg,
                  "model": self.model.state_dict(), "method": self.method.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(),
-                 "rng": ckpt.rng_state(), "best": self.best, "metrics": record}
+                 "best": self.best, "metrics": record, "world_size": self.world}
         if self.avg is not None:
             state["avg"] = self.avg.state_dict()
         improved = record.get("val_robust_acc") is not None and \
@@ -209,6 +263,9 @@ class Trainer:
     # ---- one epoch ----------------------------------------------------------------------------
     def train_epoch(self) -> dict:
         cfg, model, method = self.cfg, self.model, self.method
+        # The attack's random starts: a stream per (epoch, rank), so that a resumed run (on any
+        # number of ranks) draws what an uninterrupted one draws without saving generator states.
+        torch.manual_seed(datasets.derived_seed(cfg["seed"], self.epoch, self.rank, 1))
         lr = lr_at(cfg["optim"], self.epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -220,18 +277,22 @@ class Trainer:
         first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
         seen = 0
         bar = tqdm(total=len(self.loader), desc=f"epoch {self.epoch}", leave=False,
-                   disable=not sys.stderr.isatty())
+                   disable=not (self.main and sys.stderr.isatty()))
         start = time.time()
         awp = self.awp if self.awp is not None and self.awp.active(self.epoch) else None
         views = self.loader.views
         for step, (x, y) in enumerate(self.loader, start=1):
+            # DDP averages the ranks' gradients; a rank holding n of the global batch's N images
+            # weighs its batch-mean loss by n * world / N, so that the average is the gradient of
+            # the global batch mean even when N does not split evenly.
+            scale = len(y) // views * self.world / self.loader.global_size
             x_adv = method.perturb(model, x, y, budget)  # at the unperturbed weights
             if awp is not None:
-                awp.perturb(lambda: method.loss(model, x, y, x_adv, views).total())
-            out = method.loss(model, x, y, x_adv, views)
+                awp.perturb(lambda: method.loss(model, x, y, x_adv, views).total() * scale)
+            out = self.objective(x, y, x_adv, views)
             loss = out.total()
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss if scale == 1 else loss * scale).backward()
             self.optimizer.step()
             if awp is not None:
                 awp.restore()  # after the step, as in the reference: wd acts at w + v
@@ -255,18 +316,25 @@ class Trainer:
                 self._check_finite(first_bad)
                 bar.set_postfix(loss=f"{sums['loss'].item() / seen:.4f}")
         bar.close()
-        method.on_epoch_end()
+        method.on_epoch_end()  # sums its statistics over ranks (the IKL-AT prior)
+        # BatchNorm running statistics drift apart between ranks unless synchronised: rank 0's
+        # are the ones saved, so every rank validates and averages with them.
+        distributed.broadcast_buffers(model, method)
         if self.avg is not None:
             self.avg.update_epoch(model, self.epoch)
         seconds = time.time() - start
-        stats = {k: v.item() / seen * (100.0 if k.endswith("_acc") else 1.0)
-                 for k, v in sums.items()}
+        keys = sorted(sums)
+        totals = distributed.all_reduce_sum_(
+            torch.stack([sums[k] for k in keys] + [zero + seen])).tolist()
+        seen = totals[-1]
+        stats = {k: v / seen * (100.0 if k.endswith("_acc") else 1.0)
+                 for k, v in zip(keys, totals)}
         return {"epoch": self.epoch, "lr": lr, "eps": budget.eps, "attack_steps":
                 budget.steps if method.uses_attack else 0, **stats, "train_seconds": seconds,
                 "images_per_s": seen / seconds}
 
     def _check_finite(self, first_bad: torch.Tensor) -> None:
-        bad = int(first_bad.item())
+        bad = distributed.all_max(int(first_bad.item()), self.device)
         if bad >= 0:
             raise NonFiniteLoss(f"non-finite training loss at epoch {self.epoch}, step {bad}; "
                                 f"stopped without saving (last.pt still holds epoch "
@@ -290,8 +358,16 @@ class Trainer:
 
     def _acc(self, x: torch.Tensor, y: torch.Tensor, model: torch.nn.Module | None = None,
              **pgd) -> float:
-        return accuracy(self.model if model is None else model, x, y,
-                        batch_size=self.cfg["eval"]["batch_size"], **pgd)
+        """Accuracy in percent; with several ranks each evaluates a contiguous shard."""
+        model = self.model if model is None else model
+        if self.world == 1:
+            return accuracy(model, x, y, batch_size=self.cfg["eval"]["batch_size"], **pgd)
+        rows = torch.tensor_split(torch.arange(len(y)), self.world)[self.rank]
+        flags = correct(model, x[rows], y[rows], batch_size=self.cfg["eval"]["batch_size"], **pgd)
+        counts = torch.tensor([float(flags.sum()), float(len(flags))], dtype=torch.float64,
+                              device=self.device)
+        hits, total = distributed.all_reduce_sum_(counts).tolist()
+        return 100.0 * hits / total if total else float("nan")
 
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -304,12 +380,15 @@ class Trainer:
                 if self.avg is not None and self.avg.ready:
                     avg = self.validate(final=self.epoch == epochs, model=self.avg.module)
                     record.update({f"avg_{k}": v for k, v in avg.items()})
-                self.log.append(record)
-                self._save(record)
-                print(_summary(record, epochs), flush=True)
+                if self.main:
+                    self.log.append(record)
+                    self._save(record)
+                    print(_summary(record, epochs), flush=True)
+                distributed.barrier()  # best.pt is on disk before any rank reads it
             return self.finish()
         finally:
-            self.log.close()
+            if self.log is not None:
+                self.log.close()
 
     def finish(self) -> dict:
         """Test clean and PGD accuracy of the last, best and averaged weights -> final.json."""
@@ -332,9 +411,10 @@ class Trainer:
                     steps=ecfg["pgd_steps"], step_size=ecfg["pgd_step_size"], norm=acfg["norm"],
                     seed=self.cfg["seed"])
             result[name] = row
-        text = json.dumps(result, indent=2) + "\n"
-        ckpt.atomic_write(self.out / "final.json", lambda f: f.write(text.encode()))
-        print(_final_table(result, self.cfg), flush=True)
+        if self.main:
+            text = json.dumps(result, indent=2) + "\n"
+            ckpt.atomic_write(self.out / "final.json", lambda f: f.write(text.encode()))
+            print(_final_table(result, self.cfg), flush=True)
         return result
 
 

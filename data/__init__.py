@@ -15,7 +15,15 @@ from .augment import crop_flip, crop_flip_params, random_crop_flip
 from .autoaugment import cifar10_policy, cutout, random_rotate
 from .cifar import load_cifar10, load_cifar100
 from .digits import DIGITS_VAL_SIZE, load_digits
-from .loader import AUGMENTATIONS, SECOND_VIEWS, TrainLoader, iterate_batches, to_float
+from .generated import GeneratedSet, GeneratedSetError
+from .loader import (
+    AUGMENTATIONS,
+    SECOND_VIEWS,
+    TrainLoader,
+    derived_seed,
+    iterate_batches,
+    to_float,
+)
 
 # name -> loader(split in {"train", "test"}, root, download) -> (x uint8 N×3×32×32, y int64 N).
 DATASETS: dict[str, Callable[[str, str, bool], tuple[torch.Tensor, torch.Tensor]]] = {
@@ -92,7 +100,8 @@ def _check_name(name: str) -> str:
 
 
 __all__ = [
-    "AUGMENTATIONS", "DATASETS", "DEFAULT_VAL_SIZE", "NUM_CLASSES", "SECOND_VIEWS", "Splits",
-    "TrainLoader", "cifar10_policy", "crop_flip", "crop_flip_params", "cutout", "iterate_batches",
-    "load_dataset", "load_splits", "random_crop_flip", "random_rotate", "to_float",
+    "AUGMENTATIONS", "DATASETS", "DEFAULT_VAL_SIZE", "GeneratedSet", "GeneratedSetError",
+    "NUM_CLASSES", "SECOND_VIEWS", "Splits", "TrainLoader", "cifar10_policy", "crop_flip",
+    "crop_flip_params", "cutout", "derived_seed", "iterate_batches", "load_dataset", "load_splits",
+    "random_crop_flip", "random_rotate", "to_float",
 ]

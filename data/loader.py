@@ -9,10 +9,12 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 from .augment import random_crop_flip
 from .autoaugment import cifar10_policy, cutout, random_rotate
+from .generated import GeneratedSet
 
 # The basic view: "crop_flip" = RandomCrop(32, padding=4) + horizontal flip (all reference runs);
 # "crop_flip_rotate" adds RandomRotation(15) (DM-Improves-AT's CIFAR-100 "base"); "none".
@@ -30,22 +32,44 @@ def to_float(x: torch.Tensor) -> torch.Tensor:
     return x.float().div_(255)
 
 
+def derived_seed(*keys: int) -> int:
+    """A 63-bit seed mixed from integer keys (e.g. run seed, epoch, rank): independent streams."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0]
+               >> np.uint64(1))
+
+
 class TrainLoader:
     """Shuffled, augmented training batches (x float32 [0,1] B×3×32×32, y int64) on `device`.
 
-    With `second_view` set, each batch holds two views of the same B images: x = cat([basic view,
-    second view]) (2B images) and y = cat([y, y]); `views` is then 2 (else 1). Per batch the basic
-    view draws its random numbers first, then the second view (its own crop + flip, then the policy
-    or the hole), so only the first batch's basic half equals a single-view loader's.
+    Real images only (generated=None): an epoch is one pass over a fresh permutation, in batches
+    of `batch_size` (the last one smaller unless drop_last).
 
-    All randomness (the per-epoch permutation and the augmentation) comes from one CPU generator,
-    so state_dict()/load_state_dict() taken at an epoch boundary resume a run exactly.
+    With a generated set (Wang et al. 2023, algorithms.md §5.2): an epoch is ceil(epoch_size /
+    batch_size) batches; each holds exactly batch_size - round(batch_size * fraction) real images,
+    taken without replacement from a permutation that carries over from epoch to epoch (a new one
+    when it runs out), and round(batch_size * fraction) generated images drawn uniformly with
+    replacement. Generated images are read from disk by background threads while earlier batches
+    train, into pinned memory, copied asynchronously and augmented on the device like real ones.
+
+    Distributed (world_size > 1): every rank draws the same global batches and keeps its share of
+    each: positions tensor_split(randperm(B), world_size)[rank] of the global batch, so ranks are
+    disjoint, their union is the global batch, and the stream is the same for any world size
+    (resume on another number of GPUs). `global_size` is the size of the global batch just
+    yielded. A last real-only batch with fewer images than ranks is dropped.
+
+    Randomness: the sampler `generator` draws the indices (its state, the permutation in use and
+    the epoch are the state_dict, to be taken between epochs); augmentation draws come from a
+    second CPU generator seeded from (seed, epoch, rank), so no per-rank state is needed. With
+    `second_view` each batch holds two views of its images: x = cat([basic, second]), y =
+    cat([y, y]); `views` is then 2.
     """
 
     def __init__(self, x_uint8: torch.Tensor, y: torch.Tensor, batch_size: int, *,
                  generator: torch.Generator, augment: str = "crop_flip", drop_last: bool = False,
                  device: torch.device | str | None = None,
-                 second_view: str | None = None) -> None:
+                 second_view: str | None = None, generated: GeneratedSet | None = None,
+                 fraction: float = 0.7, epoch_size: int | None = None,
+                 rank: int = 0, world_size: int = 1, prefetch: int = 3) -> None:
         if x_uint8.dtype != torch.uint8 or x_uint8.dim() != 4:
             raise TypeError(f"TrainLoader expects uint8 N×C×H×W images, got {x_uint8.dtype} "
                             f"{tuple(x_uint8.shape)}")
@@ -61,50 +85,147 @@ class TrainLoader:
         if generator.device.type != "cpu":
             raise ValueError(f"TrainLoader needs a CPU torch.Generator, got one on "
                              f"{generator.device}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world of size {world_size}")
+        if batch_size < world_size:
+            raise ValueError(f"batch_size {batch_size} is smaller than the {world_size} ranks")
         self.device = torch.device(device) if device is not None else x_uint8.device
         self.x = x_uint8.to(self.device)  # stays uint8: 4× less device memory than float
         self.y = y.to(self.device, dtype=torch.int64)
         self.batch_size, self.generator = batch_size, generator
+        self.seed = generator.initial_seed()
         self.augment, self.drop_last = augment, drop_last
         self.second_view = second_view
         self.views = 1 if second_view is None else 2
+        self.rank, self.world_size, self.prefetch = rank, world_size, prefetch
+        self.epoch = 0  # epochs started; the augmentation seed of epoch e is (seed, e, rank)
+        self.global_size = 0
+        self.generated = generated
+        if generated is not None:
+            if not 0.0 <= fraction <= 1.0:
+                raise ValueError(f"data.generated.fraction must be in [0, 1], got {fraction}")
+            self.n_generated = round(batch_size * fraction)
+            self.n_real = batch_size - self.n_generated
+            if self.n_real > len(self.x):
+                raise ValueError(f"{self.n_real} real images per batch but only {len(self.x)} "
+                                 f"in the training set")
+            self.epoch_size = len(self.x) if epoch_size is None else epoch_size
+            if self.epoch_size < 1:
+                raise ValueError(f"epoch_size must be >= 1, got {self.epoch_size}")
+        # The real-image permutation in use and the position in it (generated mode only).
+        self._perm: torch.Tensor | None = None
+        self._pos = 0
 
     def __len__(self) -> int:
-        n = len(self.x)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        if self.generated is not None:
+            return math.ceil(self.epoch_size / self.batch_size)
+        n, b = len(self.x), self.batch_size
+        if self.drop_last or n % b == 0 or n % b >= self.world_size:
+            return n // b if self.drop_last else math.ceil(n / b)
+        return n // b  # the last batch is too small to give every rank an image
 
+    # ---- planning: every rank draws the same global batches --------------------------------
+    def _plan(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(real indices, generated indices) of this rank's share of every batch of the epoch,
+        drawn from the sampler in a fixed order: the same for every rank and world size."""
+        g, b = self.generator, self.batch_size
+        if self.generated is None:
+            perm = torch.randperm(len(self.x), generator=g)
+            empty = torch.empty(0, dtype=torch.int64)
+            return [(self._share(perm[i * b:(i + 1) * b]), empty) for i in range(len(self))]
+        steps = len(self)
+        gen = torch.randint(len(self.generated), (steps, self.n_generated), generator=g)
+        plan = []
+        for step in range(steps):
+            real = self._take_real(self.n_real)
+            # Which positions of the global batch each rank gets: a random split, so that no rank
+            # sees only real or only generated images.
+            order = torch.randperm(b, generator=g)
+            mine = self._share(order)
+            plan.append((real[mine[mine < self.n_real]],
+                         gen[step][mine[mine >= self.n_real] - self.n_real]))
+        return plan
+
+    def _share(self, positions: torch.Tensor) -> torch.Tensor:
+        return torch.tensor_split(positions, self.world_size)[self.rank]
+
+    def _take_real(self, k: int) -> torch.Tensor:
+        parts = []
+        while k > 0:
+            if self._perm is None or self._pos == len(self._perm):
+                self._perm, self._pos = torch.randperm(len(self.x), generator=self.generator), 0
+            take = min(k, len(self._perm) - self._pos)
+            parts.append(self._perm[self._pos:self._pos + take])
+            self._pos += take
+            k -= take
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int64)
+
+    # ---- iteration ---------------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        # Drawn on the CPU so the order does not depend on the device.
-        perm = torch.randperm(len(self.x), generator=self.generator).to(self.device)
-        for b in range(len(self)):
-            idx = perm[b * self.batch_size:(b + 1) * self.batch_size]
-            xb, yb = self.x[idx], self.y[idx]
-            basic = self._basic_view(xb)
-            if self.second_view is None:
-                yield to_float(basic), yb
-            else:
-                yield to_float(torch.cat([basic, self._second_view(xb)])), torch.cat([yb, yb])
+        self.epoch += 1
+        augmenter = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, self.rank))
+        plan = self._plan()
+        global_sizes = self._global_sizes()
+        pending: dict[int, object] = {}
+        pin = self.device.type == "cuda"
 
-    def _basic_view(self, xb: torch.Tensor) -> torch.Tensor:
+        def fetch(step: int) -> None:
+            if self.generated is not None and step < len(plan) and len(plan[step][1]):
+                pending[step] = self.generated.gather(plan[step][1], pin=pin)
+
+        try:
+            for step in range(min(self.prefetch, len(plan))):
+                fetch(step)
+            for step, (real, gen) in enumerate(plan):
+                fetch(step + self.prefetch)  # keeps `prefetch` batches in flight
+                real = real.to(self.device)
+                xb, yb = self.x[real], self.y[real]
+                if step in pending:
+                    images, labels = pending.pop(step).wait()
+                    images = images.to(self.device, non_blocking=True).permute(0, 3, 1, 2)
+                    xb = torch.cat([xb, images])
+                    yb = torch.cat([yb, labels.to(self.device, non_blocking=True)])
+                self.global_size = global_sizes[step]
+                basic = self._basic_view(xb, augmenter)
+                if self.second_view is None:
+                    yield to_float(basic), yb
+                else:
+                    yield (to_float(torch.cat([basic, self._second_view(xb, augmenter)])),
+                           torch.cat([yb, yb]))
+        finally:
+            for job in pending.values():
+                job.cancel()
+
+    def _global_sizes(self) -> list[int]:
+        if self.generated is not None:
+            return [self.batch_size] * len(self)
+        n, b = len(self.x), self.batch_size
+        return [min(b, n - i * b) for i in range(len(self))]
+
+    def _basic_view(self, xb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         if self.augment == "none":
-            return xb
-        xb = random_crop_flip(xb, self.generator)
+            return xb.contiguous()
+        xb = random_crop_flip(xb, g)
         if self.augment == "crop_flip_rotate":
-            xb = random_rotate(xb, self.generator, degrees=15.0)
+            xb = random_rotate(xb, g, degrees=15.0)
         return xb
 
-    def _second_view(self, xb: torch.Tensor) -> torch.Tensor:
-        xb = random_crop_flip(xb, self.generator)
+    def _second_view(self, xb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        xb = random_crop_flip(xb, g)
         if self.second_view == "autoaugment":
-            return cifar10_policy(xb, self.generator)
-        return cutout(xb, self.generator, length=16)
+            return cifar10_policy(xb, g)
+        return cutout(xb, g, length=16)
 
     def state_dict(self) -> dict[str, Any]:
-        """Generator state; take it between epochs (a partly consumed epoch has used some draws)."""
-        return {"generator": self.generator.get_state()}
+        """Sampler state, epoch and real-image permutation; take it between epochs (a partly
+        consumed epoch has already drawn the whole epoch's indices)."""
+        return {"generator": self.generator.get_state(), "seed": self.seed, "epoch": self.epoch,
+                "perm": self._perm, "pos": self._pos}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.generator.set_state(state["generator"])
+        self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
+        self._perm, self._pos = state["perm"], int(state["pos"])
 
 
 def iterate_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int,

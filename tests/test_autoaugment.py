@@ -387,8 +387,9 @@ def test_two_view_loader_batches_are_the_documented_draws(augment, second):
     loader = data.TrainLoader(x, y, 16, generator=torch.Generator().manual_seed(0),
                               augment=augment, second_view=second)
     assert loader.views == (1 if second is None else 2) and len(loader) == 3
-    g = torch.Generator().manual_seed(0)
-    perm = torch.randperm(37, generator=g)
+    perm = torch.randperm(37, generator=torch.Generator().manual_seed(0))
+    # augmentation draws: a generator of their own, seeded from (run seed, epoch 1, rank 0)
+    g = torch.Generator().manual_seed(data.derived_seed(0, 1, 0))
     for b, (xb, yb) in enumerate(loader):
         idx = perm[16 * b:16 * (b + 1)]
         basic = x[idx]

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from attacks import frozen, pgd
 
+from .. import distributed
 from ..losses import ikl_loss, ikl_terms
 from .base import AttackBudget, Method, StepOutput
 
@@ -96,6 +97,9 @@ class IKLAT(Method):
 
     @torch.no_grad()
     def on_epoch_end(self) -> None:
+        # Under torchrun each rank saw its share of the epoch: the sums over ranks give exactly
+        # the single-process prior.
+        distributed.all_reduce_sum_(self.prior_sum)
         counts = self.prior_sum.sum(dim=1, keepdim=True)
         # A class absent from the epoch keeps its previous row instead of dividing by zero.
         fresh = torch.where(counts > 0, self.prior_sum / counts.clamp_min(1e-300),
