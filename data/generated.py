@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .prepare_generated import IMAGE_BYTES, IMAGE_SHAPE
+IMAGE_SHAPE = (32, 32, 3)  # HWC uint8, as the published files
+IMAGE_BYTES = 32 * 32 * 3
 
 
 class GeneratedSetError(ValueError):

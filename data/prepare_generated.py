@@ -27,8 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-IMAGE_SHAPE = (32, 32, 3)
-IMAGE_BYTES = int(np.prod(IMAGE_SHAPE))
+from .generated import IMAGE_BYTES, IMAGE_SHAPE
+
 PROGRESS = ".prepare_progress.json"
 OUTPUTS = ("images.npy", "labels.npy")
 
