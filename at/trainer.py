@@ -66,6 +66,9 @@ def check_config(cfg: dict) -> None:
         (a["steps"] >= 0 and e["pgd_steps"] >= 0, "attack.steps and eval.pgd_steps must be >= 0"),
         (e["every"] >= 1 and e["batch_size"] >= 1, "eval.every and eval.batch_size must be >= 1"),
         (e["n_test"] is None or e["n_test"] >= 1, "eval.n_test must be null or >= 1"),
+        (e["best_on"] in ("model", "avg"), "eval.best_on must be model or avg"),
+        (e["best_on"] == "model" or cfg["avg"]["kind"] != "none",
+         "eval.best_on=avg needs weight averaging (avg.kind)"),
         (cfg["log"]["interval"] >= 1, "log.interval must be >= 1"),
         (cfg["awp"]["gamma"] >= 0 and cfg["awp"]["warmup"] >= 0,
          "awp.gamma and awp.warmup must be >= 0"),
@@ -245,10 +248,11 @@ class Trainer:
                  "best": self.best, "metrics": record, "world_size": self.world}
         if self.avg is not None:
             state["avg"] = self.avg.state_dict()
-        improved = record.get("val_robust_acc") is not None and \
-            record["val_robust_acc"] > self.best["val_robust_acc"]
+        # eval.best_on=avg selects on the averaged weights' validation accuracy (Wang et al.).
+        key = "avg_val_robust_acc" if self.cfg["eval"]["best_on"] == "avg" else "val_robust_acc"
+        improved = record.get(key) is not None and record[key] > self.best["val_robust_acc"]
         if improved:
-            self.best = {"val_robust_acc": record["val_robust_acc"], "epoch": self.epoch}
+            self.best = {"val_robust_acc": record[key], "epoch": self.epoch}
             state["best"] = self.best
             best = {"format": CHECKPOINT_FORMAT, "epoch": self.epoch, "config": self.cfg,
                     "model": state["model"], "metrics": record}
@@ -397,7 +401,10 @@ class Trainer:
         if (self.out / "best.pt").exists():
             best = ckpt.load(self.out / "best.pt", map_location=self.device)
             best_model = copy.deepcopy(self.model)
-            best_model.load_state_dict(best["model"])
+            if self.cfg["eval"]["best_on"] == "avg":  # the averaged weights were selected
+                best_model.load_state_dict(best["avg"]["model"])
+            else:
+                best_model.load_state_dict(best["model"])
             candidates.append(("best", best["epoch"], best_model))
         if self.avg is not None and self.avg.ready:
             candidates.append(("avg", self.epoch, self.avg.module))

@@ -80,8 +80,10 @@ def _state_dict_of(obj, path: Path) -> dict:
     return strip_prefixes(obj)
 
 
-def _run_checkpoint(run_dir: Path, weights: str) -> tuple[Path, str | None]:
-    """(file, key inside it) for the requested weights of a training run."""
+def _run_checkpoint(run_dir: Path, weights: str, best_on: str = "model"
+                    ) -> tuple[Path, str | None]:
+    """(file, key inside it) for the requested weights of a training run; `best` of a run that
+    selected on its averaged weights (eval.best_on=avg) is the average kept in best.pt."""
     if weights not in WEIGHTS:
         raise EvalError(f"unknown weights {weights!r}; valid: {', '.join(WEIGHTS)}")
     if weights == "avg":
@@ -90,7 +92,7 @@ def _run_checkpoint(run_dir: Path, weights: str) -> tuple[Path, str | None]:
     if not path.exists():
         hint = " (the run has no validation split: use --weights last)" if weights == "best" else ""
         raise EvalError(f"{path} not found{hint}")
-    return path, None
+    return path, "avg" if weights == "best" and best_on == "avg" else None
 
 
 def load_target(target: str | Path, weights: str = "best", arch: str | None = None,
@@ -111,7 +113,7 @@ def load_target(target: str | Path, weights: str = "best", arch: str | None = No
             if given is not None and given != actual:
                 raise EvalError(f"--{what} {given} contradicts the run's {what} {actual}")
         arch, dataset = run_arch, run_dataset
-        path, key = _run_checkpoint(target, weights)
+        path, key = _run_checkpoint(target, weights, cfg["eval"]["best_on"])
         out_dir, run_dir = target / "eval", target
         data_root = data_root or cfg["data"]["root"]
     elif target.is_file():

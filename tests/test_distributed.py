@@ -12,7 +12,7 @@ CPU threads in one process (~1.2 %). A distribution bug moves it by far more: AW
 gradient all-reduce 19 %; the IKL-AT prior without its all-reduce is off by 2.7e-4.
 
 What remains is everything distribution has to get right: the per-rank shares of
-each global batch (255 images: 128 + 127, and a last batch of 67: 34 + 33, so the loss weighting of
+each global batch (255 images: 128 + 127, and a last batch of 217: 109 + 108, so the weighting of
 uneven shares matters), DDP's gradient averaging, the synchronised BatchNorm's forward and
 backward, AWP's gradient all-reduce, the IKL-AT class prior summed over ranks, the sharded
 validation, rank-0-only writing, and resuming a 2-process run in 1 process.
