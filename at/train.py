@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import distributed
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
 from .errors import RunError
@@ -20,8 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fit(load_config(args.config, args.overrides), resume=args.resume)
     except (ConfigError, RunError, CheckpointError, ValueError, FileNotFoundError) as err:
-        print(f"at.train: error: {err}", file=sys.stderr)
+        rank = f" (rank {distributed.rank()})" if distributed.world_size() > 1 else ""
+        print(f"at.train{rank}: error: {err}", file=sys.stderr)
         return 1
+    finally:
+        distributed.shutdown()
     return 0
 
 

@@ -102,3 +102,24 @@ def test_two_processes_equal_one_and_resume_on_one(tmp_path):
     _train(multi, 2, procs=1, resume=True)
     _assert_close(ckpt.load(single / "last.pt"), ckpt.load(multi / "last.pt"),
                   "epoch 2, resumed on 1 process", tolerance=0.05)  # two epochs of noise: ~2.3 %
+
+
+def test_sync_batchnorm_is_batchnorm_in_one_process():
+    from torch import nn
+
+    from at import sync_bn
+    torch.manual_seed(0)
+    plain = models.build_model("wrn-16-1", 10)
+    synced = models.build_model("wrn-16-1", 10)
+    synced.load_state_dict(plain.state_dict())
+    keys = list(synced.state_dict())
+    n = sum(isinstance(m, nn.BatchNorm2d) for m in synced.modules())
+    assert sync_bn.convert(synced) == n > 0
+    assert list(synced.state_dict()) == keys  # same parameters and buffers, same names
+    x = torch.rand(8, 3, 32, 32)
+    plain(x).sum().backward()
+    synced(x).sum().backward()
+    for (name, a), b in zip(plain.named_parameters(), synced.parameters()):
+        assert torch.equal(a.grad, b.grad), name
+    for (name, a), b in zip(plain.named_buffers(), synced.buffers()):
+        assert torch.equal(a, b), name

@@ -267,3 +267,16 @@ def test_generated_config_errors(tmp_path):
     meta = json.loads((tmp_path / "gen" / "meta.json").read_text())
     assert meta["n"] == 50
     gen.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mixed_loader_on_gpu_matches_cpu(tmp_path):
+    """Pinned buffers and asynchronous copies deliver the same batches as the CPU path."""
+    gen = data.GeneratedSet(_generated_dir(tmp_path), 10)
+    x, y = _real()
+    loaders = [data.TrainLoader(x, y, 16, generator=torch.Generator().manual_seed(3),
+                                generated=gen, epoch_size=100, device=device)
+               for device in ("cpu", "cuda")]
+    for (xa, ya), (xb, yb) in zip(*loaders, strict=True):
+        assert xb.is_cuda and torch.equal(xa, xb.cpu()) and torch.equal(ya, yb.cpu())
+    gen.close()

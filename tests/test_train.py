@@ -141,6 +141,8 @@ def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tmp_path):
     ("optim.epoch=3", "unknown config key 'optim.epoch'"),
     ("eval.every=0", "eval.every and eval.batch_size must be >= 1"),
     ("attack.schedule=high", "attack.schedule must be one of"),
+    ("eval.best_on=avg", "eval.best_on=avg needs weight averaging"),
+    ("data.generated.path=nowhere", "data.generated.path=nowhere: no meta.json"),
 ])
 def test_bad_names_give_one_line_errors(tmp_path, override, needle):
     proc = run_cli("-c", str(DIGITS), override, f"out_dir={tmp_path / 'run'}")
@@ -213,7 +215,8 @@ def test_awp_and_weight_averaging_run_and_the_average_evaluates(tmp_path):
     from eval.pgd import evaluate
     out = tmp_path / "run"
     cfg = load_config(DIGITS, [*QUICK, "optim.epochs=2", "awp.enabled=true", "awp.warmup=2",
-                               "avg.kind=epoch_ema", f"out_dir={out}", "eval.every=1"])
+                               "avg.kind=epoch_ema", f"out_dir={out}", "eval.every=1",
+                               "eval.best_on=avg"])
     result = fit(cfg)
     assert set(result) == {"last", "best", "avg"}
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -227,6 +230,11 @@ def test_awp_and_weight_averaging_run_and_the_average_evaluates(tmp_path):
     assert quick["weights"] == "avg" and (out / "eval" / "pgd5_avg.json").exists()
     torch.testing.assert_close(load_model(out, weights="avg").state_dict()["fc.weight"],
                                last["avg"]["model"]["fc.weight"])
+    # eval.best_on=avg: best.pt is the epoch whose averaged weights validated best, and
+    # `--weights best` evaluates those averaged weights.
+    assert best["epoch"] == max(records, key=lambda r: r["avg_val_robust_acc"])["epoch"]
+    torch.testing.assert_close(load_model(out, weights="best").state_dict()["fc.weight"],
+                               best["avg"]["model"]["fc.weight"])
 
 
 def test_two_view_training_runs_and_other_methods_refuse_it(tmp_path):
