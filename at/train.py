@@ -20,6 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         fit(load_config(args.config, args.overrides), resume=args.resume)
+        # Every rank done before the group is torn down (a rank leaving while a peer still
+        # talks to it aborts the process in gloo).
+        distributed.barrier()
     except (ConfigError, RunError, CheckpointError, ValueError, FileNotFoundError) as err:
         rank = f" (rank {distributed.rank()})" if distributed.world_size() > 1 else ""
         print(f"at.train{rank}: error: {err}", file=sys.stderr)
