@@ -45,7 +45,9 @@ PRE_CHECKPOINT_FILES = {"config.yaml", "metrics.jsonl", "curves.png", "wandb"}
 PREVIOUS_CHECKPOINT = "last_prev.pt"  # the epoch before last.pt, used if last.pt is unreadable
 # Keys that may change when a run is resumed; anything else would silently change the experiment.
 RESUMABLE_CHANGES = ("optim.epochs", "device", "data.root", "data.download", "log.", "eval.every",
-                     "eval.batch_size", "eval.n_test", "eval.final_pgd", "data.generated.path")
+                     "eval.batch_size", "eval.n_test", "eval.final_pgd")
+# A generated set may move (another path), but not appear or disappear.
+MOVABLE_PATHS = ("data.generated.path",)
 
 
 def check_config(cfg: dict) -> None:
@@ -105,7 +107,8 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 def _config_changes(saved: dict, cfg: dict) -> list[str]:
     old, new = _flatten(saved), _flatten(cfg)
     return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)
-                  and not k.startswith(RESUMABLE_CHANGES))
+                  and not k.startswith(RESUMABLE_CHANGES)
+                  and not (k in MOVABLE_PATHS and old.get(k) and new.get(k)))
 
 
 class _Objective(nn.Module):
