@@ -118,6 +118,9 @@ def test_killed_run_resumes_to_identical_weights(tmp_path):
                       "--resume")
     assert changed.returncode != 0 and "model.name" in changed.stderr
     assert load(killed / "last.pt")["epoch"] == 2
+    mixed = run_cli(*common, "optim.epochs=4", f"data.generated.path={tmp_path}",
+                    f"out_dir={killed}", "--resume")
+    assert mixed.returncode != 0 and "data.generated.path" in mixed.stderr
 
 
 def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tmp_path):
