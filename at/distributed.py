@@ -133,3 +133,12 @@ class _AllReduceSum(torch.autograd.Function):
 
 def differentiable_sum(x: Tensor) -> Tensor:
     return _AllReduceSum.apply(x) if world_size() > 1 else x
+
+
+def gather_objects(obj) -> list:
+    """Every rank's picklable `obj`, in rank order, on every rank."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

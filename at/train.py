@@ -1,4 +1,8 @@
-"""Entry point: python -m at.train -c CONFIG [dotted.key=value ...] [--resume]"""
+"""Entry point: python -m at.train -c CONFIG [dotted.key=value ...] [--resume]
+
+Exit status: 0 done; 1 an error (one line on stderr; saved files intact); 75 stopped by SIGTERM or
+SIGUSR1 after saving a resumable last.pt (requeue and run again with --resume).
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +11,7 @@ import sys
 from . import distributed
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
-from .errors import RunError
+from .errors import EXIT_PREEMPTED, Preempted, RunError
 from .trainer import fit
 
 
@@ -23,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
         # Every rank done before the group is torn down (a rank leaving while a peer still
         # talks to it aborts the process in gloo).
         distributed.barrier()
+    except Preempted as err:
+        print(f"at.train: stopped by a signal; {err}; continue with --resume "
+              f"(exit status {EXIT_PREEMPTED})", file=sys.stderr)
+        return EXIT_PREEMPTED
     except (ConfigError, RunError, CheckpointError, ValueError, FileNotFoundError) as err:
         rank = f" (rank {distributed.rank()})" if distributed.world_size() > 1 else ""
         print(f"at.train{rank}: error: {err}", file=sys.stderr)

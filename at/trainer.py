@@ -11,9 +11,12 @@ are summed over ranks, and only rank 0 writes the run directory (at/distributed.
 from __future__ import annotations
 
 import copy
+import errno
 import json
 import math
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,7 +34,7 @@ from . import averaging, distributed, sync_bn
 from . import checkpoint as ckpt
 from .awp import AWP
 from .config import dump_config, git_state
-from .errors import NonFiniteLoss, RunError
+from .errors import NonFiniteLoss, Preempted, RunError
 from .evaluate import accuracy, correct
 from .methods import Method, build_method
 from .optim import build_optimizer
@@ -43,9 +46,11 @@ CHECKPOINT_FORMAT = 2  # 2: loader state with epoch and real-image permutation; 
 # resume (the run died in epoch 1), so --resume starts it afresh instead of refusing.
 PRE_CHECKPOINT_FILES = {"config.yaml", "metrics.jsonl", "curves.png", "wandb"}
 PREVIOUS_CHECKPOINT = "last_prev.pt"  # the epoch before last.pt, used if last.pt is unreadable
+PREEMPTED_MARKER = "preempted.json"  # written when a signal stopped the run after saving
 # Keys that may change when a run is resumed; anything else would silently change the experiment.
 RESUMABLE_CHANGES = ("optim.epochs", "device", "data.root", "data.download", "log.", "eval.every",
-                     "eval.batch_size", "eval.n_test", "eval.final_pgd")
+                     "eval.batch_size", "eval.n_test", "eval.final_pgd", "checkpoint.",
+                     "train.skip_nonfinite")
 # A generated set may move (another path), but not appear or disappear.
 MOVABLE_PATHS = ("data.generated.path",)
 
@@ -76,6 +81,8 @@ def check_config(cfg: dict) -> None:
          "awp.gamma and awp.warmup must be >= 0"),
         (0 <= cfg["data"]["generated"]["fraction"] <= 1,
          "data.generated.fraction must be in [0, 1]"),
+        (cfg["checkpoint"]["every_minutes"] >= 0, "checkpoint.every_minutes must be >= 0"),
+        (cfg["train"]["skip_nonfinite"] >= 0, "train.skip_nonfinite must be >= 0"),
     ]
     for ok, message in checks:
         if not ok:
@@ -189,11 +196,15 @@ class Trainer:
         self.avg = averaging.from_config(self.model, cfg["avg"], epochs=cfg["optim"]["epochs"],
                                          steps_per_epoch=len(self.loader))
         self.epoch, self.best = 0, {"val_robust_acc": -math.inf, "epoch": 0}
+        self._partial: dict | None = None  # the unfinished epoch of a mid-epoch last.pt
+        self._stop_signal: int | None = None  # SIGTERM / SIGUSR1 received (see fit)
+        self._last_save = time.time()
         if resume:
             self._restore()
         self.log = None
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / PREEMPTED_MARKER).unlink(missing_ok=True)
             dump_config(cfg, self.out / "config.yaml", git=git_state(),
                         command=" ".join(sys.argv), world_size=self.world)
             self.log = RunLog(self.out, cfg, resume_epoch=self.epoch)
@@ -239,18 +250,81 @@ class Trainer:
         ckpt.load_model_state(self.model, state["model"], str(path))
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.loader.load_state_dict(state["loader"])
         if self.avg is not None:
             self.avg.load_state_dict(state["avg"])
         self.epoch, self.best = state["epoch"], state["best"]
+        partial = state.get("partial")
+        if partial is None:
+            self.loader.load_state_dict(state["loader"])
+            return
+        # Inside an epoch: this rank's generators as they were, or, on another number of
+        # ranks, fresh streams (then augmentation and attack starts differ from an uninterrupted
+        # run from here on; data order, weights, optimizer and statistics do not).
+        same_world = len(partial["ranks"]) == self.world
+        if same_world:
+            mine = partial["ranks"][self.rank]
+        else:
+            epoch, step = self.epoch + 1, partial["step"]
+            fresh = torch.Generator().manual_seed(
+                datasets.derived_seed(self.cfg["seed"], epoch, self.rank, 2, step))
+            mine = {"augmenter": fresh.get_state(), "rng": None, "sums": {}, "seen": 0}
+            if self.main:  # the statistics so far, all ranks' together
+                for other in partial["ranks"]:
+                    for k, v in other["sums"].items():
+                        mine["sums"][k] = mine["sums"].get(k, 0.0) + v
+                    mine["seen"] += other["seen"]
+            print(f"at.train: resuming inside epoch {epoch} on {self.world} processes "
+                  f"(saved on {len(partial['ranks'])}): the rest of this epoch's augmentation "
+                  f"and attack starts are freshly seeded", file=sys.stderr)
+        self.loader.load_state_dict(state["loader"], augmenter=mine["augmenter"])
+        self._partial = {**partial, **mine}
 
-    def _save(self, record: dict) -> None:
+    def _state(self) -> dict:
+        """Everything --resume needs (at an epoch end, or with `partial` added inside one)."""
         state = {"format": CHECKPOINT_FORMAT, "epoch": self.epoch, "config": self.cfg,
                  "model": self.model.state_dict(), "method": self.method.state_dict(),
                  "optimizer": self.optimizer.state_dict(), "loader": self.loader.state_dict(),
-                 "best": self.best, "metrics": record, "world_size": self.world}
+                 "best": self.best, "world_size": self.world}
         if self.avg is not None:
             state["avg"] = self.avg.state_dict()
+        return state
+
+    def _write(self, obj: dict, name: str) -> None:
+        """Atomic write into the run directory; a full disk is a one-line error and leaves the
+        previous file as it was (the temporary file is removed)."""
+        path = self.out / name
+        try:
+            if name == "last.pt" and path.exists():
+                # keep the previous checkpoint as a fallback (see _restore)
+                ckpt.keep_copy(path, self.out / PREVIOUS_CHECKPOINT)
+            ckpt.atomic_save(obj, path)
+        except OSError as err:
+            why = "disk full" if err.errno == errno.ENOSPC else err.strerror or str(err)
+            raise RunError(f"could not write {path} ({why}); the previous {name} is intact"
+                           ) from None
+        if name == "last.pt":
+            self._last_save = time.time()
+
+    def _save_partial(self, step: int, sums: dict, seen: int, skipped: int,
+                      seconds: float) -> None:
+        """last.pt inside epoch self.epoch, after its `step`-th batch (every rank calls this)."""
+        loader = self.loader.state_dict()
+        mine = {"augmenter": loader.get("augmenter"), "rng": _rng_state(self.device),
+                "sums": {k: v.item() for k, v in sums.items()}, "seen": seen}
+        ranks = distributed.gather_objects(mine)
+        if self.main:
+            state = self._state()
+            state["epoch"] = self.epoch - 1  # completed epochs
+            state["loader"] = loader
+            state["partial"] = {"step": step, "skipped": skipped, "seconds": seconds,
+                                "ranks": ranks}
+            self._write(state, "last.pt")
+        distributed.barrier()
+        self._last_save = time.time()
+
+    def _save(self, record: dict) -> None:
+        state = self._state()
+        state["metrics"] = record
         # eval.best_on=avg selects on the averaged weights' validation accuracy (Wang et al.).
         key = "avg_val_robust_acc" if self.cfg["eval"]["best_on"] == "avg" else "val_robust_acc"
         improved = record.get(key) is not None and record[key] > self.best["val_robust_acc"]
@@ -261,18 +335,22 @@ class Trainer:
                     "model": state["model"], "metrics": record}
             if self.avg is not None:
                 best["avg"] = state["avg"]
-            ckpt.atomic_save(best, self.out / "best.pt")
-        last = self.out / "last.pt"
-        if last.exists():  # keep the previous epoch's checkpoint as a fallback (see _restore)
-            ckpt.keep_copy(last, self.out / PREVIOUS_CHECKPOINT)
-        ckpt.atomic_save(state, last)
+            self._write(best, "best.pt")
+        self._write(state, "last.pt")
 
     # ---- one epoch ----------------------------------------------------------------------------
     def train_epoch(self) -> dict:
         cfg, model, method = self.cfg, self.model, self.method
-        # The attack's random starts: a stream per (epoch, rank), so that a resumed run (on any
-        # number of ranks) draws what an uninterrupted one draws without saving generator states.
-        torch.manual_seed(datasets.derived_seed(cfg["seed"], self.epoch, self.rank, 1))
+        partial, self._partial = self._partial, None
+        if partial is None:
+            # The attack's random starts: a stream per (epoch, rank), so that a run resumed at
+            # an epoch boundary (on any number of ranks) draws what an uninterrupted one draws.
+            torch.manual_seed(datasets.derived_seed(cfg["seed"], self.epoch, self.rank, 1))
+        elif partial["rng"] is not None:
+            _set_rng_state(partial["rng"], self.device)
+        else:
+            torch.manual_seed(datasets.derived_seed(cfg["seed"], self.epoch, self.rank, 1,
+                                                    partial["step"]))
         lr = lr_at(cfg["optim"], self.epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -282,13 +360,19 @@ class Trainer:
         zero = torch.zeros((), device=self.device, dtype=torch.float64)
         sums: dict[str, torch.Tensor] = {}
         first_bad = torch.full((), -1, device=self.device, dtype=torch.long)
-        seen = 0
-        bar = tqdm(total=len(self.loader), desc=f"epoch {self.epoch}", leave=False,
-                   disable=not (self.main and sys.stderr.isatty()))
+        seen, skipped, first, before = 0, 0, 0, 0.0
+        if partial is not None:
+            sums = {k: zero + v for k, v in partial["sums"].items()}
+            seen, skipped = partial["seen"], partial["skipped"]
+            first, before = partial["step"], partial["seconds"]
+        limit = cfg["train"]["skip_nonfinite"]
+        every = cfg["checkpoint"]["every_minutes"] * 60.0
+        bar = tqdm(total=len(self.loader), initial=first, desc=f"epoch {self.epoch}",
+                   leave=False, disable=not (self.main and sys.stderr.isatty()))
         start = time.time()
         awp = self.awp if self.awp is not None and self.awp.active(self.epoch) else None
         views = self.loader.views
-        for step, (x, y) in enumerate(self.loader, start=1):
+        for step, (x, y) in enumerate(self.loader, start=first + 1):
             # DDP averages the ranks' gradients; a rank holding n of the global batch's N images
             # weighs its batch-mean loss by n * world / N, so that the average is the gradient of
             # the global batch mean even when N does not split evenly.
@@ -300,6 +384,22 @@ class Trainer:
             loss = out.total()
             self.optimizer.zero_grad(set_to_none=True)
             (loss if scale == 1 else loss * scale).backward()
+            if limit and distributed.all_max(int(not torch.isfinite(loss).item()), self.device):
+                # train.skip_nonfinite: no update from this batch (one host sync per step).
+                skipped += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                if awp is not None:
+                    awp.restore()
+                if skipped > limit:
+                    raise NonFiniteLoss(f"non-finite training loss at epoch {self.epoch}, step "
+                                        f"{step}: more than train.skip_nonfinite={limit} such "
+                                        f"steps; stopped without saving")
+                if self.main:
+                    print(f"at.train: warning: non-finite loss at epoch {self.epoch}, step "
+                          f"{step}: step skipped ({skipped} of {limit} allowed)",
+                          file=sys.stderr)
+                bar.update(1)
+                continue
             self.optimizer.step()
             if awp is not None:
                 awp.restore()  # after the step, as in the reference: wd acts at w + v
@@ -322,6 +422,19 @@ class Trainer:
             if step % interval == 0 or step == len(self.loader):
                 self._check_finite(first_bad)
                 bar.set_postfix(loss=f"{sums['loss'].item() / seen:.4f}")
+            # A mid-epoch checkpoint when one is due or a preemption signal arrived; the
+            # decision is the same on every rank (one tiny all-reduce per step under torchrun).
+            # (After the last step the epoch-end checkpoint follows anyway.)
+            due = 2 if self._stop_signal is not None else \
+                int(every > 0 and step < len(self.loader)
+                    and time.time() - self._last_save >= every)
+            due = distributed.all_max(due, self.device)
+            if due:
+                self._check_finite(first_bad)  # never checkpoint a diverged model
+                self._save_partial(step, sums, seen, skipped, before + time.time() - start)
+                if due == 2:
+                    self._preempted(f"saved {self.out / 'last.pt'} at epoch {self.epoch}, "
+                                    f"step {step} of {len(self.loader)}")
         bar.close()
         method.on_epoch_end()  # sums its statistics over ranks (the IKL-AT prior)
         # BatchNorm running statistics drift apart between ranks unless synchronised: rank 0's
@@ -329,16 +442,19 @@ class Trainer:
         distributed.broadcast_buffers(model, method)
         if self.avg is not None:
             self.avg.update_epoch(model, self.epoch)
-        seconds = time.time() - start
+        seconds = before + time.time() - start
         keys = sorted(sums)
         totals = distributed.all_reduce_sum_(
             torch.stack([sums[k] for k in keys] + [zero + seen])).tolist()
         seen = totals[-1]
         stats = {k: v / seen * (100.0 if k.endswith("_acc") else 1.0)
                  for k, v in zip(keys, totals)}
-        return {"epoch": self.epoch, "lr": lr, "eps": budget.eps, "attack_steps":
-                budget.steps if method.uses_attack else 0, **stats, "train_seconds": seconds,
-                "images_per_s": seen / seconds}
+        record = {"epoch": self.epoch, "lr": lr, "eps": budget.eps, "attack_steps":
+                  budget.steps if method.uses_attack else 0, **stats, "train_seconds": seconds,
+                  "images_per_s": seen / seconds}
+        if skipped:
+            record["skipped_steps"] = skipped
+        return record
 
     def _check_finite(self, first_bad: torch.Tensor) -> None:
         bad = distributed.all_max(int(first_bad.item()), self.device)
@@ -379,6 +495,11 @@ class Trainer:
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict:
         epochs = self.cfg["optim"]["epochs"]
+        previous = {}
+        if threading.current_thread() is threading.main_thread():
+            # Cluster preemption: note the signal; the loop saves at the next step and stops.
+            for signum in (signal.SIGTERM, signal.SIGUSR1):
+                previous[signum] = signal.signal(signum, self._on_signal)
         try:
             while self.epoch < epochs:
                 self.epoch += 1
@@ -392,10 +513,27 @@ class Trainer:
                     self._save(record)
                     print(_summary(record, epochs), flush=True)
                 distributed.barrier()  # best.pt is on disk before any rank reads it
+                self._last_save = time.time()
+                if distributed.all_max(int(self._stop_signal is not None), self.device):
+                    self._preempted(f"saved {self.out / 'last.pt'} at the end of epoch "
+                                    f"{self.epoch}")
             return self.finish()
         finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
             if self.log is not None:
                 self.log.close()
+
+    def _on_signal(self, signum, frame) -> None:
+        self._stop_signal = signum
+
+    def _preempted(self, message: str) -> None:
+        """Stop after a signal: PREEMPTED_MARKER tells a job script to requeue (and only this
+        stop: a requeued error would fail forever); --resume removes it."""
+        if self.main:
+            text = json.dumps({"signal": self._stop_signal, "message": message}) + "\n"
+            ckpt.atomic_write(self.out / PREEMPTED_MARKER, lambda f: f.write(text.encode()))
+        raise Preempted(message)
 
     def finish(self) -> dict:
         """Test clean and PGD accuracy of the last, best and averaged weights -> final.json."""
@@ -450,6 +588,21 @@ def _final_table(result: dict, cfg: dict) -> str:
         lines.append(f"{name:<10}{row['epoch']:>6}{_fmt(row['test_clean_acc']):>9}"
                      f"{_fmt(row.get('test_robust_acc')):>9}")
     return "\n".join(lines)
+
+
+def _rng_state(device: torch.device) -> dict:
+    """The generators a training step draws from besides the loader's: torch's global CPU
+    generator and, on a GPU, the device's (the attacks' random starts)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def fit(cfg: dict, *, resume: bool = False) -> dict:

@@ -58,8 +58,9 @@ class TrainLoader:
     yielded. A last real-only batch with fewer images than ranks is dropped.
 
     Randomness: the sampler `generator` draws the indices (its state, the permutation in use and
-    the epoch are the state_dict, to be taken between epochs); augmentation draws come from a
-    second CPU generator seeded from (seed, epoch, rank), so no per-rank state is needed. With
+    the epoch are the state_dict); augmentation draws come from a second CPU generator seeded
+    from (seed, epoch, rank), so between epochs no per-rank state is needed. state_dict() taken
+    inside an epoch also holds the position and the augmentation generator (see there). With
     `second_view` each batch holds two views of its images: x = cat([basic, second]), y =
     cat([y, y]); `views` is then 2.
     """
@@ -115,6 +116,11 @@ class TrainLoader:
         # The real-image permutation in use and the position in it (generated mode only).
         self._perm: torch.Tensor | None = None
         self._pos = 0
+        # Position inside the current epoch (batches handed out; 0 between epochs), what the
+        # epoch was planned from, its augmentation generator, and a pending mid-epoch resume.
+        self._step, self._resume_step = 0, 0
+        self._epoch_start: tuple | None = None
+        self._augmenter: torch.Generator | None = None
 
     def __len__(self) -> int:
         if self.generated is not None:
@@ -162,8 +168,16 @@ class TrainLoader:
 
     # ---- iteration ---------------------------------------------------------------------------
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        self.epoch += 1
-        augmenter = torch.Generator().manual_seed(derived_seed(self.seed, self.epoch, self.rank))
+        first = self._resume_step  # > 0: continue an epoch a mid-epoch state_dict came from
+        if first:
+            augmenter = self._augmenter
+        else:
+            self.epoch += 1
+            augmenter = torch.Generator().manual_seed(
+                derived_seed(self.seed, self.epoch, self.rank))
+        # What the epoch's plan is drawn from, so that a mid-epoch state can redraw it.
+        self._epoch_start = (self.generator.get_state(), self._perm, self._pos)
+        self._augmenter, self._resume_step = augmenter, 0
         plan = self._plan()
         global_sizes = self._global_sizes()
         pending: dict[int, object] = {}
@@ -174,9 +188,11 @@ class TrainLoader:
                 pending[step] = self.generated.gather(plan[step][1], pin=pin)
 
         try:
-            for step in range(min(self.prefetch, len(plan))):
+            for step in range(first, min(first + self.prefetch, len(plan))):
                 fetch(step)
-            for step, (real, gen) in enumerate(plan):
+            for step in range(first, len(plan)):
+                real, _ = plan[step]
+                self._step = step + 1  # batches handed out this epoch, this one included
                 fetch(step + self.prefetch)  # keeps `prefetch` batches in flight
                 real = real.to(self.device)
                 xb, yb = self.x[real], self.y[real]
@@ -192,6 +208,7 @@ class TrainLoader:
                 else:
                     yield (to_float(torch.cat([basic, self._second_view(xb, augmenter)])),
                            torch.cat([yb, yb]))
+            self._step = 0  # the epoch is complete: state_dict is an epoch boundary again
         finally:
             for job in pending.values():
                 job.cancel()
@@ -217,15 +234,32 @@ class TrainLoader:
         return cutout(xb, g, length=16)
 
     def state_dict(self) -> dict[str, Any]:
-        """Sampler state, epoch and real-image permutation; take it between epochs (a partly
-        consumed epoch has already drawn the whole epoch's indices)."""
+        """Where the stream stands. Between epochs: the sampler state, epoch and real-image
+        permutation. Inside an epoch (after `step` of its batches were handed out): the state
+        the epoch's plan was drawn from, `step`, and this rank's augmentation generator, so that
+        loading it continues with batch step + 1 exactly. Under torchrun each rank's state
+        differs only in `augmenter`."""
+        if self._step:
+            generator, perm, pos = self._epoch_start
+            return {"generator": generator, "seed": self.seed, "epoch": self.epoch,
+                    "perm": perm, "pos": pos, "step": self._step,
+                    "augmenter": self._augmenter.get_state()}
         return {"generator": self.generator.get_state(), "seed": self.seed, "epoch": self.epoch,
-                "perm": self._perm, "pos": self._pos}
+                "perm": self._perm, "pos": self._pos, "step": 0}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: dict[str, Any], augmenter: torch.Tensor | None = None
+                        ) -> None:
+        """`augmenter`: this rank's augmentation-generator state for a mid-epoch state taken on
+        another rank (None: the state's own; when the world size changed, pass a fresh seed's
+        state: the augmentation then differs from an uninterrupted run, nothing else)."""
         self.generator.set_state(state["generator"])
         self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
         self._perm, self._pos = state["perm"], int(state["pos"])
+        self._resume_step = int(state.get("step", 0))
+        self._step = 0
+        if self._resume_step:
+            self._augmenter = torch.Generator()
+            self._augmenter.set_state(state["augmenter"] if augmenter is None else augmenter)
 
 
 def iterate_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int,

@@ -1,0 +1,159 @@
+"""Preemption and failure: a run stopped at any moment (SIGTERM, SIGKILL mid-epoch, SIGKILL while a
+checkpoint is being written) continues with --resume to the weights of an uninterrupted run;
+non-finite steps can be skipped; a full disk leaves the previous checkpoint intact."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import DIGITS
+
+from at.checkpoint import load
+from at.config import REPO_ROOT, load_config
+from at.errors import EXIT_PREEMPTED, NonFiniteLoss, RunError
+from at.trainer import Trainer, fit
+
+# 5 steps per epoch (1237 digits images, batch 256), AWP from epoch 1 and a per-step EMA, so that
+# their state has to survive too; checkpoint.every_minutes is set per run (it may change on resume).
+COMMON = ["-c", str(DIGITS), "attack.schedule=fixed", "attack.steps=2", "attack.step_size=4/255",
+          "optim.batch_size=256", "optim.epochs=2", "awp.enabled=true", "awp.warmup=1",
+          "avg.kind=step_ema", "eval.every=100", "eval.final_pgd=false", "eval.n_test=50",
+          "log.plot=false"]
+
+# Runs at.train with a stop injected at a chosen point: "term K" sends SIGTERM to itself just
+# before the K-th optimizer step; "kill_write K" SIGKILLs itself inside the K-th write of last.pt,
+# after the temporary file is complete and before it replaces last.pt.
+DRIVER = textwrap.dedent("""
+    import os, signal, sys, torch
+    import at.checkpoint as ckpt
+    mode, k = sys.argv[1], int(sys.argv[2])
+    count = [0]
+    if mode == "term":
+        step = torch.optim.SGD.step
+        def counted(self, *a, **kw):
+            count[0] += 1
+            if count[0] == k:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return step(self, *a, **kw)
+        torch.optim.SGD.step = counted
+    elif mode == "kill_write":
+        replace = ckpt.os.replace
+        def dying(src, dst):
+            if str(dst).endswith("last.pt"):
+                count[0] += 1
+                if count[0] == k:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return replace(src, dst)
+        ckpt.os.replace = dying
+    from at.train import main
+    sys.exit(main(sys.argv[3:]))
+""")
+
+
+def _run(*args: str, stop: tuple[str, int] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-c", DRIVER, *(map(str, stop) if stop else ("none", "0")), *args]
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def _same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stops_anywhere_resume_to_the_uninterrupted_weights(tmp_path):
+    straight = tmp_path / "straight"
+    done = _run(*COMMON, f"out_dir={straight}")
+    assert done.returncode == 0, done.stderr
+
+    run = tmp_path / "run"
+    every_step = "checkpoint.every_minutes=1e-9"  # a mid-epoch checkpoint after every step
+    # 1. SIGTERM before step 3 of epoch 1: saved after step 3, exit 75, marker for job scripts.
+    term = _run(*COMMON, f"out_dir={run}", stop=("term", 3))
+    assert term.returncode == EXIT_PREEMPTED, term.stderr
+    assert "epoch 1, step 3 of 5" in term.stderr and "--resume" in term.stderr
+    state = load(run / "last.pt")
+    assert state["epoch"] == 0 and state["partial"]["step"] == 3
+    assert json.loads((run / "preempted.json").read_text())["signal"] == 15
+    # 2. resumed with a checkpoint after every step, SIGKILLed inside its 4th last.pt write
+    #    (epoch 2, step 2: the temporary file is complete, last.pt still the previous step's).
+    killed = _run(*COMMON, every_step, f"out_dir={run}", "--resume", stop=("kill_write", 4))
+    assert killed.returncode == -9, killed.stderr
+    assert not (run / "preempted.json").exists()
+    state = load(run / "last.pt")
+    assert state["epoch"] == 1 and state["partial"]["step"] == 1
+    # 3. resumed again: it runs to the end.
+    final = _run(*COMMON, f"out_dir={run}", "--resume")
+    assert final.returncode == 0, final.stderr
+
+    a, b = load(straight / "last.pt"), load(run / "last.pt")
+    assert _same(a["model"], b["model"]), "weights differ from the uninterrupted run"
+    assert _same(a["avg"]["model"], b["avg"]["model"]), "weight average differs"
+    assert _same(a["method"], b["method"]), "class prior differs"
+    assert _same(a["optimizer"]["state"][0], b["optimizer"]["state"][0])
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    reference = [json.loads(x) for x in (straight / "metrics.jsonl").read_text().splitlines()]
+    for key in ("loss", "train_adv_acc", "val_robust_acc"):  # sums carried across the stops
+        assert [r.get(key) for r in records] == pytest.approx([r.get(key) for r in reference])
+
+
+class _PoisonedSteps:
+    """Wraps the trainer's outer loss; the calls in `bad` return a NaN loss term."""
+
+    def __init__(self, objective, bad: set[int]):
+        self.objective, self.bad, self.calls = objective, bad, 0
+
+    def __call__(self, *args):
+        out = self.objective(*args)
+        self.calls += 1
+        if self.calls in self.bad:
+            first = next(iter(out.terms))
+            out.terms[first] = out.terms[first] * float("nan")
+        return out
+
+
+def _quick(out: Path, *extra: str) -> dict:
+    return load_config(DIGITS, ["attack.schedule=fixed", "attack.steps=1", "optim.epochs=1",
+                                "optim.batch_size=256", "eval.every=100", "eval.final_pgd=false",
+                                "eval.n_test=50", "log.plot=false", f"out_dir={out}", *extra])
+
+
+def test_skip_nonfinite_skips_up_to_the_limit(tmp_path):
+    trainer = Trainer(_quick(tmp_path / "skip", "train.skip_nonfinite=2"))
+    trainer.objective = _PoisonedSteps(trainer.objective, {2, 4})
+    trainer.fit()
+    record = json.loads((tmp_path / "skip" / "metrics.jsonl").read_text())
+    assert record["skipped_steps"] == 2 and record["loss"] == record["loss"]  # finite mean
+    state = load(tmp_path / "skip" / "last.pt")
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+    trainer = Trainer(_quick(tmp_path / "stop", "train.skip_nonfinite=1"))
+    trainer.objective = _PoisonedSteps(trainer.objective, {2, 4})
+    with pytest.raises(NonFiniteLoss, match=r"epoch 1, step 4: more than train.skip_nonfinite=1"):
+        trainer.fit()
+    assert not (tmp_path / "stop" / "last.pt").exists()
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    fit(_quick(out))
+    before = (out / "last.pt").read_bytes()
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(RunError, match=r"could not write .*last\.pt \(disk full\); the previous "
+                                       r"last\.pt is intact"):
+        Trainer(_quick(out, "optim.epochs=2"), resume=True).fit()
+    assert (out / "last.pt").read_bytes() == before
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temp files
