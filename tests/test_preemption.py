@@ -20,12 +20,13 @@ from at.config import REPO_ROOT, load_config
 from at.errors import EXIT_PREEMPTED, NonFiniteLoss, RunError
 from at.trainer import Trainer, fit
 
-# 5 steps per epoch (1237 digits images, batch 256), AWP from epoch 1 and a per-step EMA, so that
-# their state has to survive too; checkpoint.every_minutes is set per run (it may change on resume).
-COMMON = ["-c", str(DIGITS), "attack.schedule=fixed", "attack.steps=2", "attack.step_size=4/255",
-          "optim.batch_size=256", "optim.epochs=2", "awp.enabled=true", "awp.warmup=1",
-          "avg.kind=step_ema", "eval.every=100", "eval.final_pgd=false", "eval.n_test=50",
-          "log.plot=false"]
+# 5 steps per epoch (400 training images: the rest of the digits set is validation; batch 80), AWP
+# from epoch 1 and a per-step EMA, so that their state has to survive too; checkpoint.every_minutes
+# is set per run (it may change on resume).
+COMMON = ["-c", str(DIGITS), "attack.schedule=fixed", "attack.steps=1", "attack.step_size=8/255",
+          "data.val_size=1037", "optim.batch_size=80", "optim.epochs=2", "awp.enabled=true",
+          "awp.warmup=1", "avg.kind=step_ema", "eval.every=100", "eval.final_pgd=false",
+          "eval.n_test=50", "eval.pgd_steps=1", "log.plot=false"]
 
 # Runs at.train with a stop injected at a chosen point: "term K" sends SIGTERM to itself just
 # before the K-th optimizer step; "kill_write K" SIGKILLs itself inside the K-th write of last.pt,
@@ -104,6 +105,15 @@ def test_stops_anywhere_resume_to_the_uninterrupted_weights(tmp_path):
     for key in ("loss", "train_adv_acc", "val_robust_acc"):  # sums carried across the stops
         assert [r.get(key) for r in records] == pytest.approx([r.get(key) for r in reference])
 
+    # A resumed run may extend its schedule, but not silently change the experiment.
+    changed = _run(*COMMON, "optim.epochs=4", "model.name=wrn-16-4", f"out_dir={run}",
+                   "--resume")
+    assert changed.returncode == 1 and "differs from the run's in: model.name" in changed.stderr
+    mixed = _run(*COMMON, "optim.epochs=4", f"data.generated.path={tmp_path}", f"out_dir={run}",
+                 "--resume")
+    assert mixed.returncode == 1 and "data.generated.path" in mixed.stderr
+    assert _same(load(run / "last.pt")["model"], b["model"])  # nothing was written
+
 
 class _PoisonedSteps:
     """Wraps the trainer's outer loss; the calls in `bad` return a NaN loss term."""
@@ -122,8 +132,9 @@ class _PoisonedSteps:
 
 def _quick(out: Path, *extra: str) -> dict:
     return load_config(DIGITS, ["attack.schedule=fixed", "attack.steps=1", "optim.epochs=1",
-                                "optim.batch_size=256", "eval.every=100", "eval.final_pgd=false",
-                                "eval.n_test=50", "log.plot=false", f"out_dir={out}", *extra])
+                                "data.val_size=1037", "optim.batch_size=80", "eval.every=100",
+                                "eval.final_pgd=false", "eval.n_test=50", "eval.pgd_steps=1",
+                                "log.plot=false", f"out_dir={out}", *extra])
 
 
 def test_skip_nonfinite_skips_up_to_the_limit(tmp_path):
@@ -145,15 +156,15 @@ def test_skip_nonfinite_skips_up_to_the_limit(tmp_path):
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     out = tmp_path / "run"
     fit(_quick(out))
-    before = (out / "last.pt").read_bytes()
+    before = {name: (out / name).read_bytes() for name in ("last.pt", "best.pt")}
 
     def full_disk(obj, f, *args, **kwargs):
         f.write(b"half a checkpoint")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(RunError, match=r"could not write .*last\.pt \(disk full\); the previous "
-                                       r"last\.pt is intact"):
+    with pytest.raises(RunError, match=r"could not write .*(best|last)\.pt \(disk full\); the "
+                                       r"previous (best|last)\.pt is intact"):
         Trainer(_quick(out, "optim.epochs=2"), resume=True).fit()
-    assert (out / "last.pt").read_bytes() == before
+    assert {name: (out / name).read_bytes() for name in before} == before
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temp files
