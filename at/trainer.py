@@ -48,9 +48,9 @@ PRE_CHECKPOINT_FILES = {"config.yaml", "metrics.jsonl", "curves.png", "wandb"}
 PREVIOUS_CHECKPOINT = "last_prev.pt"  # the epoch before last.pt, used if last.pt is unreadable
 PREEMPTED_MARKER = "preempted.json"  # written when a signal stopped the run after saving
 # Keys that may change when a run is resumed; anything else would silently change the experiment.
-RESUMABLE_CHANGES = ("optim.epochs", "device", "data.root", "data.download", "log.", "eval.every",
-                     "eval.batch_size", "eval.n_test", "eval.final_pgd", "checkpoint.",
-                     "train.skip_nonfinite")
+RESUMABLE_CHANGES = ("out_dir", "optim.epochs", "device", "data.root", "data.download", "log.",
+                     "eval.every", "eval.batch_size", "eval.n_test", "eval.final_pgd",
+                     "checkpoint.", "train.skip_nonfinite")
 # A generated set may move (another path), but not appear or disappear.
 MOVABLE_PATHS = ("data.generated.path",)
 
