@@ -168,3 +168,23 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         Trainer(_quick(out, "optim.epochs=2"), resume=True).fit()
     assert {name: (out / name).read_bytes() for name in before} == before
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temp files
+
+
+class _Payload:
+    """Unpickling this object would create a file: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path):
+    out, marker = tmp_path / "run", tmp_path / "pwned"
+    out.mkdir()
+    torch.save({"format": 2, "epoch": 1, "extra": _Payload(marker)}, out / "last.pt")
+    proc = _run(*COMMON, f"out_dir={out}", "--resume")
+    assert proc.returncode == 1 and "cannot load checkpoint" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not marker.exists()
