@@ -263,6 +263,9 @@ class Trainer:
         same_world = len(partial["ranks"]) == self.world
         if same_world:
             mine = partial["ranks"][self.rank]
+            # This rank's own buffers: BatchNorm running statistics drift apart between ranks
+            # within an epoch (the attack uses them) and method accumulators hold its share.
+            self._load_buffers(mine["buffers"])
         else:
             epoch, step = self.epoch + 1, partial["step"]
             fresh = torch.Generator().manual_seed(
@@ -273,11 +276,24 @@ class Trainer:
                     for k, v in other["sums"].items():
                         mine["sums"][k] = mine["sums"].get(k, 0.0) + v
                     mine["seen"] += other["seen"]
+            with torch.no_grad():  # the method's epoch accumulators, likewise
+                for name in self.method.accumulators:
+                    buf = self.method.get_buffer(name)
+                    buf.zero_()
+                    if self.main:
+                        for other in partial["ranks"]:
+                            buf += other["buffers"][f"method.{name}"].to(buf)
             print(f"at.train: resuming inside epoch {epoch} on {self.world} processes "
                   f"(saved on {len(partial['ranks'])}): the rest of this epoch's augmentation "
                   f"and attack starts are freshly seeded", file=sys.stderr)
         self.loader.load_state_dict(state["loader"], augmenter=mine["augmenter"])
         self._partial = {**partial, **mine}
+
+    def _load_buffers(self, buffers: dict) -> None:
+        with torch.no_grad():
+            for prefix, module in (("model", self.model), ("method", self.method)):
+                for name, b in module.named_buffers():
+                    b.copy_(buffers[f"{prefix}.{name}"])
 
     def _state(self) -> dict:
         """Everything --resume needs (at an epoch end, or with `partial` added inside one)."""
@@ -310,7 +326,10 @@ class Trainer:
         """last.pt inside epoch self.epoch, after its `step`-th batch (every rank calls this)."""
         loader = self.loader.state_dict()
         mine = {"augmenter": loader.get("augmenter"), "rng": _rng_state(self.device),
-                "sums": {k: v.item() for k, v in sums.items()}, "seen": seen}
+                "sums": {k: v.item() for k, v in sums.items()}, "seen": seen,
+                "buffers": {f"{prefix}.{name}": b.detach().cpu().clone()
+                            for prefix, module in (("model", self.model), ("method", self.method))
+                            for name, b in module.named_buffers()}}
         ranks = distributed.gather_objects(mine)
         if self.main:
             state = self._state()

@@ -15,7 +15,8 @@ What remains is everything distribution has to get right: the per-rank shares of
 each global batch (255 images: 128 + 127, and a last batch of 217: 109 + 108, so the weighting of
 uneven shares matters), DDP's gradient averaging, the synchronised BatchNorm's forward and
 backward, AWP's gradient all-reduce, the IKL-AT class prior summed over ranks, the sharded
-validation, rank-0-only writing, and resuming a 2-process run in 1 process.
+validation, rank-0-only writing, resuming a 2-process run in 1 process, and (bit-exact) a 2-process
+run preempted by SIGTERM inside an epoch and resumed on 2 processes.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_preemption import DRIVER
 
 import models
 from at import checkpoint as ckpt
@@ -40,14 +42,19 @@ COMMON = ["-c", "configs/digits/ikl_at.yaml", "device=cpu", "optim.batch_size=25
           "eval.pgd_steps=2", "log.plot=false", "log.interval=2"]
 
 
-def _train(out: Path, epochs: int, procs: int, resume: bool = False) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+def _train(out: Path, epochs: int, procs: int, resume: bool = False,
+           driver: Path | None = None, expect: int = 0) -> subprocess.CompletedProcess:
+    """at.train (or `driver`, a script taking a stop spec before at.train's arguments)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PYTHONPATH": str(ROOT)}  # a script's own directory, not the cwd, is on its path
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={procs}"] if procs > 1 else [sys.executable]
-    cmd = [*launcher, "-m", "at.train", *COMMON, f"out_dir={out}", f"optim.epochs={epochs}"]
+    entry = [str(driver), "term", "3"] if driver else ["-m", "at.train"]
+    cmd = [*launcher, *entry, *COMMON, f"out_dir={out}", f"optim.epochs={epochs}"]
     proc = subprocess.run(cmd + (["--resume"] if resume else []), cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == expect, proc.stderr[-3000:]
+    return proc
 
 
 def _initial_weights() -> dict:
@@ -96,6 +103,22 @@ def test_two_processes_equal_one_and_resume_on_one(tmp_path):
     multi_rec = json.loads(records[0])
     for key in ("val_clean_acc", "test_clean_acc", "train_clean_acc", "loss"):
         assert abs(single_rec[key] - multi_rec[key]) < 0.6, key  # at most one image of 200
+
+    # Preempted inside epoch 1 (SIGTERM to rank 0 before its 3rd step: every rank saves after
+    # step 3 and exits 75) and resumed on 2 processes: bit-identical to the uninterrupted run,
+    # which needs every rank's own generators, BatchNorm statistics and prior accumulators.
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER.replace("if count[0] == k:", "if count[0] == k and "
+                                     "os.environ.get('RANK') == '0':"))
+    stopped = tmp_path / "stopped"
+    _train(stopped, 1, procs=2, driver=driver, expect=1)  # torchrun reports the workers' 75
+    state = ckpt.load(stopped / "last.pt")
+    assert state["epoch"] == 0 and state["partial"]["step"] == 3
+    assert len(state["partial"]["ranks"]) == 2 and (stopped / "preempted.json").exists()
+    _train(stopped, 1, procs=2, resume=True)
+    a, b = ckpt.load(stopped / "last.pt"), epoch1_multi
+    for key in ("model", "method"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
 
     # Resume the 2-process run on 1 process: the same data stream, so the same epoch 2.
     shutil.copy(multi / "last.pt", tmp_path / "epoch1_multi.pt")

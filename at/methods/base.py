@@ -45,6 +45,9 @@ class Method(nn.Module):
     """Base class. Subclasses document their BatchNorm policy: it changes the numbers."""
 
     uses_attack = True  # False for methods that never call an attack (standard training)
+    # Buffers that sum per-rank contributions within an epoch (reduced in on_epoch_end); a run
+    # resumed inside an epoch on another number of ranks adds them up on rank 0.
+    accumulators: tuple[str, ...] = ()
     # Methods that weight a second, augmented view of the batch separately (data.second_view).
     supports_views = False
 

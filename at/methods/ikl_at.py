@@ -29,6 +29,7 @@ class IKLAT(Method):
     """
 
     supports_views = True
+    accumulators = ("prior_sum",)
 
     def __init__(self, num_classes: int, alpha: float = 3.0, beta: float = 20.0,
                  version: str = "v1", gamma: float = 1.0, temperature: float = 4.0,
