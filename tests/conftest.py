@@ -1,6 +1,8 @@
 """Shared fixtures: a digits IKL-AT run and a standard-trained one, trained once per session."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from at.config import REPO_ROOT, load_config
@@ -21,3 +23,13 @@ def learned(tmp_path_factory):
         cfg = load_config(DIGITS, [*LEARN, f"method.name={name}", f"out_dir={out}"])
         runs[name] = (out, fit(cfg))
     return runs
+
+
+class CodeOnLoad:
+    """Unpickling this object would create a file: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))

@@ -9,10 +9,10 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import CodeOnLoad
 from torch import nn
 
 import eval as evaluation
@@ -201,20 +201,10 @@ def test_load_model_refuses_mismatched_or_incomplete_requests(learned, tmp_path)
         evaluation.load_model(tmp_path / "nothing")
 
 
-class _Payload:
-    """Unpickling this object would create a file: what a malicious checkpoint would do."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
     state = build_model("wrn-16-1", 10).state_dict()
-    torch.save({"model": state, "extra": _Payload(marker)}, tmp_path / "evil.pt")
+    torch.save({"model": state, "extra": CodeOnLoad(marker)}, tmp_path / "evil.pt")
     assert not marker.exists()
     with pytest.raises(EvalError, match="cannot load checkpoint"):
         evaluation.load_model(tmp_path / "evil.pt", arch="wrn-16-1", dataset="cifar10")

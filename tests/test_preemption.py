@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DIGITS
+from conftest import DIGITS, CodeOnLoad
 
 from at.checkpoint import load
 from at.config import REPO_ROOT, load_config
@@ -170,20 +170,10 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temp files
 
 
-class _Payload:
-    """Unpickling this object would create a file: what a malicious checkpoint would do."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (Path.touch, (self.marker,))
-
-
 def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path):
     out, marker = tmp_path / "run", tmp_path / "pwned"
     out.mkdir()
-    torch.save({"format": 2, "epoch": 1, "extra": _Payload(marker)}, out / "last.pt")
+    torch.save({"format": 2, "epoch": 1, "extra": CodeOnLoad(marker)}, out / "last.pt")
     proc = _run(*COMMON, f"out_dir={out}", "--resume")
     assert proc.returncode == 1 and "cannot load checkpoint" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
