@@ -16,6 +16,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+# A gloo group for decisions made from host values (a signal arrived, a checkpoint is due): on
+# GPUs it keeps these per-step all-reduces off the device, so they never wait for the GPU.
+_host_group = None
+
 
 def launched() -> bool:
     """Whether this process was started by torchrun with more than one process."""
@@ -44,12 +48,17 @@ def init(device_name: str) -> torch.device:
         # Long timeout: rank 0 may evaluate or write a checkpoint while the others wait.
         dist.init_process_group(backend, timeout=timedelta(minutes=60),
                                 device_id=device if device.type == "cuda" else None)
+    global _host_group
+    if _host_group is None and dist.get_backend() != "gloo":
+        _host_group = dist.new_group(backend="gloo")
     return device
 
 
 def shutdown() -> None:
+    global _host_group
     if dist.is_initialized():
         dist.destroy_process_group()
+    _host_group = None
 
 
 def rank() -> int:
@@ -93,6 +102,15 @@ def all_max(value: int, device: torch.device) -> int:
         return value
     t = torch.tensor([value], device=device, dtype=torch.long)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def host_max(value: int) -> int:
+    """The largest of the ranks' integers, computed on the host (no device synchronisation)."""
+    if world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_host_group)
     return int(t.item())
 
 

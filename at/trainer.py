@@ -442,12 +442,13 @@ class Trainer:
                 self._check_finite(first_bad)
                 bar.set_postfix(loss=f"{sums['loss'].item() / seen:.4f}")
             # A mid-epoch checkpoint when one is due or a preemption signal arrived; the
-            # decision is the same on every rank (one tiny all-reduce per step under torchrun).
+            # decision is the same on every rank (one tiny host-side all-reduce per step under
+            # torchrun, on gloo: it does not wait for the GPU).
             # (After the last step the epoch-end checkpoint follows anyway.)
             due = 2 if self._stop_signal is not None else \
                 int(every > 0 and step < len(self.loader)
                     and time.time() - self._last_save >= every)
-            due = distributed.all_max(due, self.device)
+            due = distributed.host_max(due)
             if due:
                 self._check_finite(first_bad)  # never checkpoint a diverged model
                 self._save_partial(step, sums, seen, skipped, before + time.time() - start)
@@ -533,7 +534,7 @@ class Trainer:
                     print(_summary(record, epochs), flush=True)
                 distributed.barrier()  # best.pt is on disk before any rank reads it
                 self._last_save = time.time()
-                if distributed.all_max(int(self._stop_signal is not None), self.device):
+                if distributed.host_max(int(self._stop_signal is not None)):
                     self._preempted(f"saved {self.out / 'last.pt'} at the end of epoch "
                                     f"{self.epoch}")
             return self.finish()
