@@ -87,8 +87,10 @@ def load_model_state(model: torch.nn.Module, state: dict, source: str) -> None:
     model.load_state_dict(state)
 
 
-def rng_state() -> dict:
-    """Every global generator a training step may draw from (python, numpy, torch CPU and CUDA)."""
+def rng_state(device: torch.device | None = None) -> dict:
+    """Every global generator a training step may draw from: python, numpy, torch's CPU one and,
+    with a CUDA `device`, that device's (only it: asking for every GPU's state would create a
+    CUDA context on each GPU from every process of a multi-GPU run)."""
     np_state = np.random.get_state()
     state = {
         "python": list(random.getstate()[1]),
@@ -97,20 +99,20 @@ def rng_state() -> dict:
         "numpy_pos": [int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
     version, gauss = state["python_pos"]
     random.setstate((version, tuple(state["python"]), gauss))
     pos, has_gauss, cached = state["numpy_pos"]
     np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(pos),
                          int(has_gauss), float(cached)))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def seed_everything(seed: int) -> None:

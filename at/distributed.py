@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-# A gloo group for decisions made from host values (a signal arrived, a checkpoint is due): on
-# GPUs it keeps these per-step all-reduces off the device, so they never wait for the GPU.
+# A gloo group for decisions made from host values (a signal arrived, a checkpoint is due, a loss
+# was not finite): on GPUs it keeps these all-reduces off the device.
 _host_group = None
 
 
@@ -96,17 +96,8 @@ def all_reduce_mean_(tensors: list[Tensor]) -> None:
         t.copy_(part.view_as(t))
 
 
-def all_max(value: int, device: torch.device) -> int:
-    """The largest of the ranks' integers."""
-    if world_size() == 1:
-        return value
-    t = torch.tensor([value], device=device, dtype=torch.long)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return int(t.item())
-
-
-def host_max(value: int) -> int:
-    """The largest of the ranks' integers, computed on the host (no device synchronisation)."""
+def all_max(value: int) -> int:
+    """The largest of the ranks' integers, reduced on the host (no device synchronisation)."""
     if world_size() == 1:
         return value
     t = torch.tensor([value], dtype=torch.long)

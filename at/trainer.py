@@ -325,7 +325,7 @@ class Trainer:
                       seconds: float) -> None:
         """last.pt inside epoch self.epoch, after its `step`-th batch (every rank calls this)."""
         loader = self.loader.state_dict()
-        mine = {"augmenter": loader.get("augmenter"), "rng": _rng_state(self.device),
+        mine = {"augmenter": loader.get("augmenter"), "rng": ckpt.rng_state(self.device),
                 "sums": {k: v.item() for k, v in sums.items()}, "seen": seen,
                 "buffers": {f"{prefix}.{name}": b.detach().cpu().clone()
                             for prefix, module in (("model", self.model), ("method", self.method))
@@ -366,7 +366,7 @@ class Trainer:
             # an epoch boundary (on any number of ranks) draws what an uninterrupted one draws.
             torch.manual_seed(datasets.derived_seed(cfg["seed"], self.epoch, self.rank, 1))
         elif partial["rng"] is not None:
-            _set_rng_state(partial["rng"], self.device)
+            ckpt.set_rng_state(partial["rng"], self.device)
         else:
             torch.manual_seed(datasets.derived_seed(cfg["seed"], self.epoch, self.rank, 1,
                                                     partial["step"]))
@@ -403,7 +403,7 @@ class Trainer:
             loss = out.total()
             self.optimizer.zero_grad(set_to_none=True)
             (loss if scale == 1 else loss * scale).backward()
-            if limit and distributed.all_max(int(not torch.isfinite(loss).item()), self.device):
+            if limit and distributed.all_max(int(not torch.isfinite(loss).item())):
                 # train.skip_nonfinite: no update from this batch (one host sync per step).
                 skipped += 1
                 self.optimizer.zero_grad(set_to_none=True)
@@ -448,7 +448,7 @@ class Trainer:
             due = 2 if self._stop_signal is not None else \
                 int(every > 0 and step < len(self.loader)
                     and time.time() - self._last_save >= every)
-            due = distributed.host_max(due)
+            due = distributed.all_max(due)
             if due:
                 self._check_finite(first_bad)  # never checkpoint a diverged model
                 self._save_partial(step, sums, seen, skipped, before + time.time() - start)
@@ -477,7 +477,7 @@ class Trainer:
         return record
 
     def _check_finite(self, first_bad: torch.Tensor) -> None:
-        bad = distributed.all_max(int(first_bad.item()), self.device)
+        bad = distributed.all_max(int(first_bad.item()))
         if bad >= 0:
             raise NonFiniteLoss(f"non-finite training loss at epoch {self.epoch}, step {bad}; "
                                 f"stopped without saving (last.pt still holds epoch "
@@ -534,7 +534,7 @@ class Trainer:
                     print(_summary(record, epochs), flush=True)
                 distributed.barrier()  # best.pt is on disk before any rank reads it
                 self._last_save = time.time()
-                if distributed.host_max(int(self._stop_signal is not None)):
+                if distributed.all_max(int(self._stop_signal is not None)):
                     self._preempted(f"saved {self.out / 'last.pt'} at the end of epoch "
                                     f"{self.epoch}")
             return self.finish()
@@ -608,21 +608,6 @@ def _final_table(result: dict, cfg: dict) -> str:
         lines.append(f"{name:<10}{row['epoch']:>6}{_fmt(row['test_clean_acc']):>9}"
                      f"{_fmt(row.get('test_robust_acc')):>9}")
     return "\n".join(lines)
-
-
-def _rng_state(device: torch.device) -> dict:
-    """The generators a training step draws from besides the loader's: torch's global CPU
-    generator and, on a GPU, the device's (the attacks' random starts)."""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def fit(cfg: dict, *, resume: bool = False) -> dict:

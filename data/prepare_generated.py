@@ -18,6 +18,7 @@ the partial files.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -126,7 +127,6 @@ def _read_exact(stream, nbytes: int, path: Path, key: str) -> bytes:
 
 
 def _npy_header(shape: tuple, dtype: np.dtype) -> bytes:
-    import io
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(
         buf, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
