@@ -7,8 +7,12 @@ import torch
 from torch import nn
 
 
-def build_optimizer(optim_cfg: dict, modules: Iterable[nn.Module]) -> torch.optim.SGD:
+def build_optimizer(optim_cfg: dict, modules: Iterable[nn.Module], *,
+                    fused: bool = False) -> torch.optim.SGD:
     """SGD over the parameters of `modules` (the model, plus any trainable method state).
+
+    `fused`: one fused kernel updates every parameter (CPU and CUDA) instead of a loop over
+    tensors; the update is the same arithmetic (tests/test_speed.py compares them).
 
     With `no_decay_bn`, BatchNorm weights and biases get no weight decay (Wang et al. 2023);
     the DKL reference decays every parameter. The learning rate is set per epoch by the trainer.
@@ -25,4 +29,4 @@ def build_optimizer(optim_cfg: dict, modules: Iterable[nn.Module]) -> torch.opti
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return torch.optim.SGD(groups, lr=optim_cfg["lr"], momentum=optim_cfg["momentum"],
-                           nesterov=optim_cfg["nesterov"])
+                           nesterov=optim_cfg["nesterov"], fused=fused or None)

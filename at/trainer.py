@@ -30,7 +30,7 @@ import models
 from attacks.pgd import INITS, NORMS
 from data.generated import GeneratedSet
 
-from . import averaging, distributed, sync_bn
+from . import averaging, distributed, speed, sync_bn
 from . import checkpoint as ckpt
 from .awp import AWP
 from .config import dump_config, git_state
@@ -50,7 +50,8 @@ PREEMPTED_MARKER = "preempted.json"  # written when a signal stopped the run aft
 # Keys that may change when a run is resumed; anything else would silently change the experiment.
 RESUMABLE_CHANGES = ("out_dir", "optim.epochs", "device", "data.root", "data.download", "log.",
                      "eval.every", "eval.batch_size", "eval.n_test", "eval.final_pgd",
-                     "checkpoint.", "train.skip_nonfinite")
+                     "checkpoint.", "train.skip_nonfinite", "speed.channels_last",
+                     "speed.fused_optimizer", "speed.compile")
 # A generated set may move (another path), but not appear or disappear.
 MOVABLE_PATHS = ("data.generated.path",)
 
@@ -87,6 +88,8 @@ def check_config(cfg: dict) -> None:
     for ok, message in checks:
         if not ok:
             raise RunError(message)
+    for message in speed.check(cfg["speed"]):
+        raise RunError(message)
     try:
         averaging.check_config(cfg["avg"])
     except ValueError as err:
@@ -179,6 +182,10 @@ class Trainer:
         if cfg["model"]["sync_bn"]:
             sync_bn.convert(self.model)
             sync_bn.convert(self.method)
+        self.speed = cfg["speed"]
+        speed.prepare_model(self.model, self.speed)
+        if self.speed["channels_last"]:  # a method's own networks (LBGAT's natural model)
+            self.method.to(memory_format=torch.channels_last)
         objective = _Objective(self.model, self.method)
         # No buffer sync per forward: rank 0 would overwrite the other ranks' method statistics
         # (the IKL-AT prior sums) every step; buffers are synchronised once per epoch instead.
@@ -188,7 +195,8 @@ class Trainer:
         if self.loader.views > 1 and not self.method.supports_views:
             raise RunError(f"data.second_view={dcfg['second_view']} needs a method that weights "
                            f"the two views (ikl_at); {cfg['method']['name']} does not")
-        self.optimizer = build_optimizer(cfg["optim"], [self.model, self.method])
+        self.optimizer = build_optimizer(cfg["optim"], [self.model, self.method],
+                                         fused=self.speed["fused_optimizer"])
         a = cfg["awp"]
         # protect: a method's own modules (LBGAT's natural model) keep their BN statistics.
         self.awp = AWP(self.model, gamma=a["gamma"], warmup=a["warmup"],
@@ -392,17 +400,7 @@ class Trainer:
         awp = self.awp if self.awp is not None and self.awp.active(self.epoch) else None
         views = self.loader.views
         for step, (x, y) in enumerate(self.loader, start=first + 1):
-            # DDP averages the ranks' gradients; a rank holding n of the global batch's N images
-            # weighs its batch-mean loss by n * world / N, so that the average is the gradient of
-            # the global batch mean even when N does not split evenly.
-            scale = len(y) // views * self.world / self.loader.global_size
-            x_adv = method.perturb(model, x, y, budget)  # at the unperturbed weights
-            if awp is not None:
-                awp.perturb(lambda: method.loss(model, x, y, x_adv, views).total() * scale)
-            out = self.objective(x, y, x_adv, views)
-            loss = out.total()
-            self.optimizer.zero_grad(set_to_none=True)
-            (loss if scale == 1 else loss * scale).backward()
+            out, loss = self._forward_backward(x, y, budget, awp, views)
             if limit and distributed.all_max(int(not torch.isfinite(loss).item())):
                 # train.skip_nonfinite: no update from this batch (one host sync per step).
                 skipped += 1
@@ -475,6 +473,27 @@ class Trainer:
         if skipped:
             record["skipped_steps"] = skipped
         return record
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, budget, awp: AWP | None,
+                          views: int) -> tuple:
+        """Attack, AWP and the outer pass of one step, leaving the gradients in .grad (no host
+        synchronisation). Returns the method's StepOutput and the unscaled loss."""
+        method, model, device = self.method, self.model, self.device
+        x = speed.to_memory_format(x, self.speed)
+        # DDP averages the ranks' gradients; a rank holding n of the global batch's N images
+        # weighs its batch-mean loss by n * world / N, so that the average is the gradient of
+        # the global batch mean even when N does not split evenly.
+        scale = len(y) // views * self.world / self.loader.global_size
+        with speed.autocast(device, self.speed["attack_precision"]):
+            x_adv = method.perturb(model, x, y, budget)  # at the unperturbed weights
+        with speed.autocast(device, self.speed["update_precision"]):
+            if awp is not None:
+                awp.perturb(lambda: method.loss(model, x, y, x_adv, views).total() * scale)
+            out = self.objective(x, y, x_adv, views)
+        loss = out.total()
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss if scale == 1 else loss * scale).backward()
+        return out, loss
 
     def _check_finite(self, first_bad: torch.Tensor) -> None:
         bad = distributed.all_max(int(first_bad.item()))

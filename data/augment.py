@@ -9,6 +9,17 @@ import torch
 import torch.nn.functional as F
 
 
+def upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor (indices, per-sample parameters) on `device` without a host sync.
+
+    A copy from pageable memory to a GPU waits for the GPU's queue to drain (every step would
+    stall until the previous one has finished); from pinned memory it is queued like a kernel.
+    """
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def crop_flip_params(n: int, generator: torch.Generator,
                      padding: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-sample (dy, dx, flip) drawn on the CPU: offsets uniform in [0, 2*padding], flip p=0.5.
@@ -31,7 +42,7 @@ def crop_flip(x: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.T
         raise ValueError(f"expected an N×C×H×W batch, got shape {tuple(x.shape)}")
     n, c, h, w = x.shape
     dev = x.device
-    dy, dx, flip = (t.to(dev, non_blocking=True) for t in (dy, dx, flip))
+    dy, dx, flip = (upload(t, dev) for t in (dy, dx, flip))
     padded = F.pad(x, (padding, padding, padding, padding)) if padding else x  # zeros
     # Output pixel (i, j) of sample k reads padded[k, :, dy_k + i, dx_k + j]; a flip reverses j.
     rows = dy[:, None] + torch.arange(h, device=dev)  # N×H

@@ -94,6 +94,8 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from .augment import upload
+
 FILL = 128  # DeepVoltaire's fillcolor (128, 128, 128)
 
 # ---------------------------------------------------------------------------------------------
@@ -170,7 +172,7 @@ def _per_sample(v: float | torch.Tensor, n: int, dtype: torch.dtype = torch.floa
 
 def _view(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A per-sample (n,) tensor on x's device, shaped n×1×1×1 for broadcasting."""
-    return t.to(x.device, non_blocking=True).view(-1, 1, 1, 1)
+    return upload(t, x.device).view(-1, 1, 1, 1)
 
 
 def _gather(x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
@@ -195,7 +197,7 @@ def _affine_nearest(x: torch.Tensor, coeffs: torch.Tensor, fill: int) -> torch.T
     floored; outside the image -> fill.
     """
     px, py = _grid(x)
-    a = coeffs.to(x.device)
+    a = upload(coeffs, x.device)
     sx = (a[:, 2] + a[:, 0] * 0.5)[:, None, None] + px * a[:, 0][:, None, None]
     sy = (a[:, 5] + a[:, 4] * 0.5)[:, None, None] + py * a[:, 4][:, None, None]
     return _sample_nearest(x, sx.floor().long(), sy.floor().long(), fill)
@@ -219,7 +221,7 @@ def _affine_fixed(x: torch.Tensor, coeffs: list[tuple[float, ...]], fill: int) -
 
     fixed = [(fix(a), fix(b), fix(c + a * 0.5 + b * 0.5),
               fix(d), fix(e), fix(f + d * 0.5 + e * 0.5)) for a, b, c, d, e, f in coeffs]
-    k = torch.tensor(fixed, dtype=torch.int64).to(x.device)[:, :, None, None]
+    k = upload(torch.tensor(fixed, dtype=torch.int64), x.device)[:, :, None, None]
     px, py = _grid(x)
     xx = k[:, 2] + px * k[:, 0] + py * k[:, 1]
     yy = k[:, 5] + px * k[:, 3] + py * k[:, 4]
@@ -245,7 +247,7 @@ def _affine_bicubic(x: torch.Tensor, coeffs: torch.Tensor, fill: int) -> torch.T
     """
     n, ch, h, w = x.shape
     px, py = _grid(x)
-    a = coeffs.to(x.device)[:, :, None, None]
+    a = upload(coeffs, x.device)[:, :, None, None]
     xin, yin = px.double() + 0.5, py.double() + 0.5
     sx = a[:, 0] * xin + a[:, 1] * yin + a[:, 2]
     sy = a[:, 3] * xin + a[:, 4] * yin + a[:, 5]
@@ -501,7 +503,7 @@ def apply_cifar10_policy(x: torch.Tensor, which: torch.Tensor, u: torch.Tensor,
             if len(sel) == 0:
                 continue
             arg = _op_argument(name, mags[which[sel]], sign[sel, k].double(), h, w)
-            idx = sel.to(x.device)
+            idx = upload(sel, x.device)
             args = () if arg is None else (arg,)
             kwargs = {"fill": fill} if name in ("shear_x", "shear_y", "translate_x",
                                                   "translate_y", "rotate") else {}
@@ -533,8 +535,8 @@ def cutout(x: torch.Tensor, generator: torch.Generator, length: int = 16) -> tor
     if generator.device.type != "cpu":
         raise ValueError(f"augmentation needs a CPU torch.Generator, got one on {generator.device}")
     n, _, h, w = x.shape
-    cy = torch.randint(0, h, (n,), generator=generator).to(x.device)[:, None]
-    cx = torch.randint(0, w, (n,), generator=generator).to(x.device)[:, None]
+    cy = upload(torch.randint(0, h, (n,), generator=generator), x.device)[:, None]
+    cx = upload(torch.randint(0, w, (n,), generator=generator), x.device)[:, None]
     r, c = torch.arange(h, device=x.device)[None], torch.arange(w, device=x.device)[None]
     in_rows = (r >= cy - length // 2) & (r < cy + length // 2)  # n×H
     in_cols = (c >= cx - length // 2) & (c < cx + length // 2)  # n×W

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .augment import random_crop_flip
+from .augment import random_crop_flip, upload
 from .autoaugment import cifar10_policy, cutout, random_rotate
 from .generated import GeneratedSet
 
@@ -194,7 +194,7 @@ class TrainLoader:
                 real, _ = plan[step]
                 self._step = step + 1  # batches handed out this epoch, this one included
                 fetch(step + self.prefetch)  # keeps `prefetch` batches in flight
-                real = real.to(self.device)
+                real = upload(real, self.device)
                 xb, yb = self.x[real], self.y[real]
                 if step in pending:
                     images, labels = pending.pop(step).wait()
