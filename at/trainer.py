@@ -134,7 +134,10 @@ class _Objective(nn.Module):
 
 
 class Trainer:
-    def __init__(self, cfg: dict, *, resume: bool = False):
+    def __init__(self, cfg: dict, *, resume: bool = False,
+                 splits: datasets.Splits | None = None):
+        """`splits`: data to train on instead of loading `data.name` (benchmarks); the config
+        still decides everything else."""
         check_config(cfg)
         self.cfg, self.out = cfg, Path(cfg["out_dir"])
         if distributed.launched():
@@ -161,8 +164,8 @@ class Trainer:
         ckpt.seed_everything(cfg["seed"])  # the same initial weights on every rank
 
         dcfg = cfg["data"]
-        self.splits = datasets.load_splits(dcfg["name"], root=dcfg["root"],
-                                           val_size=dcfg["val_size"], download=dcfg["download"])
+        self.splits = splits or datasets.load_splits(
+            dcfg["name"], root=dcfg["root"], val_size=dcfg["val_size"], download=dcfg["download"])
         num_classes = self.splits.num_classes
         gcfg = dcfg["generated"]
         generated = GeneratedSet(gcfg["path"], num_classes) if gcfg["path"] else None

@@ -28,6 +28,7 @@ from .common import (
     load_test_data,
     parse_eps,
     provenance,
+    resolve_batch_size,
     target_from_arguments,
     write_json,
 )
@@ -218,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t = target_from_arguments(args)
         r = evaluate(t, n_ex=args.n_ex, version=args.version, norm=args.norm, eps=args.eps,
-                     batch_size=args.batch_size, seed=args.seed, chunk_size=args.chunk_size,
+                     batch_size=resolve_batch_size(args.batch_size, t), seed=args.seed,
+                     chunk_size=args.chunk_size,
                      attacks=args.attacks.split(",") if args.attacks else None,
                      progress=sys.stderr.isatty())
     except (EvalError, FileNotFoundError, ValueError) as err:

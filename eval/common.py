@@ -163,8 +163,53 @@ def add_target_arguments(parser: argparse.ArgumentParser, *, evaluation: bool = 
                             help="evaluate the first N test images (default: all)")
         parser.add_argument("--norm", default="Linf", help="Linf | L2")
         parser.add_argument("--eps", default="8/255", help="radius on the [0,1] scale, e.g. 8/255")
-        parser.add_argument("--batch-size", type=int, default=500)
+        parser.add_argument("--batch-size", type=_batch_size, default="auto",
+                            help="images per batch; auto (default) fills about half of the "
+                            "GPU's memory (500 on a CPU)")
         parser.add_argument("--seed", type=int, default=0)
+
+
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+CPU_BATCH = 500  # a CPU has no memory to fill; larger batches are not faster there
+PROBE = 64
+
+
+def auto_batch_size(model: nn.Module, device: torch.device, fraction: float = 0.5,
+                    cap: int = 10_000) -> int:
+    """An evaluation batch size that fills `fraction` of the GPU's memory with the activations
+    of an input-gradient pass (what PGD and AutoAttack run), rounded down to a multiple of 250
+    so that the same model on the same kind of GPU gets the same size (AutoAttack's random
+    starts depend on the batching, and a resumed evaluation must batch as the first call)."""
+    if device.type != "cuda":
+        return CPU_BATCH
+    x = torch.rand(PROBE, 3, 32, 32, device=device, requires_grad=True)
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    with torch.enable_grad():
+        torch.autograd.grad(model(x).sum(), x)
+    per_image = (torch.cuda.max_memory_allocated(device) - base) / PROBE
+    total = torch.cuda.get_device_properties(device).total_memory
+    size = int(fraction * total / max(per_image, 1.0)) // 250 * 250
+    return max(PROBE, min(cap, size))
+
+
+def resolve_batch_size(batch_size: int | str, t: Target) -> int:
+    """--batch-size as given, or `auto_batch_size` for 'auto'."""
+    if batch_size != "auto":
+        return int(batch_size)
+    return auto_batch_size(t.model, next(t.model.parameters()).device)
 
 
 def target_from_arguments(args: argparse.Namespace) -> Target:

@@ -21,6 +21,7 @@ from .common import (
     load_test_data,
     parse_eps,
     provenance,
+    resolve_batch_size,
     target_from_arguments,
     write_json,
 )
@@ -76,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         t = target_from_arguments(args)
         r = evaluate(t, attack=args.attack, steps=args.steps, n_ex=args.n_ex, eps=args.eps,
-                     step_size=args.step_size, norm=args.norm, batch_size=args.batch_size,
+                     step_size=args.step_size, norm=args.norm,
+                     batch_size=resolve_batch_size(args.batch_size, t),
                      seed=args.seed)
     except (EvalError, FileNotFoundError, ValueError) as err:
         print(f"eval.pgd: error: {err}", file=sys.stderr)

@@ -1,0 +1,111 @@
+"""The training-step benchmark (bench/at_step.py): a smoke run at tiny size, and the pass counts
+that its floor and the speed-up over the reference-style baseline rest on, counted in FLOPs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import models
+from at.config import load_config
+from at.methods import build_method
+from attacks import frozen
+from bench import at_step
+from bench.floor import FloorStep, forward_units
+from bench.reference_step import ReferenceStep, naive_ikl
+
+
+def test_harness_smoke_run_writes_every_figure(tmp_path, capsys):
+    out = tmp_path / "result.json"
+    code = at_step.main(["--model", "wrn-16-1", "--batch", "8", "--attack-steps", "2",
+                         "--steps", "2", "--repeats", "1", "--awp", "--device", "cpu",
+                         "--json", str(out)])
+    assert code == 0
+    r = json.loads(out.read_text())
+    assert r["torch"] == torch.__version__ and r["device"] and r["device_type"] == "cpu"
+    for key in ("ours", "baseline", "floor"):
+        assert r[key]["images_per_s"] > 0
+    assert set(r["attack"]) == {"ours", "baseline"}
+    assert r["setup"]["method"] == "ikl_at" and r["setup"]["num_classes"] == 100
+    assert r["forward_units_per_image"] == 1 + 2 * 2 + 6 + 6
+    assert r["ratios"]["speedup_vs_baseline"] == pytest.approx(
+        r["ours"]["images_per_s"] / r["baseline"]["images_per_s"], rel=1e-2)
+    assert "ours" in capsys.readouterr().out
+
+
+def test_harness_refuses_bad_input_in_one_line(capsys):
+    assert at_step.main(["--model", "wrn-16-100", "--device", "cpu", "--steps", "1"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown model 'wrn-16-100'" in err[0]
+
+
+def _flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("method,awp", [("ikl_at", True), ("trades", False), ("pgd_at", False)])
+def test_floor_passes_match_the_flop_model(method, awp):
+    """The floor runs exactly forward_units forward-equivalents (performance.md §1.2)."""
+    torch.manual_seed(0)
+    model = models.build_model("wrn-16-1", 10)
+    x = torch.rand(4, 3, 32, 32)
+    settings = load_config(None)["speed"]
+    step = FloorStep(model, method, steps=3, awp=awp, settings=settings,
+                     device=torch.device("cpu"))
+    forward = _flops(lambda: model.eval()(x[:1]))
+    assert _flops(lambda: step(x)) == pytest.approx(
+        forward_units(method, 3, awp) * forward * len(x), rel=0.02)
+
+
+def test_our_attack_computes_the_natural_logits_once_the_reference_every_step():
+    """IKL-AT's attack: ours costs (1 + 2K) F per image, the reference-style one 3K F; both
+    craft the same perturbation (float64, same random start)."""
+    torch.manual_seed(0)
+    cfg = load_config(None, ["attack.steps=4", "method.ikl_at.attack_beta=1.0"])
+    model = models.build_model("wrn-16-1", 10).double()
+    method = build_method(cfg["method"], 10).double()
+    reference = ReferenceStep(model, cfg, 10, awp=False)
+    method.prior.copy_(torch.rand(10, 10, dtype=torch.float64).softmax(1))
+    reference.prior = method.prior.clone()
+    x, y = torch.rand(4, 3, 32, 32, dtype=torch.float64), torch.arange(4)
+    from at.methods.base import AttackBudget
+    budget = AttackBudget(eps=8 / 255, step_size=2 / 255, steps=4, init="normal",
+                          clamp_init=False)
+    with frozen(model):
+        forward = _flops(lambda: model(x[:1]))
+    torch.manual_seed(1)
+    ours = method.perturb(model, x, y, budget)
+    torch.manual_seed(1)
+    theirs = reference.perturb(x, y)
+    assert torch.equal(ours, theirs)
+    assert _flops(lambda: method.perturb(model, x, y, budget)) == pytest.approx(
+        (1 + 2 * 4) * forward * len(x), rel=0.02)
+    assert _flops(lambda: reference.perturb(x, y)) == pytest.approx(
+        3 * 4 * forward * len(x), rel=0.02)
+
+
+def test_naive_pairwise_ikl_equals_the_closed_form_used_in_training():
+    from at.losses import ikl_loss
+    torch.manual_seed(0)
+    z_adv, z_nat = torch.randn(6, 7, dtype=torch.float64), torch.randn(6, 7, dtype=torch.float64)
+    w = torch.rand(6, 7, dtype=torch.float64).softmax(1)
+    for version, gamma in (("v1", 1.0), ("v2", 0.5)):
+        assert torch.allclose(naive_ikl(z_adv, z_nat, w, 3.0, 20.0, version, gamma),
+                              ikl_loss(z_adv, z_nat, w, alpha=3.0, beta=20.0, gamma=gamma,
+                                       version=version), rtol=1e-12)
+
+
+def test_evaluation_batch_size_auto_and_its_validation():
+    import argparse
+
+    from eval.common import CPU_BATCH, _batch_size, auto_batch_size
+    model = models.build_model("wrn-16-1", 10).eval()
+    assert auto_batch_size(model, torch.device("cpu")) == CPU_BATCH
+    assert _batch_size("auto") == "auto" and _batch_size("250") == 250
+    for bad in ("0", "many"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            _batch_size(bad)
