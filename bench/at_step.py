@@ -17,10 +17,10 @@ Also timed: the attack alone (ours / baseline on one fixed batch), the data path
 device-resident loader / the PIL DataLoader) and, with --variant, ours with config changes (e.g.
 `--variant speed.channels_last=false` measures what channels_last buys). Rounds are interleaved
 (every row once per round, a warm-up round first); each figure is the median over --repeats
-rounds, each ratio the median of the two rows' per-round ratios. Data: random uint8 images with the config's number of classes
-(--data synthetic), or a real dataset by name. --autoattack N also times each AutoAttack stage
-on N images with labels set to the model's predictions, so that every image enters APGD-CE
-(later stages see only the points still robust, as in AutoAttack itself).
+rounds, each ratio the median of the two rows' per-round ratios. Data: random uint8 images with
+the config's number of classes (--data synthetic), or a real dataset by name. --autoattack N
+also times each AutoAttack stage (bench/autoattack_stages.py) on N images: a run's test images
+with --aa-target, else random images labelled with the model's own predictions.
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def forward_gflop(model_name: str, num_classes: int, dataset: str) -> float:
 def matmul_peak_tflops(device: torch.device) -> dict:
     """Measured dense matmul rate: bfloat16 on a GPU (its tensor-core peak), float32 on a CPU."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    n = 8192 if device.type == "cuda" else 1024
+    n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     times = []
