@@ -30,3 +30,18 @@ def build_optimizer(optim_cfg: dict, modules: Iterable[nn.Module], *,
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return torch.optim.SGD(groups, lr=optim_cfg["lr"], momentum=optim_cfg["momentum"],
                            nesterov=optim_cfg["nesterov"], fused=fused or None)
+
+
+@torch.no_grad()
+def match_state_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give every per-parameter state tensor (momentum buffers) its parameter's memory layout.
+
+    A checkpoint written with another `speed.channels_last` holds NCHW buffers for NHWC
+    parameters; the fused update walks both as flat memory and would silently mix up elements.
+    """
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.shape == p.shape and \
+                        value.stride() != p.stride():
+                    optimizer.state[p][key] = torch.empty_like(p).copy_(value)

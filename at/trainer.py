@@ -37,7 +37,7 @@ from .config import dump_config, git_state
 from .errors import NonFiniteLoss, Preempted, RunError
 from .evaluate import accuracy, correct
 from .methods import Method, build_method
-from .optim import build_optimizer
+from .optim import build_optimizer, match_state_layout
 from .run_log import RunLog, require_wandb
 from .schedules import ATTACK_SCHEDULES, LR_SCHEDULES, attack_budget, lr_at
 
@@ -88,8 +88,9 @@ def check_config(cfg: dict) -> None:
     for ok, message in checks:
         if not ok:
             raise RunError(message)
-    for message in speed.check(cfg["speed"]):
-        raise RunError(message)
+    errors = speed.check(cfg["speed"])
+    if errors:
+        raise RunError(errors[0])
     try:
         averaging.check_config(cfg["avg"])
     except ValueError as err:
@@ -261,6 +262,7 @@ class Trainer:
         ckpt.load_model_state(self.model, state["model"], str(path))
         self.method.load_state_dict(state["method"])
         self.optimizer.load_state_dict(state["optimizer"])
+        match_state_layout(self.optimizer)  # a checkpoint of another speed.channels_last
         if self.avg is not None:
             self.avg.load_state_dict(state["avg"])
         self.epoch, self.best = state["epoch"], state["best"]

@@ -148,3 +148,26 @@ def test_cuda_training_steps_never_synchronise(tmp_path):
             t.method.observe(y, _)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_fused_update_after_loading_a_checkpoint_of_the_other_layout():
+    """Momentum buffers saved from NCHW parameters, loaded for channels_last ones: the fused
+    update must equal the loop over tensors (it reads both as flat memory)."""
+    from at.optim import match_state_layout
+    torch.manual_seed(0)
+    nchw = torch.nn.Parameter(torch.randn(4, 3, 3, 3))
+    nhwc = torch.nn.Parameter(nchw.detach().clone().contiguous(memory_format=torch.channels_last))
+    loop = torch.optim.SGD([nchw], lr=0.1, momentum=0.9, foreach=False)
+    fused = torch.optim.SGD([nhwc], lr=0.1, momentum=0.9, fused=True)
+    grads = [torch.randn(4, 3, 3, 3) for _ in range(2)]
+    nchw.grad = grads[0].clone()
+    loop.step()
+    fused.load_state_dict(loop.state_dict())
+    with torch.no_grad():
+        nhwc.copy_(nchw)
+    match_state_layout(fused)
+    for p, opt in ((nchw, loop), (nhwc, fused)):
+        p.grad = grads[1].clone().contiguous(memory_format=torch.channels_last) \
+            if p is nhwc else grads[1].clone()
+        opt.step()
+    assert torch.allclose(nchw, nhwc, atol=1e-6)
