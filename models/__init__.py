@@ -10,12 +10,17 @@ from typing import Any
 
 from torch import nn
 
+from .cifar_resnet import CifarResNet, cifar_resnet
+from .mobilenetv2_cifar import CifarMobileNetV2, mobilenetv2_half
 from .preact_resnet import PreActResNet, preact_resnet18
+from .shufflenet_cifar import ShuffleNetV1, ShuffleNetV2, shufflenet_v1, shufflenet_v2
+from .vgg_cifar import CifarVGG, cifar_vgg
 from .wideresnet import WideResNet
 from .wideresnet_dm import NORMALIZATION, DMWideResNet, normalization_for
 
 __all__ = ["MODELS", "NORMALIZATION", "build_model", "normalization_for",
-           "WideResNet", "DMWideResNet", "PreActResNet", "preact_resnet18"]
+           "WideResNet", "DMWideResNet", "PreActResNet", "preact_resnet18", "CifarResNet",
+           "CifarVGG", "CifarMobileNetV2", "ShuffleNetV1", "ShuffleNetV2"]
 
 
 def _wrn(depth: int, widen_factor: int) -> Callable[..., WideResNet]:
@@ -43,10 +48,28 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "wrn-28-10-swish": _dm_wrn(28, 10),
     "wrn-70-16-swish": _dm_wrn(70, 16),
     "preact-resnet18": preact_resnet18,
+    # Teachers and students of the CIFAR-100 distillation benchmarks (CRD / DKD / IKL-KD / WKD).
+    "wrn-40-2": _wrn(40, 2),
+    "wrn-40-1": _wrn(40, 1),
+    "wrn-16-2": _wrn(16, 2),
+    "resnet20": cifar_resnet(20, (16, 16, 32, 64)),
+    "resnet32": cifar_resnet(32, (16, 16, 32, 64)),
+    "resnet56": cifar_resnet(56, (16, 16, 32, 64)),
+    "resnet110": cifar_resnet(110, (16, 16, 32, 64)),
+    "resnet8x4": cifar_resnet(8, (32, 64, 128, 256)),
+    "resnet32x4": cifar_resnet(32, (32, 64, 128, 256)),
+    "vgg8": cifar_vgg("vgg8"),
+    "vgg13": cifar_vgg("vgg13"),
+    "mobilenetv2": mobilenetv2_half,  # half width, CRD's "MobileNetV2" (0.81M parameters)
+    "shufflenet-v1": shufflenet_v1,
+    "shufflenet-v2": shufflenet_v2,
 }
 
+# The CIFAR networks of the distillation benchmarks (not RobustBench architectures).
+KD_PREFIXES = ("resnet", "vgg", "mobilenet", "shufflenet")
 # Models that normalize inside and therefore care about `dataset`.
-_DATASET_AWARE = frozenset(name for name in MODELS if name.endswith("-swish"))
+_DATASET_AWARE = frozenset(name for name in MODELS if name.endswith("-swish")
+                           or name.startswith(KD_PREFIXES))
 
 
 def build_model(name: str, num_classes: int, dataset: str | None = None,

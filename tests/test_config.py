@@ -14,7 +14,7 @@ from at.config import (
     parse_value,
 )
 
-CONFIGS = sorted((BASE_CONFIG.parent).glob("*/*.yaml"))
+CONFIGS = sorted(p for p in BASE_CONFIG.parent.rglob("*.yaml") if p != BASE_CONFIG)
 
 
 def test_precedence_base_then_experiment_then_cli(tmp_path):
@@ -71,7 +71,8 @@ def test_provenance_round_trip(tmp_path):
     assert load_run_config(tmp_path) == cfg
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("path", CONFIGS,
+                         ids=lambda p: str(p.relative_to(BASE_CONFIG.parent)))
 def test_shipped_configs_load(path):
     cfg = load_config(path)
     assert cfg["method"]["name"] in cfg["method"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 
 from .base import AttackBudget, Method, StepOutput
+from .distill import Distill
 from .ikl_at import IKLAT
 from .lbgat import LBGAT
 from .pgd_at import PGDAT
@@ -17,6 +18,7 @@ METHODS: dict[str, type[Method]] = {
     "trades": TRADES,
     "ikl_at": IKLAT,
     "lbgat": LBGAT,
+    "distill": Distill,
 }
 
 

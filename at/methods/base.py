@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import distributed
+
 
 @dataclass(frozen=True)
 class AttackBudget:
@@ -78,3 +80,17 @@ class Method(nn.Module):
 
     def on_epoch_end(self) -> None:
         """Called after the last step of every epoch (e.g. to finalise a class prior)."""
+
+
+@torch.no_grad()
+def update_class_prior(prior: Tensor, prior_sum: Tensor, momentum: float = 1.0) -> None:
+    """End of an epoch: prior <- m * row-normalised prior_sum + (1 - m) * prior, in place, and
+    prior_sum <- 0. prior_sum (C x C, row c = sum of soft predictions over class-c images) is
+    first summed over ranks: each rank saw its share of the epoch, so the sums over ranks give
+    exactly the single-process prior. A class absent from the epoch keeps its previous row."""
+    distributed.all_reduce_sum_(prior_sum)
+    counts = prior_sum.sum(dim=1, keepdim=True)
+    fresh = torch.where(counts > 0, prior_sum / counts.clamp_min(1e-300),
+                        prior.to(prior_sum.dtype))
+    prior.copy_((momentum * fresh + (1 - momentum) * prior.to(fresh.dtype)).to(prior.dtype))
+    prior_sum.zero_()

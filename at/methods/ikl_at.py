@@ -13,9 +13,8 @@ from torch import Tensor, nn
 
 from attacks import frozen, pgd
 
-from .. import distributed
 from ..losses import ikl_loss, ikl_terms
-from .base import AttackBudget, Method, StepOutput
+from .base import AttackBudget, Method, StepOutput, update_class_prior
 
 
 class IKLAT(Method):
@@ -96,15 +95,5 @@ class IKLAT(Method):
         probs = F.softmax(out.logits_clean[:n].detach().float() / self.temperature, dim=1)
         self.prior_sum.index_add_(0, y[:n], probs.to(self.prior_sum.dtype))
 
-    @torch.no_grad()
     def on_epoch_end(self) -> None:
-        # Under torchrun each rank saw its share of the epoch: the sums over ranks give exactly
-        # the single-process prior.
-        distributed.all_reduce_sum_(self.prior_sum)
-        counts = self.prior_sum.sum(dim=1, keepdim=True)
-        # A class absent from the epoch keeps its previous row instead of dividing by zero.
-        fresh = torch.where(counts > 0, self.prior_sum / counts.clamp_min(1e-300),
-                            self.prior.to(self.prior_sum.dtype))
-        m = self.prior_momentum
-        self.prior.copy_((m * fresh + (1 - m) * self.prior.to(fresh.dtype)).to(self.prior.dtype))
-        self.prior_sum.zero_()
+        update_class_prior(self.prior, self.prior_sum, self.prior_momentum)

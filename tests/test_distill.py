@@ -1,0 +1,93 @@
+"""Knowledge distillation end to end on the digits: a student learns from a trained teacher (a
+run of this codebase), the teacher receives no gradient and keeps its weights, every loss and
+the robust (adversarial) variant train, and the WKD cost matrix is deterministic."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DIGITS
+
+from at.checkpoint import load
+from at.config import load_config
+from at.kd_cost_matrix import main as cost_matrix_main
+from at.schedules import attack_budget
+from at.trainer import Trainer, fit
+
+STUDENT = ["model.name=resnet20", "method.name=distill", "data.val_size=0",
+           "eval.final_pgd=false", "log.plot=false"]
+
+
+def _cfg(tmp_path, name, teacher, *overrides):
+    return load_config(DIGITS, [f"out_dir={tmp_path / name}", *STUDENT,
+                                f"method.distill.teacher={teacher}", *overrides])
+
+
+@pytest.fixture(scope="module")
+def cost_file(learned, tmp_path_factory):
+    path = tmp_path_factory.mktemp("cost") / "cost.pt"
+    assert cost_matrix_main([str(learned["standard"][0]), "--out", str(path),
+                             "--per-class", "20", "--device", "cpu"]) == 0
+    return path
+
+
+def test_distilled_student_learns_and_the_teacher_is_untouched(learned, tmp_path):
+    teacher_run = learned["standard"][0]
+    teacher_state = load(teacher_run / "best.pt")["model"]
+    cfg = _cfg(tmp_path, "student", teacher_run, "method.distill.loss=ikl_kd",
+               "method.distill.weights=class_prior", "method.distill.beta=4.0",
+               "method.distill.prior_temperature=4.0", "method.distill.warmup=2",
+               "optim.epochs=4")
+    result = fit(cfg)
+    assert result["last"]["test_clean_acc"] >= 85.0, result
+    saved = load(tmp_path / "student" / "last.pt")
+    for key, value in teacher_state.items():
+        assert torch.equal(saved["method"][f"teacher.{key}"], value), key
+    # The class prior was learned from the teacher's predictions: mass on the diagonal.
+    prior = saved["method"]["prior"]
+    assert torch.allclose(prior.sum(1), torch.ones(10)) and prior.diag().min() > 0.1
+
+
+@pytest.mark.parametrize("loss,extra", [
+    ("kd", []), ("dkd", ["method.distill.beta=8.0"]),
+    ("ikl_kd", []), ("gkl_kd", ["method.distill.gamma=0.5", "method.distill.weights=class_prior"]),
+    ("wkd_l", ["method.distill.kd_weight=50.0", "method.distill.temperature=2.0"]),
+    ("kd", ["method.distill.inputs=adversarial", "attack.steps=2", "attack.schedule=fixed"]),
+])
+def test_each_loss_trains_the_student_only(learned, cost_file, tmp_path, loss, extra):
+    cfg = _cfg(tmp_path, loss, learned["standard"][0], f"method.distill.loss={loss}",
+               f"method.distill.cost_matrix={cost_file}", "optim.batch_size=32", *extra)
+    t = Trainer(cfg)
+    x = t.splits.train_x[:32].float() / 255
+    y = t.splits.train_y[:32]
+    t.loader.global_size = len(y)
+    budget = attack_budget(cfg["attack"], 1, cfg["optim"]["epochs"])
+    if t.method.uses_attack:
+        x_adv = t.method.perturb(t.model, x, y, budget)
+        assert 0 < (x_adv - x).abs().max() <= budget.eps + 1e-6
+    out, loss_value = t._forward_backward(x, y, budget, None, 1)
+    assert torch.isfinite(loss_value) and loss_value > 0
+    assert set(out.terms) - {"ce"}, out.terms  # a distillation term is present
+    grads = [p.grad for p in t.model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert all(p.grad is None and not p.requires_grad for p in t.method.teacher.parameters())
+    assert not t.method.teacher.training
+
+
+def test_cost_matrix_is_deterministic_and_well_formed(learned, cost_file, tmp_path):
+    again = tmp_path / "again.pt"
+    assert cost_matrix_main([str(learned["standard"][0]), "--out", str(again),
+                             "--per-class", "20", "--device", "cpu"]) == 0
+    first, second = load(cost_file)["cost"], load(again)["cost"]
+    assert torch.equal(first, second)
+    assert torch.allclose(first, first.T) and first.diag().abs().max() < 1e-12
+    off = first[~torch.eye(10, dtype=torch.bool)]
+    assert (off > 0).all() and (off <= 1).all()
+
+
+def test_missing_teacher_is_a_one_line_error(tmp_path):
+    cfg = load_config(DIGITS, [f"out_dir={tmp_path / 'x'}", *STUDENT])
+    with pytest.raises(ValueError, match="method.distill.teacher is required"):
+        Trainer(cfg)
+    cfg = _cfg(tmp_path, "y", tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="method.distill.teacher: .*does not exist"):
+        Trainer(cfg)
