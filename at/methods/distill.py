@@ -43,12 +43,13 @@ def load_teacher(path: str, weights: str, arch: str | None, num_classes: int) ->
         teacher = load_target(path, weights, arch, dataset, device="cpu").model
     except EvalError as err:
         raise ValueError(f"method.distill.teacher: {err}") from None
-    out = teacher(torch.zeros(1, 3, 32, 32)).shape[1]
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad():
+        out = teacher(torch.zeros(1, 3, 32, 32)).shape[1]
     if out != num_classes:
         raise ValueError(f"method.distill.teacher {path} predicts {out} classes, the data has "
                          f"{num_classes}")
-    for p in teacher.parameters():
-        p.requires_grad_(False)
     return teacher.eval()
 
 
