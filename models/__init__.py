@@ -10,7 +10,7 @@ from typing import Any
 
 from torch import nn
 
-from .cifar_resnet import CifarResNet, cifar_resnet
+from .cifar_resnet import CifarResNet, CifarResNet50, cifar_resnet, normalized_builder
 from .mobilenetv2_cifar import CifarMobileNetV2, mobilenetv2_half
 from .preact_resnet import PreActResNet, preact_resnet18
 from .shufflenet_cifar import ShuffleNetV1, ShuffleNetV2, shufflenet_v1, shufflenet_v2
@@ -20,7 +20,7 @@ from .wideresnet_dm import NORMALIZATION, DMWideResNet, normalization_for
 
 __all__ = ["MODELS", "NORMALIZATION", "build_model", "normalization_for",
            "WideResNet", "DMWideResNet", "PreActResNet", "preact_resnet18", "CifarResNet",
-           "CifarVGG", "CifarMobileNetV2", "ShuffleNetV1", "ShuffleNetV2"]
+           "CifarResNet50", "CifarVGG", "CifarMobileNetV2", "ShuffleNetV1", "ShuffleNetV2"]
 
 
 def _wrn(depth: int, widen_factor: int) -> Callable[..., WideResNet]:
@@ -58,6 +58,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet110": cifar_resnet(110, (16, 16, 32, 64)),
     "resnet8x4": cifar_resnet(8, (32, 64, 128, 256)),
     "resnet32x4": cifar_resnet(32, (32, 64, 128, 256)),
+    "resnet50": normalized_builder(CifarResNet50),
     "vgg8": cifar_vgg("vgg8"),
     "vgg13": cifar_vgg("vgg13"),
     "mobilenetv2": mobilenetv2_half,  # half width, CRD's "MobileNetV2" (0.81M parameters)

@@ -1,6 +1,7 @@
 """The CIFAR ResNets of the distillation benchmarks (He et al. 2016's CIFAR layout, as used by
 CRD / DKD / IKL-KD / WKD on CIFAR-100): resnet20/32/56/110 (widths 16-16-32-64) and the
-four-times wider resnet8x4 / resnet32x4 (widths 32-64-128-256).
+four-times wider resnet8x4 / resnet32x4 (widths 32-64-128-256); and the ImageNet ResNet-50 with a
+3x3 stride-1 stem and no max pooling for 32x32 inputs (the res50 -> MobileNetV2 teacher).
 
 Post-activation basic blocks (conv-BN-ReLU-conv-BN, + shortcut, ReLU); a 1x1 conv + BN
 projection where the width or resolution changes; a 3x3 stem conv + BN + ReLU; three stages at
@@ -69,6 +70,56 @@ class CifarResNet(nn.Module):
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = self.layer3(self.layer2(self.layer1(out)))
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+
+
+class _Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_ch: int, width: int, stride: int):
+        super().__init__()
+        out_ch = width * self.expansion
+        self.conv1 = nn.Conv2d(in_ch, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out_ch)
+        self.shortcut = None
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False),
+                                          nn.BatchNorm2d(out_ch))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = F.relu(self.bn2(self.conv2(out)), inplace=True)
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + (x if self.shortcut is None else self.shortcut(x)), inplace=True)
+
+
+class CifarResNet50(nn.Module):
+    """Bottleneck stages of 3, 4, 6, 3 blocks (widths 64-128-256-512, x4 out), strides 1-2-2-2."""
+
+    def __init__(self, num_classes: int = 100, mean: tuple[float, ...] = (0.0, 0.0, 0.0),
+                 std: tuple[float, ...] = (1.0,) * 3):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        blocks, in_ch = [], 64
+        for i, (width, n) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3))):
+            for j in range(n):
+                blocks.append(_Bottleneck(in_ch, width, 2 if (i > 0 and j == 0) else 1))
+                in_ch = width * _Bottleneck.expansion
+        self.layers = nn.Sequential(*blocks)
+        self.fc = nn.Linear(in_ch, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1((x - self.mean) / self.std)), inplace=True)
+        return self.fc(F.adaptive_avg_pool2d(self.layers(out), 1).flatten(1))
 
 
 def normalized_builder(make):

@@ -83,8 +83,8 @@ def test_registry_names():
     assert set(MODELS) == {"wrn-16-1", "wrn-16-4", "wrn-28-10", "wrn-34-10", "wrn-16-1-swish",
                            "wrn-28-10-swish", "wrn-70-16-swish", "preact-resnet18",
                            "wrn-40-2", "wrn-40-1", "wrn-16-2", "resnet20", "resnet32",
-                           "resnet56", "resnet110", "resnet8x4", "resnet32x4", "vgg8", "vgg13",
-                           "mobilenetv2", "shufflenet-v1", "shufflenet-v2"}
+                           "resnet56", "resnet110", "resnet8x4", "resnet32x4", "resnet50",
+                           "vgg8", "vgg13", "mobilenetv2", "shufflenet-v1", "shufflenet-v2"}
 
 
 @pytest.mark.parametrize("num_classes", [10, 100])
@@ -140,9 +140,9 @@ def test_parameter_counts():
 def test_distillation_models_have_the_published_sizes():
     """CIFAR-100 parameter counts of the KD benchmark networks (CRD's table, in millions)."""
     published = {"resnet20": 0.28, "resnet32": 0.47, "resnet56": 0.86, "resnet110": 1.74,
-                 "resnet8x4": 1.23, "resnet32x4": 7.43, "wrn-16-2": 0.70, "wrn-40-1": 0.57,
-                 "wrn-40-2": 2.26, "vgg8": 3.96, "vgg13": 9.46, "mobilenetv2": 0.81,
-                 "shufflenet-v1": 0.95, "shufflenet-v2": 1.36}
+                 "resnet8x4": 1.23, "resnet32x4": 7.43, "resnet50": 23.71, "wrn-16-2": 0.70,
+                 "wrn-40-1": 0.57, "wrn-40-2": 2.26, "vgg8": 3.96, "vgg13": 9.46,
+                 "mobilenetv2": 0.81, "shufflenet-v1": 0.95, "shufflenet-v2": 1.36}
     with torch.device("meta"):
         counts = {n: sum(p.numel() for p in build_model(n, 100).parameters()) / 1e6
                   for n in published}
