@@ -18,32 +18,22 @@ from torch import Tensor, nn
 from .wideresnet_dm import normalization_for
 
 
-class _Residual(nn.Module):
-    """Post-activation residual unit: relu(branch(x) + shortcut(x)), the shortcut a 1x1 conv +
-    BN projection where width or resolution changes, else the identity."""
-
+class _Block(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, stride: int):
         super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_ch)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_ch)
         self.shortcut = None
         if stride != 1 or in_ch != out_ch:
             self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False),
                                           nn.BatchNorm2d(out_ch))
 
-    def join(self, x: Tensor, branch: Tensor) -> Tensor:
-        return F.relu(branch + (x if self.shortcut is None else self.shortcut(x)), inplace=True)
-
-
-class _Block(_Residual):
-    def __init__(self, in_ch: int, out_ch: int, stride: int):
-        super().__init__(in_ch, out_ch, stride)
-        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_ch)
-        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_ch)
-
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        return self.join(x, self.bn2(self.conv2(out)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + (x if self.shortcut is None else self.shortcut(x)), inplace=True)
 
 
 class CifarResNet(nn.Module):
@@ -82,23 +72,28 @@ class CifarResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
-class _Bottleneck(_Residual):
+class _Bottleneck(nn.Module):
     expansion = 4
 
     def __init__(self, in_ch: int, width: int, stride: int):
+        super().__init__()
         out_ch = width * self.expansion
-        super().__init__(in_ch, out_ch, stride)
         self.conv1 = nn.Conv2d(in_ch, width, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, width, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_ch)
+        self.shortcut = None
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False),
+                                          nn.BatchNorm2d(out_ch))
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = F.relu(self.bn2(self.conv2(out)), inplace=True)
-        return self.join(x, self.bn3(self.conv3(out)))
+        out = self.bn3(self.conv3(out))
+        return F.relu(out + (x if self.shortcut is None else self.shortcut(x)), inplace=True)
 
 
 class CifarResNet50(nn.Module):
