@@ -18,6 +18,18 @@ from torch import Tensor, nn
 from .wideresnet_dm import normalization_for
 
 
+def _projection(in_ch: int, out_ch: int, stride: int) -> nn.Module | None:
+    """1x1 conv + BN shortcut where width or resolution changes; None (identity) otherwise."""
+    if stride == 1 and in_ch == out_ch:
+        return None
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False), nn.BatchNorm2d(out_ch))
+
+
+def _join(x: Tensor, branch: Tensor, shortcut: nn.Module | None) -> Tensor:
+    """Post-activation residual: relu(branch + shortcut(x))."""
+    return F.relu(branch + (x if shortcut is None else shortcut(x)), inplace=True)
+
+
 class _Block(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, stride: int):
         super().__init__()
@@ -25,15 +37,12 @@ class _Block(nn.Module):
         self.bn1 = nn.BatchNorm2d(out_ch)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_ch)
-        self.shortcut = None
-        if stride != 1 or in_ch != out_ch:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False),
-                                          nn.BatchNorm2d(out_ch))
+        self.shortcut = _projection(in_ch, out_ch, stride)
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = self.bn2(self.conv2(out))
-        return F.relu(out + (x if self.shortcut is None else self.shortcut(x)), inplace=True)
+        return _join(x, out, self.shortcut)
 
 
 class CifarResNet(nn.Module):
@@ -84,16 +93,13 @@ class _Bottleneck(nn.Module):
         self.bn2 = nn.BatchNorm2d(width)
         self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_ch)
-        self.shortcut = None
-        if stride != 1 or in_ch != out_ch:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_ch, out_ch, 1, stride, bias=False),
-                                          nn.BatchNorm2d(out_ch))
+        self.shortcut = _projection(in_ch, out_ch, stride)
 
     def forward(self, x: Tensor) -> Tensor:
         out = F.relu(self.bn1(self.conv1(x)), inplace=True)
         out = F.relu(self.bn2(self.conv2(out)), inplace=True)
         out = self.bn3(self.conv3(out))
-        return F.relu(out + (x if self.shortcut is None else self.shortcut(x)), inplace=True)
+        return _join(x, out, self.shortcut)
 
 
 class CifarResNet50(nn.Module):
