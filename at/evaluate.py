@@ -1,5 +1,8 @@
-"""Clean and PGD (cross-entropy or CW margin) accuracy on a tensor dataset, in eval mode."""
+"""Clean and PGD (cross-entropy or CW margin) accuracy on tensors or a stream of batches, in eval
+mode."""
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -26,19 +29,28 @@ ATTACK_LOSSES = {
 
 
 def correct(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 256,
-            eps: float = 0.0, steps: int = 0, step_size: float = 0.0, norm: str = "linf",
-            loss: str = "ce", seed: int = 0) -> Tensor:
-    """Per-example correctness (bool, on the CPU). With steps > 0: under PGD-`steps` maximising
-    `loss` ("ce" or "cw") from a uniform random start, seeded by `seed` so every call attacks
-    identically. `x` may be uint8 (0..255) or float in [0,1], on any device."""
+            **kwargs) -> Tensor:
+    """Per-example correctness (bool, on the CPU) on tensors: `x` may be uint8 (0..255) or float
+    in [0,1], on any device. Keyword arguments as for `correct_batches`."""
+    device = next(model.parameters()).device
+    batches = ((_as_float(x[s:s + batch_size].to(device, non_blocking=True)),
+                y[s:s + batch_size].to(device, non_blocking=True))
+               for s in range(0, len(x), batch_size))
+    return correct_batches(model, batches, **kwargs)
+
+
+def correct_batches(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], *,
+                    eps: float = 0.0, steps: int = 0, step_size: float = 0.0,
+                    norm: str = "linf", loss: str = "ce", seed: int = 0) -> Tensor:
+    """Per-example correctness (bool, on the CPU) over (x float [0,1], y) batches on the model's
+    device. With steps > 0: under PGD-`steps` maximising `loss` ("ce" or "cw") from a uniform
+    random start, seeded by `seed` so every call attacks identically."""
     objective = ATTACK_LOSSES[loss]
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     flags = []
     with frozen(model):
-        for start in range(0, len(x), batch_size):
-            xb = _as_float(x[start:start + batch_size].to(device, non_blocking=True))
-            yb = y[start:start + batch_size].to(device, non_blocking=True)
+        for xb, yb in batches:
             if steps > 0:
                 xb = pgd(lambda z: objective(model(z), yb), xb, eps=eps, step_size=step_size,
                          steps=steps, norm=norm, init="uniform", generator=generator)

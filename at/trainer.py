@@ -35,7 +35,7 @@ from . import checkpoint as ckpt
 from .awp import AWP
 from .config import dump_config, git_state
 from .errors import NonFiniteLoss, Preempted, RunError
-from .evaluate import accuracy, correct
+from .evaluate import correct_batches
 from .methods import Method, build_method
 from .optim import build_optimizer, match_state_layout
 from .run_log import RunLog, require_wandb
@@ -48,7 +48,8 @@ PRE_CHECKPOINT_FILES = {"config.yaml", "metrics.jsonl", "curves.png", "wandb"}
 PREVIOUS_CHECKPOINT = "last_prev.pt"  # the epoch before last.pt, used if last.pt is unreadable
 PREEMPTED_MARKER = "preempted.json"  # written when a signal stopped the run after saving
 # Keys that may change when a run is resumed; anything else would silently change the experiment.
-RESUMABLE_CHANGES = ("out_dir", "optim.epochs", "device", "data.root", "data.download", "log.",
+RESUMABLE_CHANGES = ("out_dir", "optim.epochs", "device", "data.root", "data.download",
+                     "data.workers", "data.lists", "log.",
                      "eval.every", "eval.batch_size", "eval.n_test", "eval.final_pgd",
                      "checkpoint.", "train.skip_nonfinite", "speed.channels_last",
                      "speed.fused_optimizer", "speed.compile")
@@ -85,6 +86,27 @@ def check_config(cfg: dict) -> None:
         (cfg["checkpoint"]["every_minutes"] >= 0, "checkpoint.every_minutes must be >= 0"),
         (cfg["train"]["skip_nonfinite"] >= 0, "train.skip_nonfinite must be >= 0"),
     ]
+    d = cfg["data"]
+    if d["name"] in datasets.FOLDER_DATASETS:
+        checks += [
+            (d["augment"] in datasets.FOLDER_AUGMENTATIONS,
+             f"data.augment for {d['name']} must be one of "
+             f"{', '.join(datasets.FOLDER_AUGMENTATIONS)}"),
+            (d["second_view"] is None and d["generated"]["path"] is None,
+             f"data.second_view and data.generated are for CIFAR, not {d['name']}"),
+            (d["image_size"] >= 32 and d["resize_size"] >= d["image_size"],
+             "data.image_size must be >= 32 and data.resize_size >= data.image_size"),
+            (d["workers"] >= 0, "data.workers must be >= 0"),
+            (d["num_classes"] is None or d["num_classes"] >= 2,
+             "data.num_classes must be null or >= 2"),
+        ]
+    else:
+        checks.append((d["augment"] in datasets.AUGMENTATIONS,
+                       f"data.augment for {d['name']} must be one of "
+                       f"{', '.join(datasets.AUGMENTATIONS)}"))
+        checks.append((d["num_classes"] is None,
+                       f"data.num_classes is for image-file datasets; {d['name']} has "
+                       f"{datasets.NUM_CLASSES.get(d['name'])} classes (leave it null)"))
     for ok, message in checks:
         if not ok:
             raise RunError(message)
@@ -164,22 +186,8 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         ckpt.seed_everything(cfg["seed"])  # the same initial weights on every rank
 
+        num_classes = self._build_data(splits)
         dcfg = cfg["data"]
-        self.splits = splits or datasets.load_splits(
-            dcfg["name"], root=dcfg["root"], val_size=dcfg["val_size"], download=dcfg["download"])
-        num_classes = self.splits.num_classes
-        gcfg = dcfg["generated"]
-        generated = GeneratedSet(gcfg["path"], num_classes) if gcfg["path"] else None
-        self.sampler = torch.Generator().manual_seed(cfg["seed"])
-        self.loader = datasets.TrainLoader(
-            self.splits.train_x, self.splits.train_y, cfg["optim"]["batch_size"],
-            generator=self.sampler, augment=dcfg["augment"], second_view=dcfg["second_view"],
-            drop_last=dcfg["drop_last"], device=self.device, generated=generated,
-            fraction=gcfg["fraction"],
-            # An epoch with generated data: as many batches as the official training set fills
-            # (50,000 CIFAR images, validation included), as Wang et al.
-            epoch_size=len(self.splits.train_y) + len(self.splits.val_y),
-            rank=self.rank, world_size=self.world)
         self.model = models.build_model(cfg["model"]["name"], num_classes, dataset=dcfg["name"],
                                         bn_momentum=cfg["model"]["bn_momentum"]).to(self.device)
         self.method: Method = build_method(cfg["method"], num_classes).to(self.device)
@@ -220,6 +228,42 @@ class Trainer:
             dump_config(cfg, self.out / "config.yaml", git=git_state(),
                         command=" ".join(sys.argv), world_size=self.world)
             self.log = RunLog(self.out, cfg, resume_epoch=self.epoch)
+
+    def _build_data(self, splits: datasets.Splits | None) -> int:
+        """self.loader (training batches) and self.eval_sets ({"val": None when there is no
+        validation split, "test"}); returns the number of classes."""
+        cfg, dcfg = self.cfg, self.cfg["data"]
+        self.sampler = torch.Generator().manual_seed(cfg["seed"])
+        common = dict(generator=self.sampler, drop_last=dcfg["drop_last"], device=self.device,
+                      rank=self.rank, world_size=self.world)
+        if splits is None and dcfg["name"] in datasets.FOLDER_DATASETS:
+            files = datasets.load_folder_splits(
+                dcfg["name"], dcfg["root"], dcfg["lists"], dcfg["val_size"],
+                dcfg["num_classes"] or datasets.NUM_CLASSES[dcfg["name"]])
+            sizes = dict(image_size=dcfg["image_size"], resize_size=dcfg["resize_size"])
+            self.loader = datasets.FolderTrainLoader(
+                files.train, cfg["optim"]["batch_size"], augment=dcfg["augment"],
+                workers=dcfg["workers"], **sizes, **common)
+            self.eval_sets = {
+                name: None if part is None else
+                datasets.FolderEvalSet(part, workers=dcfg["workers"], **sizes)
+                for name, part in (("val", files.val), ("test", files.test))}
+            return files.num_classes
+        splits = splits or datasets.load_splits(
+            dcfg["name"], root=dcfg["root"], val_size=dcfg["val_size"], download=dcfg["download"])
+        gcfg = dcfg["generated"]
+        generated = GeneratedSet(gcfg["path"], splits.num_classes) if gcfg["path"] else None
+        self.loader = datasets.TrainLoader(
+            splits.train_x, splits.train_y, cfg["optim"]["batch_size"], augment=dcfg["augment"],
+            second_view=dcfg["second_view"], generated=generated, fraction=gcfg["fraction"],
+            # An epoch with generated data: as many batches as the official training set fills
+            # (50,000 CIFAR images, validation included), as Wang et al.
+            epoch_size=len(splits.train_y) + len(splits.val_y), **common)
+        self.eval_sets = {
+            "val": datasets.TensorEvalSet(splits.val_x, splits.val_y) if len(splits.val_y)
+            else None,
+            "test": datasets.TensorEvalSet(splits.test_x, splits.test_y)}
+        return splits.num_classes
 
     # ---- run directory and resume -------------------------------------------------------------
     def _check_out_dir(self, resume: bool) -> bool:
@@ -296,9 +340,11 @@ class Trainer:
                     if self.main:
                         for other in partial["ranks"]:
                             buf += other["buffers"][f"method.{name}"].to(buf)
+            reseeded = "attack starts" if isinstance(self.loader, datasets.FolderTrainLoader) \
+                else "augmentation and attack starts"
             print(f"at.train: resuming inside epoch {epoch} on {self.world} processes "
-                  f"(saved on {len(partial['ranks'])}): the rest of this epoch's augmentation "
-                  f"and attack starts are freshly seeded", file=sys.stderr)
+                  f"(saved on {len(partial['ranks'])}): the rest of this epoch's {reseeded} "
+                  f"are freshly seeded", file=sys.stderr)
         self.loader.load_state_dict(state["loader"], augmenter=mine["augmenter"])
         self._partial = {**partial, **mine}
 
@@ -513,24 +559,28 @@ class Trainer:
                    norm=acfg["norm"], seed=self.cfg["seed"])
         start = time.time()
         record: dict = {}
-        if len(self.splits.val_y) and (final or self.epoch % ecfg["every"] == 0):
-            record["val_clean_acc"] = self._acc(self.splits.val_x, self.splits.val_y, model)
-            record["val_robust_acc"] = self._acc(self.splits.val_x, self.splits.val_y, model,
-                                                 **pgd)
-        n_test = ecfg["n_test"] or len(self.splits.test_y)
-        record["test_clean_acc"] = self._acc(self.splits.test_x[:n_test],
-                                             self.splits.test_y[:n_test], model)
+        val, test = self.eval_sets["val"], self.eval_sets["test"]
+        if val is not None and (final or self.epoch % ecfg["every"] == 0):
+            record["val_clean_acc"] = self._acc(val, model)
+            # PGD-0 is the clean accuracy: no second pass (an ImageNet validation set is large).
+            record["val_robust_acc"] = (self._acc(val, model, **pgd) if ecfg["pgd_steps"] > 0
+                                        else record["val_clean_acc"])
+        record["test_clean_acc"] = self._acc(test, model, n=ecfg["n_test"])
         record["eval_seconds"] = time.time() - start
         return record
 
-    def _acc(self, x: torch.Tensor, y: torch.Tensor, model: torch.nn.Module | None = None,
+    def _acc(self, dataset, model: torch.nn.Module | None = None, n: int | None = None,
              **pgd) -> float:
-        """Accuracy in percent; with several ranks each evaluates a contiguous shard."""
+        """Accuracy in percent on the first `n` images (all when None) of an evaluation set
+        (data.TensorEvalSet / FolderEvalSet); with several ranks each evaluates a contiguous
+        shard."""
         model = self.model if model is None else model
-        if self.world == 1:
-            return accuracy(model, x, y, batch_size=self.cfg["eval"]["batch_size"], **pgd)
-        rows = torch.tensor_split(torch.arange(len(y)), self.world)[self.rank]
-        flags = correct(model, x[rows], y[rows], batch_size=self.cfg["eval"]["batch_size"], **pgd)
+        n = len(dataset) if n is None else min(n, len(dataset))
+        rows = None
+        if self.world > 1 or n < len(dataset):
+            rows = torch.tensor_split(torch.arange(n), self.world)[self.rank]
+        batches = dataset.batches(self.cfg["eval"]["batch_size"], self.device, rows)
+        flags = correct_batches(model, batches, **pgd)
         counts = torch.tensor([float(flags.sum()), float(len(flags))], dtype=torch.float64,
                               device=self.device)
         hits, total = distributed.all_reduce_sum_(counts).tolist()
@@ -595,11 +645,11 @@ class Trainer:
             candidates.append(("avg", self.epoch, self.avg.module))
         result = {}
         for name, epoch, model in candidates:
-            row = {"epoch": epoch,
-                   "test_clean_acc": self._acc(self.splits.test_x, self.splits.test_y, model)}
+            test = self.eval_sets["test"]
+            row = {"epoch": epoch, "test_clean_acc": self._acc(test, model)}
             if ecfg["final_pgd"]:
                 row["test_robust_acc"] = self._acc(
-                    self.splits.test_x, self.splits.test_y, model, eps=acfg["eps"],
+                    test, model, eps=acfg["eps"],
                     steps=ecfg["pgd_steps"], step_size=ecfg["pgd_step_size"], norm=acfg["norm"],
                     seed=self.cfg["seed"])
             result[name] = row

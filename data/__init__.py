@@ -1,4 +1,6 @@
-"""Datasets by name (CIFAR-10, CIFAR-100, the small UCI digits set) as uint8 N×3×32×32 tensors.
+"""Datasets by name. Tensor datasets (CIFAR-10, CIFAR-100, the small UCI digits set) are uint8
+N×3×32×32 tensors; image-file datasets (ImageNet, ImageNet-LT) are file lists read by workers
+(data/folder.py).
 
 load_splits() gives the train/val/test split used for training (val = the first `val_size` training
 images); load_dataset() gives one float split for notebooks and evaluation.
@@ -15,10 +17,20 @@ from .augment import crop_flip, crop_flip_params, random_crop_flip
 from .autoaugment import cifar10_policy, cutout, random_rotate
 from .cifar import load_cifar10, load_cifar100
 from .digits import DIGITS_VAL_SIZE, load_digits
+from .folder import (
+    FOLDER_AUGMENTATIONS,
+    FileList,
+    FolderDataError,
+    FolderEvalSet,
+    FolderSplits,
+    FolderTrainLoader,
+    load_folder_splits,
+)
 from .generated import GeneratedSet, GeneratedSetError
 from .loader import (
     AUGMENTATIONS,
     SECOND_VIEWS,
+    TensorEvalSet,
     TrainLoader,
     derived_seed,
     iterate_batches,
@@ -31,7 +43,10 @@ DATASETS: dict[str, Callable[[str, str, bool], tuple[torch.Tensor, torch.Tensor]
     "cifar100": load_cifar100,
     "digits": load_digits,
 }
-NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10}
+# Image-file datasets: read from data.root by DataLoader workers, not held in memory.
+FOLDER_DATASETS = ("imagenet", "imagenet_lt")
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "digits": 10, "imagenet": 1000,
+               "imagenet_lt": 1000}
 # Validation size when the caller gives none: Wang et al. (2023) hold out the first 1024 CIFAR
 # training images; the digits set has only 1,437 training images, so it keeps 200.
 DEFAULT_VAL_SIZE = {"cifar10": 1024, "cifar100": 1024, "digits": DIGITS_VAL_SIZE}
@@ -92,16 +107,22 @@ def load_dataset(name: str, split: str = "test", root: str = "data",
 
 
 def _check_name(name: str) -> str:
+    if name in FOLDER_DATASETS:
+        raise ValueError(f"{name} is an image-file dataset, not loaded into memory: its splits "
+                         f"come from load_folder_splits and are evaluated by at.train")
     if name not in DATASETS:
-        close = difflib.get_close_matches(str(name), DATASETS, n=1)
+        known = [*DATASETS, *FOLDER_DATASETS]
+        close = difflib.get_close_matches(str(name), known, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown dataset {name!r}{hint}; valid names: {', '.join(DATASETS)}")
+        raise ValueError(f"unknown dataset {name!r}{hint}; valid names: {', '.join(known)}")
     return name
 
 
 __all__ = [
-    "AUGMENTATIONS", "DATASETS", "DEFAULT_VAL_SIZE", "GeneratedSet", "GeneratedSetError",
-    "NUM_CLASSES", "SECOND_VIEWS", "Splits", "TrainLoader", "cifar10_policy", "crop_flip",
+    "AUGMENTATIONS", "DATASETS", "DEFAULT_VAL_SIZE", "FOLDER_AUGMENTATIONS", "FOLDER_DATASETS",
+    "FileList", "FolderDataError", "FolderEvalSet", "FolderSplits", "FolderTrainLoader",
+    "GeneratedSet", "GeneratedSetError", "NUM_CLASSES", "SECOND_VIEWS", "Splits",
+    "TensorEvalSet", "TrainLoader", "cifar10_policy", "crop_flip", "load_folder_splits",
     "crop_flip_params", "cutout", "derived_seed", "iterate_batches", "load_dataset", "load_splits",
     "random_crop_flip", "random_rotate", "to_float",
 ]

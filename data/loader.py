@@ -275,3 +275,20 @@ def iterate_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int,
         xb = x[start:start + batch_size].to(device)
         xb = to_float(xb) if xb.dtype == torch.uint8 else xb.float()
         yield xb, y[start:start + batch_size].to(device, dtype=torch.int64)
+
+
+class TensorEvalSet:
+    """An evaluation split held as tensors (uint8 or float images, int64 labels), with
+    FolderEvalSet's interface."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor):
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batches(self, batch_size: int, device: torch.device | str | None = None,
+                rows: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(x float32 [0,1], y int64) on `device` for `rows` (default all), in order."""
+        x, y = (self.x, self.y) if rows is None else (self.x[rows], self.y[rows])
+        return iterate_batches(x, y, batch_size, device)

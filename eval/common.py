@@ -113,6 +113,8 @@ def load_target(target: str | Path, weights: str = "best", arch: str | None = No
             if given is not None and given != actual:
                 raise EvalError(f"--{what} {given} contradicts the run's {what} {actual}")
         arch, dataset = run_arch, run_dataset
+        # An image-file dataset may be a subset of its classes (data.num_classes).
+        num_classes = cfg["data"].get("num_classes")
         path, key = _run_checkpoint(target, weights, cfg["eval"]["best_on"])
         out_dir, run_dir = target / "eval", target
         data_root = data_root or cfg["data"]["root"]
@@ -120,6 +122,7 @@ def load_target(target: str | Path, weights: str = "best", arch: str | None = No
         if arch is None or dataset is None:
             raise EvalError(f"{target} is a bare checkpoint: give --arch and --dataset")
         path, key, weights = target, None, target.stem
+        num_classes = None
         out_dir, run_dir = target.parent / "eval", None
         data_root = data_root or "data"
     else:
@@ -128,7 +131,8 @@ def load_target(target: str | Path, weights: str = "best", arch: str | None = No
     if dataset not in datasets.NUM_CLASSES:
         raise EvalError(f"unknown dataset {dataset!r}; valid: {', '.join(datasets.NUM_CLASSES)}")
     try:
-        model = models.build_model(arch, datasets.NUM_CLASSES[dataset], dataset=dataset)
+        model = models.build_model(arch, num_classes or datasets.NUM_CLASSES[dataset],
+                                   dataset=dataset)
     except ValueError as err:
         raise EvalError(str(err)) from err
     try:

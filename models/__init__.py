@@ -1,6 +1,8 @@
 """Model registry: `MODELS` maps a name to a constructor `(num_classes, **kwargs) -> nn.Module`;
 `build_model` resolves the name and, for the DeepMind (swish) models, the normalization.
-All models take N x 3 x 32 x 32 inputs in [0, 1] and return N x num_classes logits.
+All models take N x 3 x H x W inputs in [0, 1] and return N x num_classes logits: H = W = 32 for
+`MODELS`; for the image-file datasets (ImageNet, ImageNet-LT) the names resolve in
+`IMAGENET_MODELS` (any H = W >= 32; 224 in the recipes).
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from typing import Any
 from torch import nn
 
 from .cifar_resnet import CifarResNet, CifarResNet50, cifar_resnet, normalized_builder
+from .imagenet import NETWORKS as _IMAGENET_NETWORKS
+from .imagenet import ImageNetModel, MobileNetV1, imagenet_builder, load_pretrained
 from .mobilenetv2_cifar import CifarMobileNetV2, mobilenetv2_half
 from .preact_resnet import PreActResNet, preact_resnet18
 from .shufflenet_cifar import ShuffleNetV1, ShuffleNetV2, shufflenet_v1, shufflenet_v2
@@ -18,7 +22,8 @@ from .vgg_cifar import CifarVGG, cifar_vgg
 from .wideresnet import WideResNet
 from .wideresnet_dm import NORMALIZATION, DMWideResNet, normalization_for
 
-__all__ = ["MODELS", "NORMALIZATION", "build_model", "normalization_for",
+__all__ = ["IMAGENET_DATASETS", "IMAGENET_MODELS", "MODELS", "NORMALIZATION", "build_model",
+           "normalization_for", "ImageNetModel", "MobileNetV1", "load_pretrained",
            "WideResNet", "DMWideResNet", "PreActResNet", "preact_resnet18", "CifarResNet",
            "CifarResNet50", "CifarVGG", "CifarMobileNetV2", "ShuffleNetV1", "ShuffleNetV2"]
 
@@ -66,6 +71,12 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "shufflenet-v2": shufflenet_v2,
 }
 
+# ImageNet-sized networks, for the image-file datasets (the same name may mean a CIFAR network
+# in MODELS: resnet50).
+IMAGENET_DATASETS = ("imagenet", "imagenet_lt")
+IMAGENET_MODELS: dict[str, Callable[..., nn.Module]] = {
+    name: imagenet_builder(name) for name in _IMAGENET_NETWORKS}
+
 # The CIFAR networks of the distillation benchmarks (not RobustBench architectures).
 KD_PREFIXES = ("resnet", "vgg", "mobilenet", "shufflenet")
 # Models that normalize inside and therefore care about `dataset`.
@@ -75,12 +86,14 @@ _DATASET_AWARE = frozenset(name for name in MODELS if name.endswith("-swish")
 
 def build_model(name: str, num_classes: int, dataset: str | None = None,
                 **kwargs: Any) -> nn.Module:
-    """Instantiate `MODELS[name]`. `dataset` ("cifar10"/"cifar100") only selects the
+    """Instantiate `MODELS[name]`, or `IMAGENET_MODELS[name]` when `dataset` is an image-file
+    dataset (imagenet, imagenet_lt). Otherwise `dataset` ("cifar10"/"cifar100") only selects the
     in-model normalization of the swish models; other/None falls back to CIFAR-100
     stats iff num_classes == 100 (RobustBench's convention). Extra kwargs (e.g.
     `bn_momentum`) go to the constructor."""
-    if name not in MODELS:
-        valid = sorted(MODELS)
+    registry = IMAGENET_MODELS if dataset in IMAGENET_DATASETS else MODELS
+    if name not in registry:
+        valid = sorted(registry)
         msg = f"unknown model {name!r}; valid: {', '.join(valid)}"
         close = difflib.get_close_matches(name.lower(), valid, n=1)
         if close:
@@ -88,6 +101,8 @@ def build_model(name: str, num_classes: int, dataset: str | None = None,
         raise ValueError(msg)
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if registry is IMAGENET_MODELS:
+        return registry[name](num_classes, **kwargs)
     if name in _DATASET_AWARE:
         kwargs["dataset"] = dataset
     return MODELS[name](num_classes, **kwargs)

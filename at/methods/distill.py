@@ -26,31 +26,45 @@ WEIGHTS = ("sample", "class_prior")
 INPUTS = ("clean", "adversarial")
 
 
+TORCHVISION = "torchvision:"  # teacher: torchvision:resnet34 = torchvision's ImageNet weights
+
+
 def load_teacher(path: str, weights: str, arch: str | None, num_classes: int) -> nn.Module:
     """A run directory's (`weights`: best / last / avg) or a bare checkpoint's (`arch` needed)
-    model, frozen: eval mode, no parameter gradients."""
+    model, or torchvision's ImageNet weights (`torchvision:resnet34`), frozen: eval mode, no
+    parameter gradients."""
     from eval.common import EvalError, load_target
     dataset = None
-    if not Path(path).exists():
-        raise ValueError(f"method.distill.teacher: {path} does not exist (a run directory or "
-                         f"a checkpoint file)")
-    if not Path(path).is_dir():
-        if arch is None:
-            raise ValueError(f"method.distill.teacher {path} is a checkpoint file: set "
-                             f"method.distill.teacher_arch")
-        dataset = "cifar100" if num_classes == 100 else "cifar10"
-    try:
-        teacher = load_target(path, weights, arch, dataset, device="cpu").model
-    except EvalError as err:
-        raise ValueError(f"method.distill.teacher: {err}") from None
+    if path.startswith(TORCHVISION):
+        if num_classes != 1000:
+            raise ValueError(f"method.distill.teacher {path}: torchvision's weights predict "
+                             f"1000 ImageNet classes, the data has {num_classes}")
+        import models
+        name = path[len(TORCHVISION):]
+        teacher = models.load_pretrained(
+            models.build_model(name, 1000, dataset="imagenet"), name)
+    else:
+        if not Path(path).exists():
+            raise ValueError(f"method.distill.teacher: {path} does not exist (a run directory, "
+                             f"a checkpoint file or torchvision:NAME)")
+        if not Path(path).is_dir():
+            if arch is None:
+                raise ValueError(f"method.distill.teacher {path} is a checkpoint file: set "
+                                 f"method.distill.teacher_arch")
+            # Which family of networks `arch` names: ImageNet ones for 1000 classes.
+            dataset = {1000: "imagenet", 100: "cifar100"}.get(num_classes, "cifar10")
+        try:
+            teacher = load_target(path, weights, arch, dataset, device="cpu").model
+        except EvalError as err:
+            raise ValueError(f"method.distill.teacher: {err}") from None
     for p in teacher.parameters():
         p.requires_grad_(False)
     with torch.no_grad():
-        out = teacher(torch.zeros(1, 3, 32, 32)).shape[1]
+        out = teacher.eval()(torch.zeros(1, 3, 32, 32)).shape[1]
     if out != num_classes:
         raise ValueError(f"method.distill.teacher {path} predicts {out} classes, the data has "
                          f"{num_classes}")
-    return teacher.eval()
+    return teacher
 
 
 class Distill(Method):

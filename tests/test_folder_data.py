@@ -1,0 +1,287 @@
+"""Image-file datasets (ImageNet layout, ImageNet-LT split lists): reading, the standard views,
+the training stream (determinism, distributed shares, mid-epoch resume) and training end to end
+on the real digits written as JPEGs in ImageNet's on-disk layout."""
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+import data
+import models
+from at.config import load_config
+from at.errors import RunError
+from at.trainer import Trainer, fit
+from data.folder import eval_view, resized_crop_box, train_view
+
+# By path, as in test_data.py (robustbench's wheel installs a top-level `tests` package).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fake_imagenet import WNIDS, write_fake_imagenet  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagenet")
+    return root, write_fake_imagenet(root)
+
+
+def _splits(root, name="imagenet", val_size=None):
+    return data.load_folder_splits(name, str(root), None, val_size, 10)
+
+
+# ---- reading --------------------------------------------------------------------------------
+def test_imagefolder_labels_and_files_match_what_was_written(fake):
+    root, written = fake
+    s = _splits(root)
+    assert s.val is None and s.num_classes == 10
+    for files, rows in ((s.train, written["train"]), (s.test, written["val"])):
+        got = sorted((str(Path(p).relative_to(root)), int(y))
+                     for p, y in zip(files.paths, files.labels))
+        assert got == sorted(rows)
+    # labels are the sorted class-folder positions
+    assert [Path(p).parent.name for p in s.train.paths[:1]] == [WNIDS[0]]
+
+
+def test_held_out_validation_is_fixed_and_disjoint(fake):
+    root, _ = fake
+    a, b = _splits(root, val_size=100), _splits(root, val_size=100)
+    assert a.val.paths == b.val.paths and len(a.val) == 100
+    assert not set(a.val.paths) & set(a.train.paths)
+    assert len(a.train) + 100 == len(_splits(root).train)
+
+
+def test_lt_lists_are_read_with_their_labels(fake):
+    root, written = fake
+    s = _splits(root, "imagenet_lt")
+    assert [(str(Path(p).relative_to(root)), int(y)) for p, y in
+            zip(s.train.paths, s.train.labels)] == written["lt_train"]
+    counts = Counter(s.train.labels.tolist())
+    assert counts[0] > 4 * counts[9]  # long-tailed
+    assert len(s.val) == len(written["lt_val"]) > 0 and len(s.test) == len(written["val"])
+    assert _splits(root, "imagenet_lt", val_size=0).val is None
+
+
+@pytest.mark.parametrize("line, match", [("train/x.JPEG", "expected 'relative/path label'"),
+                                         ("train/x.JPEG 10", r"label 10 outside \[0, 10\)")])
+def test_malformed_split_list_names_file_and_line(fake, tmp_path, line, match):
+    root, written = fake
+    good = f"{written['lt_train'][0][0]} 0\n"
+    (tmp_path / "ImageNet_LT_train.txt").write_text(good + line + "\n")
+    with pytest.raises(data.FolderDataError, match=f"ImageNet_LT_train.txt:2: {match}"):
+        data.load_folder_splits("imagenet_lt", str(root), str(tmp_path), 0, 10)
+
+
+def test_missing_or_mismatched_folders_are_one_line_errors(fake, tmp_path):
+    root, _ = fake
+    with pytest.raises(data.FolderDataError, match="is not a directory"):
+        data.load_folder_splits("imagenet", str(tmp_path), None, None, 10)
+    with pytest.raises(data.FolderDataError, match="has 10 class folders, imagenet has 1000"):
+        data.load_folder_splits("imagenet", str(root), None, None, 1000)
+    (tmp_path / "train" / "n1").mkdir(parents=True)
+    (tmp_path / "train" / "n2").mkdir()
+    (tmp_path / "val" / "n1").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "n1" / "a.JPEG")
+    with pytest.raises(data.FolderDataError, match="other class folders than the training set"):
+        data.load_folder_splits("imagenet", str(tmp_path), None, None, 2)
+
+
+# ---- the views ------------------------------------------------------------------------------
+def _photo(w: int, h: int, seed: int = 0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("w, h", [(300, 200), (200, 300), (256, 256), (500, 333)])
+def test_eval_view_equals_torchvision_resize_center_crop(w, h):
+    img = _photo(w, h)
+    ours = eval_view(img, 224, 256)
+    ref = TF.pil_to_tensor(TF.center_crop(TF.resize(img, 256), [224, 224]))
+    assert torch.equal(ours, ref)
+
+
+def test_train_view_equals_torchvision_resized_crop_of_its_box():
+    img = _photo(320, 240, seed=1)
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        left, top, w, h = resized_crop_box(img.width, img.height, np.random.default_rng(seed))
+        flip = np.random.default_rng(seed)
+        resized_crop_box(img.width, img.height, flip)  # the same draws, then the flip's
+        ours = train_view(img, 64, rng)
+        ref = TF.resized_crop(img, top, left, h, w, [64, 64])
+        if flip.random() < 0.5:
+            ref = TF.horizontal_flip(ref)
+        assert torch.equal(ours, TF.pil_to_tensor(ref))
+
+
+def test_resized_crop_box_stays_inside_with_the_allowed_area_and_ratio():
+    rng = np.random.default_rng(0)
+    for w, h in [(500, 375), (64, 64), (1000, 50), (50, 1000)]:
+        for _ in range(200):
+            left, top, cw, ch = resized_crop_box(w, h, rng)
+            assert 0 <= left and left + cw <= w and 0 <= top and top + ch <= h and cw * ch > 0
+            if (w, h) in [(500, 375), (64, 64)]:  # no fallback needed here
+                assert 0.08 * 0.9 <= cw * ch / (w * h) <= 1.0
+                assert 3 / 4 * 0.9 <= cw / ch <= 4 / 3 * 1.1
+
+
+# ---- the training stream --------------------------------------------------------------------
+def _loader(files, seed=0, **kw):
+    kw = {"image_size": 32, "resize_size": 36, "workers": 0, **kw}
+    return data.FolderTrainLoader(files, 64, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+def _epoch(loader, limit=None):
+    out = []
+    for i, (x, y) in enumerate(loader):
+        if limit is not None and i == limit:
+            break
+        out.append((x.clone(), y.clone()))
+    return out
+
+
+def test_an_epoch_visits_every_image_once_and_is_reproducible(fake):
+    root, _ = fake
+    files = _splits(root).train
+    a, b = _epoch(_loader(files)), _epoch(_loader(files, workers=2))  # workers do not matter
+    assert sum(len(y) for _, y in a) == len(files)
+    assert Counter(torch.cat([y for _, y in a]).tolist()) == Counter(files.labels.tolist())
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+    x = a[0][0]
+    assert x.dtype == torch.float32 and x.shape[1:] == (3, 32, 32) and 0 <= x.min() <= x.max() <= 1
+    c = _loader(files)
+    first, second = _epoch(c), _epoch(c)  # a new permutation and new crops every epoch
+    assert not torch.equal(first[0][1], second[0][1])
+
+
+def test_ranks_decode_disjoint_shares_of_the_same_global_batches(fake):
+    root, _ = fake
+    files = _splits(root).train
+    whole = _epoch(_loader(files), limit=3)
+    shares = [_epoch(_loader(files, rank=r, world_size=2), limit=3) for r in range(2)]
+    for step, (x, y) in enumerate(whole):
+        # positional augmentation: rank r's images are pixel-identical to its slice of the batch
+        assert torch.equal(torch.cat([shares[0][step][0], shares[1][step][0]]), x)
+        assert torch.equal(torch.cat([shares[0][step][1], shares[1][step][1]]), y)
+
+
+def test_a_mid_epoch_state_continues_with_the_same_batches(fake):
+    root, _ = fake
+    files = _splits(root).train
+    reference = _loader(files)
+    _epoch(reference)
+    full = _epoch(reference)  # epoch 2
+    run = _loader(files)
+    _epoch(run)
+    it = iter(run)
+    for _ in range(5):
+        next(it)
+    state = run.state_dict()
+    assert state["step"] == 5 and state["epoch"] == 2
+    resumed = _loader(files, seed=123)  # the state, not the constructor's seed, decides
+    resumed.load_state_dict(state)
+    rest = _epoch(resumed)
+    assert len(rest) == len(full) - 5
+    assert all(torch.equal(xa, xb) for (xa, _), (xb, _) in zip(rest, full[5:]))
+    nxt = _epoch(resumed)  # and the next epoch is epoch 3 of the uninterrupted stream
+    assert torch.equal(nxt[0][0], _epoch(reference)[0][0])
+
+
+def test_eval_set_batches_follow_file_order(fake):
+    root, _ = fake
+    s = _splits(root)
+    ev = data.FolderEvalSet(s.test, 32, 36, workers=0)
+    rows = torch.arange(10, 40)
+    got = list(ev.batches(8, CPU, rows))
+    assert torch.equal(torch.cat([y for _, y in got]), s.test.labels[10:40])
+    img = Image.open(s.test.paths[10]).convert("RGB")
+    assert torch.equal(got[0][0][0], eval_view(img, 32, 36).float() / 255)
+
+
+# ---- training end to end --------------------------------------------------------------------
+def _cfg(root, out, *extra):
+    return load_config(None, [
+        "data.name=imagenet", f"data.root={root}", "data.num_classes=10", "data.image_size=32",
+        "data.resize_size=36", "data.workers=0", "data.augment=resized_crop_flip",
+        "model.name=resnet18", "method.name=standard", "optim.epochs=10", "optim.batch_size=64",
+        "optim.lr=0.05", "optim.weight_decay=5e-4", "eval.pgd_steps=0", "eval.final_pgd=false",
+        "data.val_size=null", "log.plot=false", f"out_dir={out}", *extra])
+
+
+@pytest.fixture(scope="module")
+def teacher_run(fake, tmp_path_factory):
+    root, _ = fake
+    out = tmp_path_factory.mktemp("runs") / "teacher"
+    return out, fit(_cfg(root, out))
+
+
+def test_standard_training_on_imagenet_layout_learns(teacher_run):
+    _, result = teacher_run
+    assert result["last"]["test_clean_acc"] >= 60.0  # chance: 10 %
+
+
+def test_distillation_from_an_imagenet_layout_run(fake, teacher_run, tmp_path):
+    root, _ = fake
+    teacher_dir, teacher_result = teacher_run
+    cfg = _cfg(root, tmp_path / "student", "model.name=mobilenetv1", "method.name=distill",
+               f"method.distill.teacher={teacher_dir}", "method.distill.teacher_weights=last",
+               "method.distill.loss=ikl_kd", "method.distill.temperature=1.0",
+               "method.distill.alpha=1.0", "method.distill.beta=0.5",
+               "method.distill.weights=class_prior", "method.distill.prior_temperature=1.0",
+               "optim.epochs=2")
+    trainer = Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.method.teacher.state_dict().items()}
+    teacher = trainer.method.teacher
+    # the teacher is the run's last weights: its test accuracy as the teacher run measured it
+    acc = trainer._acc(trainer.eval_sets["test"], teacher)
+    assert acc == pytest.approx(teacher_result["last"]["test_clean_acc"])
+    result = trainer.fit()
+    assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
+    assert all(p.grad is None for p in teacher.parameters())
+    assert np.isfinite(result["last"]["test_clean_acc"])
+    # the class prior was gathered from the teacher's soft predictions (T2 = 1) on the
+    # augmented training crops: rows are distributions that favour the true class
+    prior = trainer.method.prior
+    assert torch.allclose(prior.sum(1), torch.ones(10), atol=1e-5)
+    assert (prior.argmax(1) == torch.arange(10)).float().mean() >= 0.8
+    assert prior.diagonal().mean() > 0.2  # uniform: 0.1
+
+
+@pytest.mark.parametrize("override, match", [
+    (["data.augment=crop_flip"], "data.augment for imagenet must be one of resized_crop_flip"),
+    (["data.resize_size=30"], "data.resize_size >= data.image_size"),
+])
+def test_bad_imagenet_configs_are_refused(fake, tmp_path, override, match):
+    root, _ = fake
+    with pytest.raises(RunError, match=match):
+        Trainer(_cfg(root, tmp_path / "r", *override))
+
+
+def test_cifar_options_are_refused_for_tensor_datasets(tmp_path):
+    cfg = load_config(None, ["data.name=digits", "data.augment=resized_crop_flip",
+                             f"out_dir={tmp_path / 'r'}"])
+    with pytest.raises(RunError, match="data.augment for digits must be one of crop_flip"):
+        Trainer(cfg)
+    cfg = load_config(None, ["data.name=digits", "data.num_classes=10",
+                             f"out_dir={tmp_path / 'r'}"])
+    with pytest.raises(RunError, match="data.num_classes is for image-file datasets"):
+        Trainer(cfg)
+
+
+def test_imagenet_networks_have_their_published_sizes():
+    sizes = {"resnet18": 11_689_512, "resnet34": 21_797_672, "resnet50": 25_557_032,
+             "resnext101-32x4d": 44_177_704, "mobilenetv1": 4_231_976}
+    for name, n in sizes.items():
+        m = models.build_model(name, 1000, dataset="imagenet")
+        assert sum(p.numel() for p in m.parameters()) == n, name
+    # the same name on CIFAR is the CIFAR network
+    assert not isinstance(models.build_model("resnet50", 100, dataset="cifar100"),
+                          models.ImageNetModel)
