@@ -230,14 +230,15 @@ class Trainer:
             self.log = RunLog(self.out, cfg, resume_epoch=self.epoch)
 
     def _build_data(self, splits: datasets.Splits | None) -> int:
-        """self.loader (training batches) and self.eval_sets ({"val": None when there is no
-        validation split, "test"}); returns the number of classes."""
+        """self.splits (data.Splits tensors, or data.FolderSplits file lists), self.loader
+        (training batches) and self.eval_sets ({"val": None when there is no validation split,
+        "test"}); returns the number of classes."""
         cfg, dcfg = self.cfg, self.cfg["data"]
         self.sampler = torch.Generator().manual_seed(cfg["seed"])
         common = dict(generator=self.sampler, drop_last=dcfg["drop_last"], device=self.device,
                       rank=self.rank, world_size=self.world)
         if splits is None and dcfg["name"] in datasets.FOLDER_DATASETS:
-            files = datasets.load_folder_splits(
+            files = self.splits = datasets.load_folder_splits(
                 dcfg["name"], dcfg["root"], dcfg["lists"], dcfg["val_size"],
                 dcfg["num_classes"] or datasets.NUM_CLASSES[dcfg["name"]])
             sizes = dict(image_size=dcfg["image_size"], resize_size=dcfg["resize_size"])
@@ -249,7 +250,7 @@ class Trainer:
                 datasets.FolderEvalSet(part, workers=dcfg["workers"], **sizes)
                 for name, part in (("val", files.val), ("test", files.test))}
             return files.num_classes
-        splits = splits or datasets.load_splits(
+        splits = self.splits = splits or datasets.load_splits(
             dcfg["name"], root=dcfg["root"], val_size=dcfg["val_size"], download=dcfg["download"])
         gcfg = dcfg["generated"]
         generated = GeneratedSet(gcfg["path"], splits.num_classes) if gcfg["path"] else None

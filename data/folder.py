@@ -18,6 +18,7 @@ epoch, on any number of GPUs, therefore sees exactly the batches an uninterrupte
 from __future__ import annotations
 
 import math
+import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,11 +243,20 @@ def _collate(items: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, torch
             torch.tensor([y for _, y in items], dtype=torch.int64))
 
 
+def _keep_decoding_on_preemption(worker_id: int) -> None:
+    """A cluster's preemption signal reaches every process of the job. A worker that died of it
+    would make the training process fail before it saves; ignoring it, the workers go on until
+    the training process has saved and stops them (or its own exit ends them)."""
+    for signum in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 def _batches(dataset: FolderDataset, keys: list[list], workers: int, pin: bool
              ) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=keys, num_workers=workers, collate_fn=_collate, pin_memory=pin,
-        prefetch_factor=4 if workers else None, persistent_workers=False)
+        prefetch_factor=4 if workers else None, persistent_workers=False,
+        worker_init_fn=_keep_decoding_on_preemption if workers else None)
 
 
 class FolderTrainLoader:

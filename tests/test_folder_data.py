@@ -285,3 +285,104 @@ def test_imagenet_networks_have_their_published_sizes():
     # the same name on CIFAR is the CIFAR network
     assert not isinstance(models.build_model("resnet50", 100, dataset="cifar100"),
                           models.ImageNetModel)
+
+
+def test_cost_matrix_from_an_imagenet_layout_run_is_deterministic(teacher_run, tmp_path):
+    from at.kd_cost_matrix import main as cost_matrix_main
+    teacher_dir, _ = teacher_run
+    runs = []
+    for name in ("a.pt", "b.pt"):
+        args = [str(teacher_dir), "--weights", "last", "--per-class", "6", "--workers", "0",
+                "--device", "cpu", "--out", str(tmp_path / name)]
+        assert cost_matrix_main(args) == 0
+        runs.append(torch.load(tmp_path / name, weights_only=False)["cost"])
+    assert torch.equal(runs[0], runs[1]) and runs[0].shape == (10, 10)
+    assert torch.allclose(runs[0].diagonal(), torch.zeros(10, dtype=torch.float64), atol=1e-12)
+    assert torch.equal(runs[0], runs[0].T) and (runs[0] >= -1e-12).all()
+
+
+@pytest.mark.parametrize("config", sorted(
+    str(p) for d in ("imagenet", "imagenet_lt")
+    for p in (Path(__file__).parents[1] / "configs" / d / "kd").glob("*.yaml")))
+def test_imagenet_configs_name_real_networks_and_teachers(config):
+    from at.trainer import check_config
+    cfg = load_config(config)
+    check_config(cfg)
+    assert cfg["data"]["augment"] == "resized_crop_flip"
+    models.build_model(cfg["model"]["name"], 1000, dataset=cfg["data"]["name"])
+    teacher = (cfg["method"]["distill"] or {}).get("teacher") or ""
+    if teacher.startswith("torchvision:"):
+        assert teacher.split(":")[1] in models.imagenet.PRETRAINED
+
+
+# The training process and its decoding workers get SIGTERM together (as from a cluster's
+# preemption: the whole process group) shortly after the K-th optimizer step, while the training
+# process waits for its next batch from deliberately slow workers (a data-bound run).
+DRIVER = """
+import os, signal, sys, threading, time, torch
+k, count = int(sys.argv[1]), [0]
+if k:
+    import data.folder
+    get = data.folder.FolderDataset.__getitem__
+    def slow(self, key):
+        time.sleep(0.02)
+        return get(self, key)
+    data.folder.FolderDataset.__getitem__ = slow
+    step = torch.optim.SGD.step
+    def counted(self, *a, **kw):
+        count[0] += 1
+        if count[0] == k:
+            threading.Timer(0.3, os.killpg, (0, signal.SIGTERM)).start()
+        return step(self, *a, **kw)
+    torch.optim.SGD.step = counted
+from at.train import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_preemption_of_the_process_group_saves_and_resumes_exactly(fake, tmp_path):
+    import subprocess
+
+    from at.checkpoint import load
+    from at.config import REPO_ROOT
+    root, _ = fake
+    common = ["data.name=imagenet", f"data.root={root}", "data.num_classes=10",
+              "data.image_size=32", "data.resize_size=36", "data.workers=2",
+              "data.augment=resized_crop_flip", "data.val_size=null", "model.name=mobilenetv1",
+              "method.name=standard", "optim.epochs=2", "optim.batch_size=128",
+              "eval.pgd_steps=0", "eval.final_pgd=false", "eval.n_test=64", "log.plot=false"]
+
+    def run(k, *args):
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "disabled"}
+        return subprocess.run([sys.executable, "-c", DRIVER, str(k), *common, *args],
+                              cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                              timeout=300, start_new_session=True)
+
+    whole = run(0, f"out_dir={tmp_path / 'whole'}")
+    assert whole.returncode == 0, whole.stderr
+    stopped = run(5, f"out_dir={tmp_path / 'cut'}")
+    # saved, not failed on its workers' deaths (they ignore the signal and deliver the batch)
+    assert stopped.returncode == 75, stopped.stderr
+    assert 5 <= load(tmp_path / "cut" / "last.pt")["partial"]["step"] <= 8  # of 12
+    resumed = run(0, f"out_dir={tmp_path / 'cut'}", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    a = load(tmp_path / "whole" / "last.pt")["model"]
+    b = load(tmp_path / "cut" / "last.pt")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_torchvision_teacher_without_network_is_a_one_line_error(tmp_path, monkeypatch):
+    import urllib.error
+
+    from at.methods.distill import load_teacher
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(ValueError, match=r"could not get torchvision's "
+                                         r"ResNet34_Weights.IMAGENET1K_V1 weights .*no network"):
+        load_teacher("torchvision:resnet34", "best", None, 1000)
+    with pytest.raises(ValueError, match="predict 1000 ImageNet classes, the data has 10"):
+        load_teacher("torchvision:resnet34", "best", None, 10)
