@@ -64,3 +64,22 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, **kwargs) -> float:
     """Top-1 accuracy in percent (NaN for an empty set); keyword arguments as for `correct`."""
     flags = correct(model, x, y, **kwargs)
     return 100.0 * flags.double().mean().item() if len(flags) else float("nan")
+
+
+# Long-tailed benchmarks (Liu et al., CVPR 2019): a class is many-shot with more than 100
+# training images, medium-shot with 20 to 100, few-shot with fewer than 20.
+SHOT_GROUPS = (("many", 101, None), ("medium", 20, 100), ("few", 0, 19))
+
+
+def shot_accuracies(hits: Tensor, counts: Tensor, train_counts: Tensor) -> dict[str, float]:
+    """Accuracy (percent) of each shot group: the mean over the group's classes of their test
+    accuracy hits[c] / counts[c] (as the long-tail references report it; classes without test
+    images are left out). hits, counts, train_counts: per class, length C."""
+    out = {}
+    for name, low, high in SHOT_GROUPS:
+        member = (train_counts >= low) & (counts > 0)
+        if high is not None:
+            member &= train_counts <= high
+        per_class = hits[member].double() / counts[member].double()
+        out[f"{name}_shot"] = 100.0 * per_class.mean().item() if member.any() else float("nan")
+    return out

@@ -35,7 +35,7 @@ from . import checkpoint as ckpt
 from .awp import AWP
 from .config import dump_config, git_state
 from .errors import NonFiniteLoss, Preempted, RunError
-from .evaluate import correct_batches
+from .evaluate import correct_batches, shot_accuracies
 from .methods import Method, build_method
 from .optim import build_optimizer, match_state_layout
 from .run_log import RunLog, require_wandb
@@ -186,7 +186,11 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
         ckpt.seed_everything(cfg["seed"])  # the same initial weights on every rank
 
-        num_classes = self._build_data(splits)
+        num_classes = self.num_classes = self._build_data(splits)
+        # Training images per class of a long-tailed set (ImageNet-LT): final.json then also
+        # reports many / medium / few-shot accuracy.
+        self.train_counts = torch.bincount(self.splits.train.labels, minlength=num_classes) \
+            if cfg["data"]["name"] == "imagenet_lt" else None
         dcfg = cfg["data"]
         self.model = models.build_model(cfg["model"]["name"], num_classes, dataset=dcfg["name"],
                                         bn_momentum=cfg["model"]["bn_momentum"]).to(self.device)
@@ -575,17 +579,33 @@ class Trainer:
         """Accuracy in percent on the first `n` images (all when None) of an evaluation set
         (data.TensorEvalSet / FolderEvalSet); with several ranks each evaluates a contiguous
         shard."""
+        hits, counts = self._class_hits(dataset, model, n, **pgd)
+        total = counts.sum().item()
+        return 100.0 * hits.sum().item() / total if total else float("nan")
+
+    def _class_hits(self, dataset, model: torch.nn.Module | None = None, n: int | None = None,
+                    **pgd) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per class: correct predictions and images (float64, length C), summed over ranks."""
         model = self.model if model is None else model
         n = len(dataset) if n is None else min(n, len(dataset))
         rows = None
         if self.world > 1 or n < len(dataset):
             rows = torch.tensor_split(torch.arange(n), self.world)[self.rank]
-        batches = dataset.batches(self.cfg["eval"]["batch_size"], self.device, rows)
-        flags = correct_batches(model, batches, **pgd)
-        counts = torch.tensor([float(flags.sum()), float(len(flags))], dtype=torch.float64,
-                              device=self.device)
-        hits, total = distributed.all_reduce_sum_(counts).tolist()
-        return 100.0 * hits / total if total else float("nan")
+        labels = []
+
+        def tap(batches):
+            for xb, yb in batches:
+                labels.append(yb)
+                yield xb, yb
+
+        flags = correct_batches(
+            model, tap(dataset.batches(self.cfg["eval"]["batch_size"], self.device, rows)), **pgd)
+        y = torch.cat(labels).cpu() if labels else torch.zeros(0, dtype=torch.int64)
+        table = torch.zeros(2, self.num_classes, dtype=torch.float64)
+        table[0].index_add_(0, y, flags.double())
+        table[1].index_add_(0, y, torch.ones(len(y), dtype=torch.float64))
+        table = distributed.all_reduce_sum_(table.to(self.device)).cpu()
+        return table[0], table[1]
 
     # ---- the loop -----------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -647,7 +667,13 @@ class Trainer:
         result = {}
         for name, epoch, model in candidates:
             test = self.eval_sets["test"]
-            row = {"epoch": epoch, "test_clean_acc": self._acc(test, model)}
+            hits, counts = self._class_hits(test, model)
+            total = counts.sum().item()
+            row = {"epoch": epoch,
+                   "test_clean_acc": 100.0 * hits.sum().item() / total if total else math.nan}
+            if self.train_counts is not None:  # a long-tailed training set: accuracy per shot
+                row.update({f"test_{k}_acc": v for k, v in
+                            shot_accuracies(hits, counts, self.train_counts).items()})
             if ecfg["final_pgd"]:
                 row["test_robust_acc"] = self._acc(
                     test, model, eps=acfg["eps"],

@@ -3,6 +3,7 @@ the training stream (determinism, distributed shares, mid-epoch resume) and trai
 on the real digits written as JPEGs in ImageNet's on-disk layout."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections import Counter
@@ -386,3 +387,29 @@ def test_torchvision_teacher_without_network_is_a_one_line_error(tmp_path, monke
         load_teacher("torchvision:resnet34", "best", None, 1000)
     with pytest.raises(ValueError, match="predict 1000 ImageNet classes, the data has 10"):
         load_teacher("torchvision:resnet34", "best", None, 10)
+
+
+def test_shot_accuracies_average_per_class_accuracy_within_each_group():
+    from at.evaluate import shot_accuracies
+    train = torch.tensor([500, 150, 101, 100, 20, 19, 1])
+    counts = torch.tensor([10, 10, 4, 5, 5, 2, 0])  # the last class has no test image
+    hits = torch.tensor([10, 5, 1, 5, 0, 1, 0])
+    out = shot_accuracies(hits, counts, train)
+    assert out["many_shot"] == pytest.approx(100 * (1 + 0.5 + 0.25) / 3)
+    assert out["medium_shot"] == pytest.approx(100 * (1 + 0) / 2)
+    assert out["few_shot"] == pytest.approx(50.0)
+
+
+def test_long_tailed_runs_report_accuracy_per_shot(fake, tmp_path):
+    root, written = fake
+    cfg = _cfg(root, tmp_path / "lt", "data.name=imagenet_lt", "optim.epochs=1",
+               "model.name=mobilenetv1")
+    trainer = Trainer(cfg)
+    counts = Counter(y for _, y in written["lt_train"])
+    assert trainer.train_counts.tolist() == [counts[c] for c in range(10)]
+    result = trainer.fit()["last"]
+    # every class of the fake set has <= 180 training images: many (> 100), medium, few all occur
+    groups = {k: result[f"test_{k}_shot_acc"] for k in ("many", "medium", "few")}
+    assert all(0.0 <= v <= 100.0 for v in groups.values()), groups
+    assert "val_clean_acc" in json.loads((tmp_path / "lt" / "metrics.jsonl").read_text()
+                                         .splitlines()[0])  # the official validation list
