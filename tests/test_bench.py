@@ -126,3 +126,14 @@ def test_evaluation_batch_size_auto_and_its_validation():
     for bad in ("0", "many"):
         with pytest.raises(argparse.ArgumentTypeError):
             _batch_size(bad)
+
+
+def test_imagenet_data_bench_smoke_run(tmp_path):
+    from bench import imagenet_data
+    out = tmp_path / "data.json"
+    assert imagenet_data.main(["--images", "48", "--batch", "8", "--workers", "1", "--rounds",
+                               "1", "--device", "cpu", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["ours"] > 0 and r["reference"] > 0 and r["images"] == 48
+    assert r["ratio_ours_vs_reference"] == pytest.approx(r["ours"] / r["reference"])
+    assert imagenet_data.main(["--root", str(tmp_path / "none"), "--device", "cpu"]) == 1
