@@ -24,11 +24,12 @@ import torch
 from torch import Tensor, nn
 
 import data as datasets
+import models
 
 from . import checkpoint as ckpt
+from .config import load_run_config
 
 KINDS = ("cka", "fc")
-TORCHVISION = "torchvision:"
 FORMAT = 1
 
 
@@ -77,12 +78,8 @@ def _teacher(target: str, weights: str, device: str | None, dataset: str, data_r
              ) -> tuple[nn.Module, str, str, str | None, dict]:
     """(model, dataset, data root, checkpoint sha256 or None, the run's data config)."""
     from eval.common import load_target
-
-    from .config import load_run_config
-    if target.startswith(TORCHVISION):
-        import models
-        name = target[len(TORCHVISION):]
-        model = models.load_pretrained(models.build_model(name, 1000, dataset="imagenet"), name)
+    if target.startswith(models.TORCHVISION_PREFIX):
+        model = models.torchvision_model(target)
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return model.to(dev).eval(), dataset, data_root or "data", None, {}
     t = load_target(target, weights, device=device, data_root=data_root)

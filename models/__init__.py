@@ -14,7 +14,14 @@ from torch import nn
 
 from .cifar_resnet import CifarResNet, CifarResNet50, cifar_resnet, normalized_builder
 from .imagenet import NETWORKS as _IMAGENET_NETWORKS
-from .imagenet import ImageNetModel, MobileNetV1, imagenet_builder, load_pretrained
+from .imagenet import (
+    TORCHVISION_PREFIX,
+    ImageNetModel,
+    MobileNetV1,
+    imagenet_builder,
+    load_pretrained,
+    torchvision_model,
+)
 from .mobilenetv2_cifar import CifarMobileNetV2, mobilenetv2_half
 from .preact_resnet import PreActResNet, preact_resnet18
 from .shufflenet_cifar import ShuffleNetV1, ShuffleNetV2, shufflenet_v1, shufflenet_v2
@@ -24,6 +31,7 @@ from .wideresnet_dm import NORMALIZATION, DMWideResNet, normalization_for
 
 __all__ = ["IMAGENET_DATASETS", "IMAGENET_MODELS", "MODELS", "NORMALIZATION", "build_model",
            "normalization_for", "ImageNetModel", "MobileNetV1", "load_pretrained",
+           "TORCHVISION_PREFIX", "torchvision_model",
            "WideResNet", "DMWideResNet", "PreActResNet", "preact_resnet18", "CifarResNet",
            "CifarResNet50", "CifarVGG", "CifarMobileNetV2", "ShuffleNetV1", "ShuffleNetV2"]
 

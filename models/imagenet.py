@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torchvision import models as tv
 
+TORCHVISION_PREFIX = "torchvision:"  # a teacher spec: torchvision:resnet34 = torchvision's weights
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # torchvision's checkpoints of the teachers (top-1 on the ImageNet validation set, as published
@@ -105,3 +106,12 @@ def load_pretrained(model: ImageNetModel, name: str) -> ImageNetModel:
                          f"{torch.hub.get_dir()})") from None
     model.net.load_state_dict(state)
     return model
+
+
+def torchvision_model(spec: str) -> ImageNetModel:
+    """`torchvision:NAME` -> our NAME (1000 classes) holding torchvision's ImageNet weights."""
+    name = spec[len(TORCHVISION_PREFIX):] if spec.startswith(TORCHVISION_PREFIX) else spec
+    if name not in PRETRAINED:
+        raise ValueError(f"no torchvision weights for {name!r}; available: "
+                         f"{', '.join(PRETRAINED)}")
+    return load_pretrained(imagenet_builder(name)(1000), name)

@@ -26,23 +26,18 @@ WEIGHTS = ("sample", "class_prior")
 INPUTS = ("clean", "adversarial")
 
 
-TORCHVISION = "torchvision:"  # teacher: torchvision:resnet34 = torchvision's ImageNet weights
-
-
 def load_teacher(path: str, weights: str, arch: str | None, num_classes: int) -> nn.Module:
     """A run directory's (`weights`: best / last / avg) or a bare checkpoint's (`arch` needed)
     model, or torchvision's ImageNet weights (`torchvision:resnet34`), frozen: eval mode, no
     parameter gradients."""
+    import models
     from eval.common import EvalError, load_target
     dataset = None
-    if path.startswith(TORCHVISION):
+    if path.startswith(models.TORCHVISION_PREFIX):
         if num_classes != 1000:
             raise ValueError(f"method.distill.teacher {path}: torchvision's weights predict "
                              f"1000 ImageNet classes, the data has {num_classes}")
-        import models
-        name = path[len(TORCHVISION):]
-        teacher = models.load_pretrained(
-            models.build_model(name, 1000, dataset="imagenet"), name)
+        teacher = models.torchvision_model(path)
     else:
         if not Path(path).exists():
             raise ValueError(f"method.distill.teacher: {path} does not exist (a run directory, "
