@@ -256,11 +256,27 @@ def _keep_decoding_on_preemption(worker_id: int) -> None:
 
 
 def _batches(dataset: FolderDataset, keys: list[list], workers: int, pin: bool
-             ) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(
+             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=keys, num_workers=workers, collate_fn=_collate, pin_memory=pin,
         prefetch_factor=4 if workers else None, persistent_workers=False,
         worker_init_fn=_keep_decoding_on_preemption if workers else None)
+    batches = iter(loader)
+    try:
+        yield from batches
+    except FolderDataError as err:
+        # A worker's error arrives wrapped in its traceback: keep the one line that names the
+        # file and the problem.
+        raise FolderDataError(str(err).strip().splitlines()[-1].split("FolderDataError: ")[-1]
+                              ) from None
+    finally:
+        # Workers stop now, not when the iterator is garbage-collected: after an error or an
+        # early stop (preemption) a live iterator would be inherited by the next loader's
+        # forked workers, whose clean-up then fails on it.
+        stop = getattr(batches, "_shutdown_workers", None)
+        if stop is not None:
+            stop()
+        del batches
 
 
 class FolderTrainLoader:

@@ -455,3 +455,19 @@ def test_two_processes_see_what_one_sees_on_image_files(fake, tmp_path):
     assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
     for key in ("train_clean_acc", "val_clean_acc", "test_clean_acc"):
         assert ra[key] == pytest.approx(rb[key], abs=0.3), key
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_an_unreadable_image_is_a_one_line_error_naming_it(tmp_path, workers):
+    for i, wnid in enumerate(["n1", "n2"]):
+        (tmp_path / "train" / wnid).mkdir(parents=True)
+        _photo(40, 30, seed=i).save(tmp_path / "train" / wnid / "ok.JPEG")
+    bad = tmp_path / "train" / "n2" / "truncated.JPEG"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    files, _ = data.folder.scan_folder(tmp_path / "train")
+    loader = _loader(files, workers=workers)
+    loader.batch_size = 4
+    with pytest.raises(data.FolderDataError) as err:
+        _epoch(loader)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"cannot read image {bad}")
