@@ -301,7 +301,6 @@ class FolderTrainLoader:
         if workers < 0:
             raise ValueError(f"data.workers must be >= 0, got {workers}")
         self.dataset = FolderDataset(files, image_size, resize_size, augment)
-        self.labels = files.labels
         self.batch_size, self.generator = batch_size, generator
         self.seed = generator.initial_seed()
         self.drop_last, self.workers = drop_last, workers

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .bn import set_bn_momentum
 from .wideresnet_dm import normalization_for
 
 
@@ -134,11 +135,7 @@ def normalized_builder(make):
     def build(num_classes: int, dataset: str | None = None, bn_momentum: float = 0.1,
               **kwargs) -> nn.Module:
         mean, std = normalization_for(num_classes, dataset)
-        model = make(num_classes, mean=mean, std=std, **kwargs)
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.momentum = bn_momentum
-        return model
+        return set_bn_momentum(make(num_classes, mean=mean, std=std, **kwargs), bn_momentum)
     return build
 
 

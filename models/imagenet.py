@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 from torchvision import models as tv
 
+from .bn import set_bn_momentum
+
 TORCHVISION_PREFIX = "torchvision:"  # a teacher spec: torchvision:resnet34 = torchvision's weights
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -83,11 +85,7 @@ NETWORKS: dict[str, Callable[[int], nn.Module]] = {
 def imagenet_builder(name: str) -> Callable[..., ImageNetModel]:
     def build(num_classes: int, dataset: str | None = None, bn_momentum: float = 0.1
               ) -> ImageNetModel:
-        model = ImageNetModel(NETWORKS[name](num_classes))
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.momentum = bn_momentum
-        return model
+        return set_bn_momentum(ImageNetModel(NETWORKS[name](num_classes)), bn_momentum)
     return build
 
 
