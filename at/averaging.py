@@ -4,9 +4,10 @@ Two kinds (algorithms.md §1.8 and §5.4):
 
 * ``step_ema`` (Wang et al. 2023, ``WATrainer``): after every optimizer step, on the PARAMETERS
   only, ``ema = d * ema + (1 - d) * theta`` with the dynamic decay
-  ``d = min(tau, (1 + t') / (10 + t'))``, ``t' = i - warmup_steps``, where ``i = step - 1`` is the
-  0-based index of the step (the reference's ``global_step`` starts at 0), and ``d = 0`` (the EMA
-  follows the model) while ``i < warmup_steps``. At every epoch end the buffers (BN running
+  ``d = min(tau, (1 + t') / (10 + t'))``, ``t' = step - warmup_steps``, where ``step`` is the
+  1-based number of optimizer steps taken so far (the reference increments its ``global_step``
+  before the EMA update, so its first update sees 1), and ``d = 0`` (the EMA follows the model)
+  while ``step < warmup_steps``. At every epoch end the buffers (BN running
   statistics) are copied from the live model. ``start`` is not used (the warm-up plays its role);
   the average is always ``ready``.
 * ``epoch_ema`` (the DKL repository's ``swa.py <dir> 0.9 1 200``, done in memory instead of over
@@ -35,11 +36,11 @@ DEFAULT_DECAY = {"step_ema": 0.995, "epoch_ema": 0.9}
 
 
 def step_decay(step: int, tau: float, warmup_steps: float) -> float:
-    """Wang et al.'s decay for the global 1-based optimizer step `step` (0 during the warm-up)."""
-    index = step - 1  # the reference's global_step counts from 0
-    if index < warmup_steps:
+    """Wang et al.'s decay after the global 1-based optimizer step `step` (0 during the warm-up):
+    their `ema_update` receives the step counter already incremented for the step just taken."""
+    if step < warmup_steps:
         return 0.0
-    delta = index - warmup_steps
+    delta = step - warmup_steps
     return min(tau, (1.0 + delta) / (10.0 + delta))
 
 

@@ -41,7 +41,7 @@ class AWP:
     Usage per training step (epochs 1-based; the reference perturbs from epoch 10 on):
 
         if awp.active(epoch):
-            awp.perturb(lambda: method.loss(model, x, y, x_adv).total())
+            awp.perturb(lambda: method.awp_loss(model, x, y, x_adv))
         loss = method.loss(model, x, y, x_adv).total(); loss.backward(); optimizer.step()
         if awp.active(epoch):
             awp.restore()

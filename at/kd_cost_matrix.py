@@ -1,18 +1,27 @@
-"""Class-to-class cost matrix for WKD-L (algorithms.md §7), from a trained teacher run.
+"""Class-to-class cost matrix for WKD-L (Lv et al., NeurIPS 2024, arXiv 2412.08139), from a
+trained teacher.
 
-    python -m at.kd_cost_matrix runs/teacher --out cost.pt [--kind cka|fc] [--per-class 100]
-                                [--weights best] [--batch-size 500]
+    python -m at.kd_cost_matrix runs/teacher --out cost.pt [--kind cka|fc] [--features map]
+                                [--per-class 0] [--weights best] [--batch-size 500]
     python -m at.kd_cost_matrix torchvision:resnet34 --data-root /datasets/imagenet --out cost.pt
 
 A torchvision teacher reads ImageNet (--dataset imagenet | imagenet_lt, --data-root); a run
-reads its own data.
+reads its own data (the whole official training set, validation hold-out included).
 
-cka: D_ij = 1 - CKA(F_i, F_j), the linear centred kernel alignment between the teacher's
-penultimate features of the first `per-class` training images of class i and of class j (in
-index order, paired by position): CKA = ||F_j^T F_i||_F^2 / (||F_i^T F_i||_F ||F_j^T F_j||_F)
-with every F column-centred. fc: D_ij = 1 - cos(w_i, w_j) between the rows of the teacher's
-classifier weights. The file holds the raw D (C x C, float64) and its provenance; training
-sharpens it (`load_cost_matrix`). Deterministic: float64, eval mode, images in index order.
+cka: D_ij = 1 - CKA(F_i, F_j), the linear centred kernel alignment between the class prototypes
+F_i (n x d, column-centred), CKA = ||F_j^T F_i||_F^2 / (||F_i^T F_i||_F ||F_j^T F_j||_F), rows of
+F_i and F_j paired by position. The prototypes are those of WKD's generate_class_proto:
+
+* ``map`` (the default on CIFAR): the teacher's last feature map (the output of its last stage,
+  before the final pooling), one row per spatial position of every image: n = images x H x W;
+* ``logits`` (the default on ImageNet): one row of logits per image;
+* ``penultimate``: the pooled features entering the classifier, one row per image.
+
+Images are the first `per-class` training images of each class in index order (0 = all of them;
+a class with more images than the smallest one is cut to that count). fc: D_ij = 1 - cos(w_i, w_j)
+between the rows of the teacher's classifier weights. The file holds the raw D (C x C, float64)
+and its provenance; training sharpens it (`load_cost_matrix`). Deterministic: eval mode, images in
+index order, the alignment computed in float64.
 """
 from __future__ import annotations
 
@@ -30,7 +39,10 @@ from . import checkpoint as ckpt
 from .config import load_run_config
 
 KINDS = ("cka", "fc")
+FEATURES = ("map", "logits", "penultimate")
 FORMAT = 1
+_NOT_STAGES = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.SiLU, nn.Identity, nn.Linear,
+               nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.Dropout)
 
 
 def _last_linear(model: nn.Module) -> nn.Linear:
@@ -40,33 +52,93 @@ def _last_linear(model: nn.Module) -> nn.Linear:
     return linears[-1]
 
 
+def _stages(model: nn.Module) -> list[nn.Module]:
+    """Candidate stages for the last feature map: modules two levels down at most (a torchvision
+    network sits inside a wrapper) that are not a normalisation, activation, pooling or linear
+    layer."""
+    top = [m for m in model.children() if not isinstance(m, _NOT_STAGES)]
+    inner = [m for t in top for m in t.children() if not isinstance(m, _NOT_STAGES)]
+    return top + inner
+
+
 @torch.no_grad()
-def penultimate_features(model: nn.Module, batches) -> Tensor:
-    """The inputs of the model's last linear layer for every image of `batches` ((x, y) pairs
-    on the model's device), N x d float64."""
+def feature_rows(model: nn.Module, batches, features: str = "map") -> tuple[Tensor, int]:
+    """Prototype rows of every image of `batches` ((x, y) pairs on the model's device), in
+    order, as float32 on the CPU, and the number of rows per image.
+
+    map: the output of the last stage that still has a spatial map (H x W > 1), in the order the
+    forward runs (WKD's `feats["feats"][-1]`: the last block group of a ResNet / WRN), one row per
+    position: image-major, positions in row-major order. logits: the outputs. penultimate: the
+    input of the last linear layer."""
+    if features not in FEATURES:
+        raise ValueError(f"unknown --features {features!r}; valid: {', '.join(FEATURES)}")
     captured: list[Tensor] = []
-    hook = _last_linear(model).register_forward_hook(
-        lambda module, inputs, output: captured.append(inputs[0].detach().double().cpu()))
+    last: dict[str, Tensor] = {}
+
+    def keep_map(module, inputs, output):
+        if isinstance(output, Tensor) and output.dim() == 4 and output.shape[2:].numel() > 1:
+            last["map"] = output
+
+    handles = []
+    if features == "map":
+        handles = [m.register_forward_hook(keep_map) for m in _stages(model)]
+    elif features == "penultimate":
+        handles = [_last_linear(model).register_forward_hook(
+            lambda module, inputs, output: captured.append(inputs[0].float().cpu()))]
+    rows_per_image = 1
     try:
         model.eval()
         for xb, _ in batches:
-            model(xb)
+            last.clear()
+            out = model(xb)
+            if features == "logits":
+                captured.append(out.float().cpu())
+            elif features == "map":
+                if "map" not in last:
+                    raise ValueError("the teacher has no stage with a spatial feature map; "
+                                     "use --features logits or penultimate")
+                fmap = last["map"].float()
+                rows_per_image = fmap.shape[2] * fmap.shape[3]
+                # (N, C, H, W) -> (N * H * W, C): every position of every image is a row
+                captured.append(fmap.flatten(2).transpose(1, 2).reshape(-1, fmap.shape[1]).cpu())
     finally:
-        hook.remove()
-    return torch.cat(captured)
+        for h in handles:
+            h.remove()
+    return torch.cat(captured), rows_per_image
 
 
-def cka_cost(features: list[Tensor]) -> Tensor:
-    """1 - linear CKA between every pair of per-class feature matrices (each n x d)."""
-    centred = [f - f.mean(dim=0, keepdim=True) for f in features]
-    self_norm = torch.stack([(f.T @ f).norm() for f in centred])
-    c = len(centred)
-    cost = torch.zeros(c, c, dtype=torch.float64)
+def cka_cost(features: list[Tensor], device: torch.device | str = "cpu") -> Tensor:
+    """1 - linear CKA between every pair of per-class prototype matrices (each n x d, the same
+    n), computed in float64 on `device`.
+
+    With n <= d it uses the sample-space form: ||F_j^T F_i||_F^2 = <F_i F_i^T, F_j F_j^T>, so
+    CKA is the cosine between the flattened Gram matrices and all pairs are one matrix product
+    (ImageNet logits: n ~ 700, d = 1000); otherwise the d x d cross products pair by pair (CIFAR
+    feature maps: n = 32,000, d = 256)."""
+    device = torch.device(device)
+    n, d = features[0].shape
+    if any(f.shape != (n, d) for f in features):
+        raise ValueError("every class needs the same number of prototype rows")
+
+    def centred(f: Tensor) -> Tensor:
+        f = f.to(device, torch.float64)
+        return f - f.mean(dim=0, keepdim=True)
+
+    c = len(features)
+    if n <= d:
+        grams = torch.stack([(g @ g.T).flatten() for g in map(centred, features)])
+        grams = grams / grams.norm(dim=1, keepdim=True)
+        cost = 1 - grams @ grams.T
+        cost.fill_diagonal_(0.0)
+        return ((cost + cost.T) / 2).cpu()
+    blocks = [centred(f) for f in features]  # float64 once (CIFAR-100 maps: ~6.5 GB)
+    self_norm = torch.stack([(g.T @ g).norm() for g in blocks])
+    cost = torch.zeros(c, c, dtype=torch.float64, device=device)
     for i in range(c):
-        for j in range(i, c):
-            cka = (centred[j].T @ centred[i]).norm().square() / (self_norm[i] * self_norm[j])
+        for j in range(i + 1, c):
+            cka = (blocks[j].T @ blocks[i]).norm().square() / (self_norm[i] * self_norm[j])
             cost[i, j] = cost[j, i] = 1 - cka
-    return cost
+    return cost.cpu()
 
 
 def fc_cost(weight: Tensor) -> Tensor:
@@ -89,16 +161,18 @@ def _teacher(target: str, weights: str, device: str | None, dataset: str, data_r
 
 def _class_batches(dataset: str, root: str, data_cfg: dict, per_class: int, batch_size: int,
                    device: torch.device, workers: int):
-    """In-order batches of the first `per_class` training images of every class (the same
-    number n for each: the smallest class decides), n and the number of classes."""
+    """In-order batches of the first `per_class` (0 = all) training images of every class (the
+    same number n for each: the smallest class decides), n and the number of classes."""
     classes = data_cfg.get("num_classes") or datasets.NUM_CLASSES[dataset]
     if dataset in datasets.FOLDER_DATASETS:
         files = datasets.load_folder_splits(dataset, root, data_cfg.get("lists"), 0, classes)
         y = files.train.labels
     else:
         x, y = datasets.DATASETS[dataset]("train", root, False)
-    picks = [(y == c).nonzero().flatten()[:per_class] for c in range(classes)]
+    picks = [(y == c).nonzero().flatten() for c in range(classes)]
     n = min(len(p) for p in picks)
+    if per_class > 0:
+        n = min(n, per_class)
     if n < 2:
         raise ValueError(f"a class of {dataset} has fewer than 2 training images")
     rows = torch.cat([p[:n] for p in picks])
@@ -110,20 +184,26 @@ def _class_batches(dataset: str, root: str, data_cfg: dict, per_class: int, batc
     return view.batches(batch_size, device, rows), n, classes
 
 
-def compute(target: str, kind: str = "cka", per_class: int = 100, weights: str = "best",
+def compute(target: str, kind: str = "cka", per_class: int = 0, weights: str = "best",
             batch_size: int = 500, device: str | None = None, dataset: str = "imagenet",
-            data_root: str | None = None, workers: int = 8) -> dict:
+            data_root: str | None = None, workers: int = 8, features: str | None = None
+            ) -> dict:
+    """`features` None: map for CIFAR-sized data, logits for image-file datasets (WKD's
+    choices)."""
     model, dataset, root, sha, data_cfg = _teacher(target, weights, device, dataset, data_root)
+    if features is None:
+        features = "logits" if dataset in datasets.FOLDER_DATASETS else "map"
     if kind == "fc":
         cost = fc_cost(_last_linear(model).weight.detach().cpu())
     else:
         device_ = next(model.parameters()).device
         batches, n, classes = _class_batches(dataset, root, data_cfg, per_class, batch_size,
                                              device_, workers)
-        feats = penultimate_features(model, batches)
-        cost = cka_cost(list(feats.view(classes, n, -1)))
+        rows, per_image = feature_rows(model, batches, features)
+        cost = cka_cost(list(rows.view(classes, n * per_image, -1)), device_)
     return {"format": FORMAT, "kind": kind, "cost": cost, "teacher": str(target),
             "weights": weights, "checkpoint_sha256": sha,
+            "features": features if kind == "cka" else None,
             "per_class": per_class if kind == "cka" else None}
 
 
@@ -144,7 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("target", help="teacher run directory, or torchvision:NAME (ImageNet)")
     p.add_argument("--out", required=True, help="output .pt file")
     p.add_argument("--kind", default="cka", choices=KINDS)
-    p.add_argument("--per-class", type=int, default=100)
+    p.add_argument("--per-class", type=int, default=0,
+                   help="training images per class (0 = all, cut to the smallest class)")
+    p.add_argument("--features", choices=FEATURES,
+                   help="class prototypes (default: map on CIFAR, logits on ImageNet)")
     p.add_argument("--weights", default="best", help="best | last | avg")
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--device", help="cpu | cuda (default: cuda when available)")
@@ -157,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = compute(args.target, args.kind, args.per_class, args.weights,
                          args.batch_size, args.device, args.dataset, args.data_root,
-                         args.workers)
+                         args.workers, args.features)
     except (EvalError, ValueError, FileNotFoundError) as err:
         print(f"at.kd_cost_matrix: error: {err}", file=sys.stderr)
         return 1

@@ -13,15 +13,34 @@ def _cos_interp(start: float, end: float, frac: float) -> float:
     return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-def _onecycle(lr: float, step: int, total: int, pct: float) -> float:
-    """torch's OneCycleLR (cosine, two phases, div 25, final div 1e4) at `step` of `total`, as
-    stepped once per epoch by Wang et al. (momentum cycling is not reproduced)."""
-    initial, final = lr / 25.0, lr / 25.0 / 1e4
+def _onecycle_phase(step: int, total: int, pct: float) -> tuple[int, float]:
+    """Phase (0 warm-up, 1 anneal) and progress in it of torch's OneCycleLR at `step` of
+    `total`, stepped once per epoch as Wang et al. do."""
     warm_end = pct * total - 1
     if warm_end > 0 and step <= warm_end:
-        return _cos_interp(initial, lr, step / warm_end)
+        return 0, step / warm_end
     # As in torch, the anneal phase starts at warm_end even when that is negative (short runs).
-    return _cos_interp(lr, final, (step - warm_end) / max(total - 1 - warm_end, 1e-12))
+    return 1, (step - warm_end) / max(total - 1 - warm_end, 1e-12)
+
+
+def _onecycle(lr: float, step: int, total: int, pct: float) -> float:
+    """torch's OneCycleLR learning rate (cosine, two phases, div 25, final div 1e4)."""
+    phase, frac = _onecycle_phase(step, total, pct)
+    initial, final = lr / 25.0, lr / 25.0 / 1e4
+    return _cos_interp(initial, lr, frac) if phase == 0 else _cos_interp(lr, final, frac)
+
+
+def momentum_at(optim_cfg: dict, epoch: int) -> float:
+    """SGD momentum for 1-based `epoch`: optim.momentum, or with optim.cycle_momentum = [low,
+    high] under the onecycle schedule torch's OneCycleLR cycling (Wang et al. use its default
+    [0.85, 0.95]): from high down to low over the warm-up while the lr rises, back to high over
+    the anneal (cosine in both phases)."""
+    cycle = optim_cfg["cycle_momentum"]
+    if cycle is None:
+        return optim_cfg["momentum"]
+    low, high = cycle
+    phase, frac = _onecycle_phase(epoch - 1, optim_cfg["epochs"], optim_cfg["onecycle_pct"])
+    return _cos_interp(high, low, frac) if phase == 0 else _cos_interp(low, high, frac)
 
 
 def lr_at(optim_cfg: dict, epoch: int) -> float:
@@ -77,4 +96,5 @@ def attack_budget(attack_cfg: dict, epoch: int, epochs: int) -> AttackBudget:
     else:
         raise ValueError(f"unknown attack.schedule {kind!r}; valid: {', '.join(ATTACK_SCHEDULES)}")
     return AttackBudget(eps=eps_t, step_size=step_size, steps=steps, norm=attack_cfg["norm"],
-                        init=attack_cfg["init"], clamp_init=attack_cfg["clamp_init"])
+                        init=attack_cfg["init"], clamp_init=attack_cfg["clamp_init"],
+                        bn=attack_cfg["bn"])

@@ -27,7 +27,9 @@ from tqdm import tqdm
 
 import data as datasets
 import models
+from models.bn import set_bn_groups, set_bn_momentum
 from attacks.pgd import INITS, NORMS
+from attacks.utils import BN_MODES
 from data.generated import GeneratedSet
 
 from . import averaging, distributed, speed, sync_bn
@@ -39,7 +41,7 @@ from .evaluate import correct_batches, shot_accuracies
 from .methods import Method, build_method
 from .optim import build_optimizer, match_state_layout
 from .run_log import RunLog, require_wandb
-from .schedules import ATTACK_SCHEDULES, LR_SCHEDULES, attack_budget, lr_at
+from .schedules import ATTACK_SCHEDULES, LR_SCHEDULES, attack_budget, lr_at, momentum_at
 
 CHECKPOINT_FORMAT = 2  # 2: loader state with epoch and real-image permutation; no rng state
 # Files a run writes before its first checkpoint: a directory holding only these has nothing to
@@ -71,6 +73,7 @@ def check_config(cfg: dict) -> None:
          f"attack.schedule must be one of {', '.join(ATTACK_SCHEDULES)}"),
         (a["norm"] in NORMS, f"attack.norm must be one of {', '.join(NORMS)}"),
         (a["init"] in INITS, f"attack.init must be one of {', '.join(INITS)}"),
+        (a["bn"] in BN_MODES, f"attack.bn must be one of {', '.join(BN_MODES)}"),
         (a["eps"] >= 0 and a["step_size"] >= 0, "attack.eps and attack.step_size must be >= 0"),
         (a["steps"] >= 0 and e["pgd_steps"] >= 0, "attack.steps and eval.pgd_steps must be >= 0"),
         (e["every"] >= 1 and e["batch_size"] >= 1, "eval.every and eval.batch_size must be >= 1"),
@@ -79,6 +82,15 @@ def check_config(cfg: dict) -> None:
         (e["best_on"] == "model" or cfg["avg"]["kind"] != "none",
          "eval.best_on=avg needs weight averaging (avg.kind)"),
         (cfg["log"]["interval"] >= 1, "log.interval must be >= 1"),
+        (cfg["model"]["bn_groups"] >= 1, "model.bn_groups must be >= 1"),
+        (cfg["model"]["bn_groups"] == 1 or not cfg["model"]["sync_bn"],
+         "model.bn_groups > 1 (per-GPU statistics) contradicts model.sync_bn (global statistics)"),
+        (cfg["model"]["bn_first_momentum"] is None or
+         0 < cfg["model"]["bn_first_momentum"] <= 1,
+         "model.bn_first_momentum must be null or in (0, 1]"),
+        (_cycle_ok(o["cycle_momentum"], o["schedule"]),
+         "optim.cycle_momentum must be null or [low, high] with 0 <= low <= high < 1, and "
+         "needs optim.schedule=onecycle"),
         (cfg["awp"]["gamma"] >= 0 and cfg["awp"]["warmup"] >= 0,
          "awp.gamma and awp.warmup must be >= 0"),
         (0 <= cfg["data"]["generated"]["fraction"] <= 1,
@@ -117,6 +129,14 @@ def check_config(cfg: dict) -> None:
         averaging.check_config(cfg["avg"])
     except ValueError as err:
         raise RunError(str(err)) from None
+
+
+def _cycle_ok(cycle, schedule: str) -> bool:
+    if cycle is None:
+        return True
+    return (schedule == "onecycle" and isinstance(cycle, list) and len(cycle) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in cycle)
+            and 0 <= cycle[0] <= cycle[1] < 1)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -198,6 +218,9 @@ class Trainer:
         if cfg["model"]["sync_bn"]:
             sync_bn.convert(self.model)
             sync_bn.convert(self.method)
+        if cfg["model"]["bn_groups"] > 1:  # ghost BatchNorm: nn.DataParallel's statistics
+            set_bn_groups(self.model, cfg["model"]["bn_groups"])
+            set_bn_groups(self.method, cfg["model"]["bn_groups"])
         self.speed = cfg["speed"]
         speed.prepare_model(self.model, self.speed)
         if self.speed["channels_last"]:  # a method's own networks (LBGAT's natural model)
@@ -435,8 +458,9 @@ class Trainer:
             torch.manual_seed(datasets.derived_seed(cfg["seed"], self.epoch, self.rank, 1,
                                                     partial["step"]))
         lr = lr_at(cfg["optim"], self.epoch)
+        momentum = momentum_at(cfg["optim"], self.epoch)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"], group["momentum"] = lr, momentum
         budget = attack_budget(cfg["attack"], self.epoch, cfg["optim"]["epochs"])
         interval = cfg["log"]["interval"]
         # Running sums stay on the device; the host reads them once per log interval.
@@ -455,8 +479,14 @@ class Trainer:
         start = time.time()
         awp = self.awp if self.awp is not None and self.awp.active(self.epoch) else None
         views = self.loader.views
+        bn_first = cfg["model"]["bn_first_momentum"]
         for step, (x, y) in enumerate(self.loader, start=first + 1):
+            very_first = bn_first is not None and self.epoch == 1 and step == 1
+            if very_first:  # Wang et al.: the running statistics start as this batch's
+                set_bn_momentum(model, bn_first)
             out, loss = self._forward_backward(x, y, budget, awp, views)
+            if very_first:
+                set_bn_momentum(model, cfg["model"]["bn_momentum"])
             if limit and distributed.all_max(int(not torch.isfinite(loss).item())):
                 # train.skip_nonfinite: no update from this batch (one host sync per step).
                 skipped += 1
@@ -544,7 +574,7 @@ class Trainer:
             x_adv = method.perturb(model, x, y, budget)  # at the unperturbed weights
         with speed.autocast(device, self.speed["update_precision"]):
             if awp is not None:
-                awp.perturb(lambda: method.loss(model, x, y, x_adv, views).total() * scale)
+                awp.perturb(lambda: method.awp_loss(model, x, y, x_adv, views) * scale)
             out = self.objective(x, y, x_adv, views)
         loss = out.total()
         self.optimizer.zero_grad(set_to_none=True)

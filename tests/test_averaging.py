@@ -47,11 +47,13 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.allclose(a.double(), b.double(), rtol=0, atol=1e-6)
 
 
-def _wang_decay(i: int, tau: float, warmup: float) -> float:
-    """Wang et al.'s ema_update decay for the reference's 0-based global_step i."""
-    if i < warmup:
-        return 0.0
-    return min(tau, (1.0 + i - warmup) / (10.0 + i - warmup))
+def _wang_decay(global_step: int, tau: float, warmup: float) -> float:
+    """Wang et al.'s ema_update decay, written as theirs: `global_step` is their counter after
+    the increment that follows the optimizer step (1 for the first step)."""
+    factor = int(global_step >= warmup)
+    delta = global_step - warmup
+    decay = min(tau, (1. + delta) / (10. + delta)) if 10. + delta != 0 else tau
+    return decay * factor
 
 
 def test_step_ema_matches_hand_computed_ema_and_copies_buffers():
@@ -77,12 +79,12 @@ def test_step_ema_matches_hand_computed_ema_and_copies_buffers():
             assert torch.equal(own, theirs) and own.data_ptr() != theirs.data_ptr()
 
     ema, decays = initial, []
-    for i, snap in enumerate(snapshots):
-        d = _wang_decay(i, tau, warmup)
+    for global_step, snap in enumerate(snapshots, start=1):
+        d = _wang_decay(global_step, tau, warmup)
         decays.append(d)
         ema = [d * e + (1 - d) * t for e, t in zip(ema, snap)]
     # All three regimes: warm-up (EMA := model), dynamic decay, capped at tau.
-    assert decays[:4] == [0.0] * 4 and 0 < decays[4] < tau and decays[-1] == tau
+    assert decays[:3] == [0.0] * 3 and 0 < decays[3] < tau and decays[-1] == tau
     for got, want in zip(avg.module.parameters(), ema):
         assert _close(got, want)
     assert avg.ready and avg.updates == len(snapshots)

@@ -91,3 +91,52 @@ def test_missing_teacher_is_a_one_line_error(tmp_path):
     cfg = _cfg(tmp_path, "y", tmp_path / "nowhere")
     with pytest.raises(ValueError, match="method.distill.teacher: .*does not exist"):
         Trainer(cfg)
+
+
+def _reference_class_maps(model, x, y, classes, per_class):
+    """WKD's generate_class_proto with feature_type 'feature': the last stage's map of every
+    image of each class, (m, c, h, w) -> (m * h * w, c) rows; the first images of each class in
+    index order (its CIFAR loader does not shuffle)."""
+    model.eval()
+    feats = []
+    for c in range(classes):
+        xs = x[(y == c).nonzero().flatten()[:per_class]]
+        with torch.no_grad():
+            fmap = model.block3(model.block2(model.block1(model.conv1(xs))))  # feats[-1]
+        m, ch, h, w = fmap.shape
+        feats.append(fmap.view(m, ch, -1).transpose(-1, -2).reshape(-1, ch))
+    return feats
+
+
+def _reference_cka_cost(feats):
+    """1 - linear CKA, ||F_j^T F_i||_F^2 / (||F_i^T F_i||_F ||F_j^T F_j||_F), centred F."""
+    fs = [f.double() - f.double().mean(0, keepdim=True) for f in feats]
+    cost = torch.zeros(len(fs), len(fs), dtype=torch.float64)
+    for i, fi in enumerate(fs):
+        for j, fj in enumerate(fs):
+            cost[i, j] = 1 - (fj.T @ fi).norm() ** 2 / ((fi.T @ fi).norm() * (fj.T @ fj).norm())
+    return cost
+
+
+@pytest.mark.parametrize("features", ["map", "logits"])
+def test_cost_matrix_uses_wkds_class_prototypes(learned, tmp_path, features):
+    """Every spatial position of the last feature map (CIFAR), or logits (ImageNet), of the
+    first 12 training images of each class; compared with a literal reference computation."""
+    import data as datasets
+    from eval.common import load_target
+    run = learned["standard"][0]
+    out = tmp_path / f"{features}.pt"
+    assert cost_matrix_main([str(run), "--out", str(out), "--per-class", "12", "--device", "cpu",
+                             "--features", features]) == 0
+    got = load(out)["cost"]
+    target = load_target(str(run), "best", device="cpu")
+    model = target.model.double()
+    x, y = datasets.DATASETS["digits"]("train", target.data_root, False)
+    x = x.double() / 255
+    if features == "map":
+        feats = _reference_class_maps(model, x, y, 10, 12)
+        assert feats[0].shape == (12 * 64, model.fc.in_features)  # 8 x 8 positions per image
+    else:
+        with torch.no_grad():
+            feats = [model(x[(y == c).nonzero().flatten()[:12]]) for c in range(10)]
+    torch.testing.assert_close(got, _reference_cka_cost(feats), rtol=1e-5, atol=1e-6)

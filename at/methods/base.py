@@ -16,13 +16,15 @@ from .. import distributed
 
 @dataclass(frozen=True)
 class AttackBudget:
-    """One epoch's inner-maximisation settings (radius and step on the [0,1] scale)."""
+    """One epoch's inner-maximisation settings (radius and step on the [0,1] scale; `bn`: how
+    BatchNorm normalises during the attack, attacks.BN_MODES)."""
     eps: float
     step_size: float
     steps: int
     norm: str = "linf"
     init: str = "normal"
     clamp_init: bool = True
+    bn: str = "eval"
 
     def pgd_kwargs(self) -> dict:
         return dict(eps=self.eps, step_size=self.step_size, steps=self.steps, norm=self.norm,
@@ -74,6 +76,12 @@ class Method(nn.Module):
         (e.g. adversarial weight perturbation) may call it more than once per step. With
         views = 2 the batch is [basic view; augmented view] of the same images."""
         raise NotImplementedError
+
+    def awp_loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor,
+                 views: int = 1) -> Tensor:
+        """The scalar adversarial weight perturbation climbs (at/awp.py); by default the outer
+        loss. Must not change method state (like `loss`)."""
+        return self.loss(model, x, y, x_adv, views).total()
 
     def observe(self, y: Tensor, out: StepOutput) -> None:
         """Called once per optimisation step with the outer pass's outputs (statistics)."""

@@ -157,7 +157,7 @@ class Distill(Method):
         if not self.uses_attack:
             return x
         z_t = self._teacher_logits(x)
-        with frozen(model):
+        with frozen(model, budget.bn):
             def objective(z: Tensor) -> Tensor:
                 return sum(self.distill_terms(model(z), z_t, y).values())
             return pgd(objective, x, **budget.pgd_kwargs())

@@ -17,6 +17,11 @@ from ..losses import ikl_loss, ikl_terms
 from .base import AttackBudget, Method, StepOutput, update_class_prior
 
 
+# The loss AWP climbs with two views: "joint" = the reference's calc_awp, one CE + IKL over all 2B
+# rows weighted equally (no aug_weight); "weighted" = the outer loss, per view, aug-weighted.
+AWP_VIEWS = ("joint", "weighted")
+
+
 class IKLAT(Method):
     """BN: eval mode during the attack, whose clean logits are computed once per batch (the
     reference recomputes them every step; identical in eval mode). Then two separate train-mode
@@ -34,7 +39,8 @@ class IKLAT(Method):
                  version: str = "v1", gamma: float = 1.0, temperature: float = 4.0,
                  prior_momentum: float = 1.0, attack_alpha: float = 1.0,
                  attack_beta: float = 0.0, attack_gamma: float | None = 1.0,
-                 aug_weight: float = 1.0, label_smoothing: float = 0.0):
+                 aug_weight: float = 1.0, awp_views: str = "joint",
+                 label_smoothing: float = 0.0):
         super().__init__(num_classes, label_smoothing)
         if version not in ("v1", "v2"):
             raise ValueError(f"unknown IKL version {version!r}; valid: v1, v2")
@@ -43,6 +49,9 @@ class IKLAT(Method):
                              "set them to 1.0 or use version=v2")
         if temperature <= 0:
             raise ValueError(f"method.ikl_at.temperature must be > 0, got {temperature}")
+        if awp_views not in AWP_VIEWS:
+            raise ValueError(f"method.ikl_at.awp_views must be one of {', '.join(AWP_VIEWS)}, "
+                             f"got {awp_views!r}")
         if not 0.0 < prior_momentum <= 1.0:
             raise ValueError(f"method.ikl_at.prior_momentum must be in (0, 1], "
                              f"got {prior_momentum}")
@@ -50,7 +59,7 @@ class IKLAT(Method):
         self.temperature, self.prior_momentum = temperature, prior_momentum
         self.attack_alpha, self.attack_beta = attack_alpha, attack_beta
         self.attack_gamma = gamma if attack_gamma is None else attack_gamma
-        self.aug_weight = aug_weight
+        self.aug_weight, self.awp_views = aug_weight, awp_views
         self.register_buffer("prior", torch.full((num_classes, num_classes), 1.0 / num_classes))
         # Running sum of this epoch's soft predictions per true class (kept in float64 so that a
         # long epoch's sum does not lose precision); the row sums are the class counts.
@@ -59,7 +68,7 @@ class IKLAT(Method):
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, budget: AttackBudget) -> Tensor:
         weights = self.prior[y]
-        with frozen(model):
+        with frozen(model, budget.bn):
             with torch.no_grad():
                 logits_clean = model(x)
 
@@ -88,6 +97,12 @@ class IKLAT(Method):
         terms = {"ce": self.cross_entropy(logits_clean, y), "wmse": self.beta * wmse,
                  "sce": self.alpha * sce}
         return StepOutput(terms, logits_adv=logits_adv, logits_clean=logits_clean, n_basic=n)
+
+    def awp_loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor,
+                 views: int = 1) -> Tensor:
+        if views > 1 and self.awp_views == "joint":
+            return self.loss(model, x, y, x_adv, views=1).total()  # all rows as one view
+        return super().awp_loss(model, x, y, x_adv, views)
 
     @torch.no_grad()
     def observe(self, y: Tensor, out: StepOutput) -> None:

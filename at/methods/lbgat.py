@@ -18,24 +18,36 @@ class LBGAT(TRADES):
     """The natural model is a submodule, so it is saved with the method's state and trained by
     the same optimizer. BN: the robust model is attacked as by TRADES (eval mode, KL objective,
     clean logits computed once); the natural model always runs in train mode (as in the
-    reference). Nothing is detached: g learns from the MSE and its CE, f from the MSE and the KL."""
+    reference). Nothing is detached: g learns from the MSE and its CE, f from the MSE and the KL.
+
+    `forwards` is the robust model's train-mode forwards, as for TRADES. The reference runs
+    f(x_adv), then f(x) even for LBGAT0, where the clean logits are unused: that forward only
+    feeds clean batches into f's BatchNorm running statistics, and here it runs without a graph.
+    ``adv`` alone (LBGAT0 only) skips it: f's running statistics then hold no clean batch.
+    """
+
+    config_name = "lbgat"
 
     def __init__(self, num_classes: int, beta: float = 0.0,
-                 natural_model: str = "preact-resnet18", label_smoothing: float = 0.0):
-        super().__init__(num_classes, beta, label_smoothing)
+                 natural_model: str = "preact-resnet18", forwards: str = "adv,clean",
+                 label_smoothing: float = 0.0):
+        super().__init__(num_classes, beta, forwards, label_smoothing)
         self.natural = models.build_model(natural_model, num_classes)
+
+    def required_forwards(self, beta: float) -> tuple[str, ...]:
+        return ("adv", "clean") if beta != 0 else ("adv",)
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor,
              views: int = 1) -> StepOutput:
-        model.train()
         self.natural.train()
-        logits_adv = model(x_adv)
+        logits = self.run_forwards(model, x, x_adv, grad={"clean": self.beta != 0})
+        logits_adv = logits["adv"]
         logits_natural = self.natural(x)
         terms = {"mse": F.mse_loss(logits_adv, logits_natural),
                  "ce_natural": self.cross_entropy(logits_natural, y)}
         logits_clean = None
-        if self.beta != 0:  # LBGAT0 needs no clean forward of the robust model
-            logits_clean = model(x)
+        if self.beta != 0:
+            logits_clean = logits["clean"]
             terms["kl"] = self.beta * trades_kl(logits_adv, logits_clean)
         return StepOutput(terms, logits_adv=logits_adv, logits_clean=logits_clean,
                           extra={"logits_natural": logits_natural})

@@ -15,7 +15,7 @@ class PGDAT(Method):
     the adversarial batch for the update."""
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, budget: AttackBudget) -> Tensor:
-        with frozen(model):
+        with frozen(model, budget.bn):
             # Summed, not averaged: each example's gradient is independent of the batch size.
             return pgd(lambda z: F.cross_entropy(model(z), y, reduction="sum"), x,
                        **budget.pgd_kwargs())
