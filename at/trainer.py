@@ -27,10 +27,10 @@ from tqdm import tqdm
 
 import data as datasets
 import models
-from models.bn import set_bn_groups, set_bn_momentum
 from attacks.pgd import INITS, NORMS
 from attacks.utils import BN_MODES
 from data.generated import GeneratedSet
+from models.bn import set_bn_groups, set_bn_momentum
 
 from . import averaging, distributed, speed, sync_bn
 from . import checkpoint as ckpt

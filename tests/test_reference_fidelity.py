@@ -118,7 +118,7 @@ def test_bad_forward_orders_are_one_line_errors():
         LBGAT(10, beta=6.0, natural_model="wrn-16-1", forwards="adv")
 
 
-# ---- LBGAT ----------------------------------------------------------------------------------------
+# ---- LBGAT ---------------------------------------------------------------------------------------
 def _reference_lbgat_loss(model, teacher, x, y, x_adv, beta):
     """lbgat.py lbgat_loss after the attack."""
     model.train()
@@ -164,7 +164,7 @@ def test_lbgat0_without_the_clean_forward_has_no_clean_batch_in_its_statistics()
     assert _bn_gap(a, b) > 1e-3
 
 
-# ---- AWP with two views -----------------------------------------------------------------------------
+# ---- AWP with two views --------------------------------------------------------------------------
 def _reference_dkl_loss(logits_student, logits_teacher, alpha, beta, gamma, class_prior):
     """DKL v2's dkl_loss (utils_awp.py), temperature 1."""
     c = logits_teacher.size(1)
@@ -229,7 +229,7 @@ def test_awp_with_two_views_climbs_the_references_joint_loss():
     assert gap > 1e-3  # the per-view, aug-weighted loss is another direction
 
 
-# ---- ghost BatchNorm = nn.DataParallel's statistics ------------------------------------------------
+# ---- ghost BatchNorm = nn.DataParallel's statistics ----------------------------------------------
 def test_ghost_batchnorm_layer_equals_split_and_normalise():
     torch.manual_seed(0)
     bn = nn.BatchNorm2d(5).double()
@@ -321,9 +321,10 @@ def test_train_mode_attack_uses_batch_statistics_and_leaves_buffers_alone():
 def test_first_step_bn_momentum_follows_wang_et_al(tmp_path):
     """watrain.py: momentum 1.0 at global step 0, then 0.01. One full-batch step per epoch of
     plain training, so the batch (as a set) and the update are known exactly."""
+    from conftest import DIGITS
+
     from at.trainer import Trainer
     from data import Splits
-    from conftest import DIGITS
     cfg = load_config(DIGITS, [f"out_dir={tmp_path / 'run'}", "device=cpu", "log.plot=false",
                                "method.name=standard", "model.name=wrn-16-1-swish",
                                "model.bn_momentum=0.01", "model.bn_first_momentum=1.0",

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from at.config import load_config
-from at.schedules import attack_budget, lr_at
+from at.schedules import attack_budget, lr_at, momentum_at
 
 
 def _optim(**kw):
@@ -44,6 +44,27 @@ def test_onecycle_equals_torch_stepped_per_epoch(epochs):
         sched.step()
     cfg = _optim(lr=0.2, epochs=epochs, schedule="onecycle", onecycle_pct=0.025)
     assert [lr_at(cfg, e) for e in range(1, epochs + 1)] == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("epochs", [10, 400])
+def test_onecycle_momentum_cycling_equals_torch(epochs):
+    """Wang et al.'s scheduler is OneCycleLR with its default momentum cycling (0.95 -> 0.85 ->
+    0.95) on a Nesterov SGD, stepped once per epoch."""
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2, momentum=0.9,
+                          nesterov=True)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.2, pct_start=0.025,
+                                                total_steps=epochs)
+    expected = []
+    for _ in range(epochs):
+        expected.append(opt.param_groups[0]["momentum"])
+        opt.step()
+        sched.step()
+    cfg = _optim(lr=0.2, epochs=epochs, schedule="onecycle", onecycle_pct=0.025,
+                 cycle_momentum=[0.85, 0.95])
+    assert [momentum_at(cfg, e) for e in range(1, epochs + 1)] == pytest.approx(expected,
+                                                                                rel=1e-12)
+    assert min(expected) < 0.86 and max(expected) > 0.94
+    assert momentum_at(_optim(momentum=0.9), 3) == 0.9  # cycle_momentum null: constant
 
 
 def test_unknown_schedule():

@@ -16,7 +16,6 @@ from attacks import frozen, pgd
 from ..losses import ikl_loss, ikl_terms
 from .base import AttackBudget, Method, StepOutput, update_class_prior
 
-
 # The loss AWP climbs with two views: "joint" = the reference's calc_awp, one CE + IKL over all 2B
 # rows weighted equally (no aug_weight); "weighted" = the outer loss, per view, aug-weighted.
 AWP_VIEWS = ("joint", "weighted")
