@@ -1,17 +1,19 @@
 """Entry point: python -m at.train -c CONFIG [dotted.key=value ...] [--resume]
 
 Exit status: 0 done; 1 an error (one line on stderr; saved files intact); 75 stopped by SIGTERM or
-SIGUSR1 after saving a resumable last.pt (requeue and run again with --resume).
+SIGUSR1 after saving a resumable last.pt (requeue and run again with --resume); 130 stopped by
+Ctrl-C (the first saves last.pt at the next step, a second aborts at once).
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from . import distributed
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
-from .errors import EXIT_PREEMPTED, Preempted, RunError
+from .errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted, RunError
 from .trainer import fit
 
 
@@ -28,9 +30,15 @@ def main(argv: list[str] | None = None) -> int:
         # talks to it aborts the process in gloo).
         distributed.barrier()
     except Preempted as err:
+        if err.signum == signal.SIGINT:
+            print(f"at.train: interrupted; {err}; continue with --resume", file=sys.stderr)
+            return EXIT_INTERRUPTED
         print(f"at.train: stopped by a signal; {err}; continue with --resume "
               f"(exit status {EXIT_PREEMPTED})", file=sys.stderr)
         return EXIT_PREEMPTED
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
+        print("at.train: interrupted; nothing saved since the last checkpoint", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (ConfigError, RunError, CheckpointError, ValueError, FileNotFoundError) as err:
         rank = f" (rank {distributed.rank()})" if distributed.world_size() > 1 else ""
         print(f"at.train{rank}: error: {err}", file=sys.stderr)

@@ -220,10 +220,18 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_previous_epoch(tmp_path):
     first = run_cli(*common, "optim.epochs=2", f"out_dir={run}")
     assert first.returncode == 0, first.stderr
     assert load(run / "last_prev.pt")["epoch"] == 1 and load(run / "last.pt")["epoch"] == 2
-    (run / "last.pt").write_bytes((run / "last.pt").read_bytes()[:1000])  # e.g. a bad copy
+    damaged = (run / "last.pt").read_bytes()[:1000]  # e.g. a bad copy
+    (run / "last.pt").write_bytes(damaged)
+    # Resumed for one epoch (one save): the unreadable file is moved aside, not rotated into
+    # last_prev.pt, where it would replace the only good fallback.
+    again = run_cli(*common, "optim.epochs=2", f"out_dir={run}", "--resume")
+    assert again.returncode == 0, again.stderr
+    assert "resuming from" in again.stderr and "last_prev.pt (epoch 1)" in again.stderr
+    aside = list(run.glob("last.pt.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == damaged and str(aside[0]) in again.stderr
+    assert load(run / "last_prev.pt")["epoch"] == 1 and load(run / "last.pt")["epoch"] == 2
     resumed = run_cli(*common, "optim.epochs=3", f"out_dir={run}", "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from" in resumed.stderr and "last_prev.pt (epoch 1)" in resumed.stderr
     a, b = model_state(tmp_path / "straight"), model_state(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
     epochs = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()]
