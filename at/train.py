@@ -21,9 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m at.train", description=__doc__)
     parser.add_argument("-c", "--config",
                         help="experiment YAML (differences from configs/base.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, applied last")
+    parser.add_argument("overrides", nargs="*",
+                        help="dotted.key=value overrides, applied last; before or after the "
+                        "flags (-c CONFIG, --resume)")
     parser.add_argument("--resume", action="store_true", help="continue the run in out_dir")
-    args = parser.parse_args(argv)
+    # Intermixed: `--resume optim.epochs=300` as well as `optim.epochs=300 --resume`.
+    args = parser.parse_intermixed_args(argv)
     try:
         fit(load_config(args.config, args.overrides), resume=args.resume)
         # Every rank done before the group is torn down (a rank leaving while a peer still

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import data as datasets
 import models
-from attacks.pgd import INITS, NORMS
+from attacks.pgd import INITS, NORMS, eps_problem
 from data.generated import GeneratedSet
 
 from . import averaging, distributed, speed, sync_bn
@@ -111,6 +111,10 @@ def check_config(cfg: dict) -> None:
     for ok, message in checks:
         if not ok:
             raise RunError(message)
+    side = d["image_size"] if d["name"] in datasets.FOLDER_DATASETS else 32  # CIFAR, digits
+    problem = eps_problem("attack.eps", a["eps"], a["norm"], 3 * side * side)
+    if problem:
+        raise RunError(problem)
     errors = speed.check(cfg["speed"])
     if errors:
         raise RunError(errors[0])
@@ -228,10 +232,14 @@ class Trainer:
             self._restore()
         self.log = None
         if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / PREEMPTED_MARKER).unlink(missing_ok=True)
-            dump_config(cfg, self.out / "config.yaml", git=git_state(),
-                        command=" ".join(sys.argv), world_size=self.world)
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                (self.out / PREEMPTED_MARKER).unlink(missing_ok=True)
+                dump_config(cfg, self.out / "config.yaml", git=git_state(),
+                            command=" ".join(sys.argv), world_size=self.world)
+            except OSError as err:  # a read-only or otherwise unwritable place
+                raise RunError(f"cannot write to out_dir {self.out} ({err.strerror or err}); "
+                               f"choose another out_dir") from None
             self.log = RunLog(self.out, cfg, resume_epoch=self.epoch)
 
     def _build_data(self, splits: datasets.Splits | None) -> int:
@@ -274,11 +282,18 @@ class Trainer:
     # ---- run directory and resume -------------------------------------------------------------
     def _check_out_dir(self, resume: bool) -> bool:
         """Whether there is a checkpoint to resume; refuses to write over another run."""
+        if self.out.exists() and not self.out.is_dir():
+            raise RunError(f"out_dir {self.out} is a file, not a directory; choose another "
+                           f"out_dir")
         if resume and ((self.out / "last.pt").exists()
                        or (self.out / PREVIOUS_CHECKPOINT).exists()):  # last.pt moved aside
             return True
         present = sorted(p.name for p in self.out.iterdir()) if self.out.is_dir() else []
         if not resume:
+            if present and not set(present) - PRE_CHECKPOINT_FILES:
+                raise RunError(f"out_dir {self.out} holds a run that stopped before its first "
+                               f"checkpoint; pass --resume to start it again there, or remove "
+                               f"the directory")
             if present:
                 raise RunError(f"out_dir {self.out} exists and is not empty; pass --resume to "
                                f"continue it or choose another out_dir")
@@ -315,6 +330,10 @@ class Trainer:
             raise RunError(f"{path} has format {state.get('format')}, "
                            f"expected {CHECKPOINT_FORMAT}")
         changed = _config_changes(state["config"], self.cfg)
+        if self.cfg["optim"]["epochs"] < state["epoch"]:
+            # config.yaml would record fewer epochs than the checkpoints hold.
+            raise RunError(f"--resume with optim.epochs={self.cfg['optim']['epochs']}, but "
+                           f"{path} has already done {state['epoch']} epochs")
         if changed:
             raise RunError(f"--resume with a config that differs from the run's in: "
                            f"{', '.join(changed)}")
@@ -715,6 +734,9 @@ class Trainer:
                     test, model, eps=acfg["eps"],
                     steps=ecfg["pgd_steps"], step_size=ecfg["pgd_step_size"], norm=acfg["norm"],
                     seed=self.cfg["seed"])
+                # What the number means, for readers of final.json alone (eval.summary).
+                row.update(pgd_steps=ecfg["pgd_steps"], eps=acfg["eps"], norm=acfg["norm"],
+                           n_test=int(total))
             result[name] = row
         if self.main:
             text = json.dumps(result, indent=2) + "\n"
@@ -731,7 +753,8 @@ def _summary(r: dict, epochs: int) -> str:
     losses = " ".join(f"{k[5:] or 'total'} {v:.4f}" for k, v in r.items() if k.startswith("loss"))
     train_acc = r.get("train_adv_acc", r.get("train_clean_acc"))
     return (f"epoch {r['epoch']:>3}/{epochs}  lr {r['lr']:.4f}  eps {r['eps'] * 255:.2f}/255 "
-            f"x{r['attack_steps']}  {losses}  train {_fmt(train_acc)}  val clean "
+            f"x{r['attack_steps']}  {losses}  train {'adv' if 'train_adv_acc' in r else 'clean'} "
+            f"{_fmt(train_acc)}  val clean "
             f"{_fmt(r.get('val_clean_acc'))} pgd {_fmt(r.get('val_robust_acc'))}  test clean "
             f"{_fmt(r.get('test_clean_acc'))}  {r['train_seconds']:.0f}s+{r['eval_seconds']:.0f}s")
 

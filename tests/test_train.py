@@ -103,9 +103,12 @@ def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tmp_path):
     ("attack.schedule=high", "attack.schedule must be one of"),
     ("eval.best_on=avg", "eval.best_on=avg needs weight averaging"),
     ("data.generated.path=nowhere", "data.generated.path=nowhere: no meta.json"),
+    ("attack.eps=8", "attack.eps=8 must be < 1 under linf (pixels are in [0, 1]); did you mean "
+                     "8/255?"),
+    ("attack.norm=l2 attack.eps=60", "attack.eps=60 exceeds the l2 diameter"),
 ])
 def test_bad_names_give_one_line_errors(tmp_path, override, needle):
-    proc = run_cli("-c", str(DIGITS), override, f"out_dir={tmp_path / 'run'}")
+    proc = run_cli("-c", str(DIGITS), *override.split(), f"out_dir={tmp_path / 'run'}")
     assert proc.returncode != 0
     assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "run").exists()
@@ -187,7 +190,7 @@ def test_awp_and_weight_averaging_run_and_the_average_evaluates(tmp_path):
     assert not averaged.training
     t = load_target(out, "avg", device="cpu")
     quick = evaluate(t, steps=5, n_ex=50)
-    assert quick["weights"] == "avg" and (out / "eval" / "pgd5_avg.json").exists()
+    assert quick["weights"] == "avg" and (out / "eval" / "pgd5_linf_eps8-255_n50_avg.json").exists()
     torch.testing.assert_close(load_model(out, weights="avg").state_dict()["fc.weight"],
                                last["avg"]["model"]["fc.weight"])
     # eval.best_on=avg: best.pt is the epoch whose averaged weights validated best, and
