@@ -13,7 +13,8 @@ writes, in --out (default export/):
 
 The accuracies come from an AutoAttack result in <run>/eval/ (autoattack-standard_linf_eps8-255_
 n10000_<weights>.json; the one used is printed), which must belong to the very checkpoint being
-exported (same sha256) and be standard AutoAttack on the full test set at the leaderboard's eps. --allow-partial exports anything else too, but says so in the card's footnote.
+exported (same sha256) and be standard AutoAttack on the full test set at the leaderboard's eps.
+--allow-partial exports anything else too, but says so in the card's footnote.
 """
 from __future__ import annotations
 

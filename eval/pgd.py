@@ -4,8 +4,9 @@
     python -m eval.pgd runs/cifar100_ikl_at --attack cw --steps 20
 
 Writes <run>/eval/<attack><steps>_<norm>_eps<eps>_n<images>_<weights>.json (e.g.
-pgd20_linf_eps8-255_n10000_best.json: another eps or number of images is another file). Use AutoAttack (eval.autoattack) for reported
-numbers; these are for screening checkpoints and for sanity checks (AutoAttack <= PGD <= clean).
+pgd20_linf_eps8-255_n10000_best.json: another eps or number of images is another file). Use
+AutoAttack (eval.autoattack) for reported numbers; these are for screening checkpoints and for
+sanity checks (AutoAttack <= PGD <= clean).
 """
 from __future__ import annotations
 

@@ -101,7 +101,8 @@ def test_corrupt_and_foreign_chunks_are_recomputed_not_trusted(ikl_run, caplog):
     t = load_target(ikl_run, "last", device="cpu")
     kwargs = dict(n_ex=24, chunk_size=12, attacks=["apgd-ce"], batch_size=12, progress=False)
     first = autoattack.evaluate(t, **kwargs)
-    files = sorted((t.out_dir / "autoattack-standard-apgd-ce_linf_eps8-255_n24_last_chunks").glob("chunk_*.pt"))
+    chunks = t.out_dir / "autoattack-standard-apgd-ce_linf_eps8-255_n24_last_chunks"
+    files = sorted(chunks.glob("chunk_*.pt"))
     assert len(files) == 2
     files[0].write_bytes(files[0].read_bytes()[:50])        # truncated by a crash or a full disk
     foreign = torch.load(files[1], weights_only=True)
@@ -243,3 +244,27 @@ def test_models_are_evaluated_in_float32_eval_mode(learned):
     t = load_target(learned["ikl_at"][0], "best", device="cpu")
     assert all(p.dtype == torch.float32 for p in t.model.parameters())
     assert not any(isinstance(m, nn.BatchNorm2d) and m.training for m in t.model.modules())
+
+
+def test_summary_shows_final_json_and_refuses_bad_input_in_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("attack:\n  eps: 0.03137254901960784\n  norm: linf\n"
+                                     "eval:\n  pgd_steps: 10\n")
+    # final.json as earlier versions wrote it (no eps in the rows): eps from config.yaml
+    (run / "final.json").write_text(json.dumps({
+        "last": {"epoch": 2, "test_clean_acc": 90.0, "test_robust_acc": 50.0},
+        "best": {"epoch": 1, "test_clean_acc": 91.0, "test_robust_acc": 51.0, "eps": 8 / 255,
+                 "norm": "linf", "pgd_steps": 10, "n_test": 360}}))
+    assert summary.main([str(run)]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [r.split()[:5] for r in rows] == [["last", "PGD-10", "(final)", "8/255", "Linf"],
+                                             ["best", "PGD-10", "(final)", "8/255", "Linf"]]
+    (run / "eval").mkdir()
+    (run / "eval" / "pgd20_linf_eps8-255_n360_best.json").write_text('{"robust_acc": 1')
+    assert summary.main([str(run)]) == 1
+    err = capsys.readouterr().err
+    assert "pgd20_linf_eps8-255_n360_best.json is unreadable" in err and err.count("\n") == 1
+    assert summary.main([str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'missing'} is not a directory" in err and err.count("\n") == 1

@@ -29,7 +29,8 @@ COMMON = ["-c", str(DIGITS), "attack.schedule=fixed", "attack.steps=1", "attack.
           "eval.n_test=50", "eval.pgd_steps=1", "log.plot=false"]
 
 # Runs at.train with a stop injected at a chosen point: "term K" sends SIGTERM to itself just
-# before the K-th optimizer step ("int K" SIGINT, "int2 K" two SIGINTs: a double Ctrl-C); "kill_write K" SIGKILLs itself inside the K-th write of last.pt,
+# before the K-th optimizer step ("int K" SIGINT, "int2 K" two SIGINTs: a double Ctrl-C);
+# "kill_write K" SIGKILLs itself inside the K-th write of last.pt,
 # after the temporary file is complete and before it replaces last.pt.
 DRIVER = textwrap.dedent("""
     import os, signal, sys, torch
@@ -161,7 +162,8 @@ def test_skip_nonfinite_skips_up_to_the_limit(tmp_path):
 
     trainer = Trainer(_quick(tmp_path / "stop", "train.skip_nonfinite=1"))
     trainer.objective = _PoisonedSteps(trainer.objective, {2, 4})
-    with pytest.raises(NonFiniteLoss, match=r"epoch 1, step 4: more than 1 such steps \(train.skip_nonfinite=1"):
+    with pytest.raises(NonFiniteLoss,
+                       match=r"epoch 1, step 4: more than 1 such steps \(train.skip_nonfinite=1"):
         trainer.fit()
     assert not (tmp_path / "stop" / "last.pt").exists()
 

@@ -121,6 +121,18 @@ def test_missing_dataset_names_the_expected_path(tmp_path):
     assert str(tmp_path / "cifar-10-batches-py") in proc.stderr
 
 
+def test_out_dir_that_is_a_file_or_unwritable(tmp_path):
+    (tmp_path / "file").write_text("keep me")
+    proc = run_cli("-c", str(DIGITS), f"out_dir={tmp_path / 'file'}")
+    assert proc.returncode == 1 and "is a file, not a directory" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "file").read_text() == "keep me"
+    # Below a file: no directory can be made there (what a read-only place gives too).
+    proc = run_cli("-c", str(DIGITS), f"out_dir={tmp_path / 'file' / 'run'}")
+    assert proc.returncode == 1 and "cannot write to out_dir" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_existing_out_dir_and_resume_without_checkpoint(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -158,6 +170,22 @@ def test_resume_of_a_run_that_died_before_its_first_checkpoint_starts_afresh(tmp
     assert "starting from epoch 1" in proc.stderr and load(out / "last.pt")["epoch"] == 1
     proc = run_cli("-c", str(DIGITS), f"out_dir={tmp_path / 'nowhere'}", "--resume")
     assert proc.returncode != 0 and "no last.pt" in proc.stderr
+    # Without --resume, the error says that --resume continues such a directory.
+    died = tmp_path / "died"
+    died.mkdir()
+    (died / "config.yaml").write_text("seed: 0\n")
+    proc = run_cli("-c", str(DIGITS), f"out_dir={died}")
+    assert proc.returncode == 1 and "stopped before its first checkpoint" in proc.stderr
+    assert "--resume" in proc.stderr and (died / "config.yaml").read_text() == "seed: 0\n"
+    # A finished 1-epoch run resumed with fewer epochs than done: refused, overrides after
+    # --resume accepted (intermixed).
+    extended = run_cli("-c", str(DIGITS), "--resume", *QUICK, "method.name=standard",
+                       "optim.epochs=2", f"out_dir={out}")
+    assert extended.returncode == 0, extended.stderr
+    proc = run_cli("-c", str(DIGITS), "--resume", *QUICK, "method.name=standard",
+                   "optim.epochs=1", f"out_dir={out}")
+    assert proc.returncode == 1 and "has already done 2 epochs" in proc.stderr, proc.stderr
+    assert "epochs: 2" in (out / "config.yaml").read_text()  # not rewritten
 
 
 def test_wandb_offline_logging_needs_no_network(tmp_path, monkeypatch):
