@@ -168,8 +168,9 @@ def test_a_quick_evaluation_never_replaces_the_full_one(ikl_run, capsys):
     assert json.loads(Path(full["path"]).read_text())["n_ex"] == 360
     assert json.loads(Path(quick["path"]).read_text())["n_ex"] == 50
     assert summary.main([str(ikl_run)]) == 0
-    rows = capsys.readouterr().out.splitlines()[1:]
-    assert len(rows) == 2 and {r.split()[4] for r in rows} == {"360", "50"}
+    rows = [r.split() for r in capsys.readouterr().out.splitlines()[1:]]
+    assert sorted(r[4] for r in rows if r[1] == "PGD-2") == ["360", "50"]  # both kept
+    assert sum(r[1:3] == ["PGD-10", "(final)"] for r in rows) == 2  # final.json's last and best
 
 
 def test_cw_margin_is_positive_exactly_when_misclassified():
