@@ -6,6 +6,7 @@ Checkpoints hold only tensors, numbers, strings, lists and dicts, so they load w
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -19,12 +20,33 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message is one line."""
 
 
+def _read_umask() -> int:
+    """The process umask. Linux reports it in /proc without changing it; elsewhere it can only be
+    read by setting it (briefly 0o022: a file another thread creates meanwhile gets no
+    broader permissions than usual)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()  # read once: it does not change during a run
+
+
 def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     """Call `write` on a temporary file in the same directory, fsync, then rename over `path`, so
     `path` is always either the previous complete file or the new complete file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates the file 0600 (private while half-written); the finished file gets the
+        # permissions any other new file would (0644 under the usual umask 022).
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -64,9 +86,44 @@ def load(path: str | Path, map_location: Any = "cpu") -> dict:
         return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
-    except Exception as err:  # truncated zip, foreign pickle, ...
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"cannot load checkpoint {path}: {first}") from err
+    except pickle.UnpicklingError as err:
+        if "allowed global" not in str(err):  # not a pickle of objects at all
+            raise CheckpointError(f"cannot load checkpoint {path}: not a valid checkpoint (no "
+                                  f"torch.save file)") from err
+        # torch's own message advises weights_only=False, which would run the file's code: wrong
+        # advice for a file of unknown origin.
+        raise CheckpointError(f"cannot load checkpoint {path}: refused, it is not a plain "
+                              f"checkpoint of tensors (loading it fully could execute code from "
+                              f"the file; do so only for a file you made yourself)") from err
+    except Exception as err:  # truncated zip, not a torch file, ...
+        text = str(err).strip()
+        first = text.splitlines()[0].split(". ")[0] if text else ""
+        raise CheckpointError(f"cannot load checkpoint {path}: not a valid checkpoint "
+                              f"({type(err).__name__}: {first})") from err
+
+
+def first_nonfinite(obj: Any, prefix: str = "") -> str | None:
+    """The key path of the first floating-point tensor in `obj` (nested dicts and lists) holding
+    NaN or inf, or None (a per-tensor device read: cheap next to writing the file)."""
+    found: list[tuple[str, torch.Tensor]] = []
+
+    def walk(node: Any, key: str) -> None:
+        if torch.is_tensor(node):
+            if node.is_floating_point() or node.is_complex():
+                found.append((key, node))
+        elif isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{key}.{k}" if key else str(k))
+        elif isinstance(node, (list, tuple)):
+            for i, v in enumerate(node):
+                walk(v, f"{key}.{i}" if key else str(i))
+
+    walk(obj, prefix)
+    if not found:
+        return None
+    finite = torch.stack([torch.isfinite(t).all().cpu() for _, t in found])
+    bad = (~finite).nonzero()
+    return found[int(bad[0])][0] if len(bad) else None
 
 
 def load_model_state(model: torch.nn.Module, state: dict, source: str) -> None:

@@ -28,19 +28,39 @@ class ConfigError(ValueError):
     """A configuration problem the user can fix; the message is one line."""
 
 
-def parse_value(value: Any) -> Any:
-    """Turn fraction strings ('8/255') into floats, recursively; leave everything else alone."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load that refuses a key given twice in one mapping (plain YAML silently keeps
+    the last one, so an edit further down a config could be quietly ignored)."""
+
+    def construct_mapping(self, node, deep=False):
+        first_line: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                line = first_line.setdefault(key, key_node.start_mark.line)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if line != key_node.start_mark.line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first given on line {line + 1})",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def parse_value(value: Any, key: str = "") -> Any:
+    """Turn fraction strings ('8/255') into floats, recursively; leave everything else alone.
+    `key`: the dotted key of `value`, named in errors."""
     if isinstance(value, str) and _FRACTION.match(value):
         num, den = value.split("/")
         if float(den) == 0:
-            raise ConfigError(f"division by zero in {value!r}")
+            raise ConfigError(f"{key + ': ' if key else ''}division by zero in {value!r}")
         return float(Fraction(num.strip()) / Fraction(den.strip()))
     if isinstance(value, str) and _EXPONENT.match(value):
         return float(value)
     if isinstance(value, dict):
-        return {k: parse_value(v) for k, v in value.items()}
+        return {k: parse_value(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [parse_value(v) for v in value]
+        return [parse_value(v, key) for v in value]
     return value
 
 
@@ -101,7 +121,11 @@ def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+    except yaml.MarkedYAMLError as err:  # the line is the part a user needs
+        mark = err.problem_mark or err.context_mark
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"cannot parse {path}{where}: {err.problem or err.context}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"cannot parse {path}: {str(err).splitlines()[0]}") from err
     if data is None:
@@ -119,7 +143,7 @@ def parse_overrides(overrides: Iterable[str]) -> dict:
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
         try:
-            value = parse_value(yaml.safe_load(raw)) if raw.strip() else None
+            value = parse_value(yaml.safe_load(raw), key.strip()) if raw.strip() else None
         except yaml.YAMLError:
             value = raw
         node = tree

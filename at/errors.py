@@ -12,7 +12,14 @@ class NonFiniteLoss(RunError):
 # Exit status of a run stopped by SIGTERM / SIGUSR1 after saving a resumable checkpoint
 # (EX_TEMPFAIL: "try again"); sh/slurm_train.sh requeues the job on it.
 EXIT_PREEMPTED = 75
+# Exit status of a run stopped by Ctrl-C (SIGINT), the shell's 128 + 2; not requeued.
+EXIT_INTERRUPTED = 130
 
 
 class Preempted(Exception):
-    """SIGTERM or SIGUSR1 arrived; the run saved last.pt and stops (exit EXIT_PREEMPTED)."""
+    """SIGTERM, SIGUSR1 or a first SIGINT arrived; the run saved last.pt and stops (exit
+    EXIT_PREEMPTED, or EXIT_INTERRUPTED for SIGINT)."""
+
+    def __init__(self, message: str, signum: int | None = None):
+        super().__init__(message)
+        self.signum = signum

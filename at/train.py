@@ -1,17 +1,19 @@
 """Entry point: python -m at.train -c CONFIG [dotted.key=value ...] [--resume]
 
 Exit status: 0 done; 1 an error (one line on stderr; saved files intact); 75 stopped by SIGTERM or
-SIGUSR1 after saving a resumable last.pt (requeue and run again with --resume).
+SIGUSR1 after saving a resumable last.pt (requeue and run again with --resume); 130 stopped by
+Ctrl-C (the first saves last.pt at the next step, a second aborts at once).
 """
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from . import distributed
 from .checkpoint import CheckpointError
 from .config import ConfigError, load_config
-from .errors import EXIT_PREEMPTED, Preempted, RunError
+from .errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted, RunError
 from .trainer import fit
 
 
@@ -19,18 +21,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m at.train", description=__doc__)
     parser.add_argument("-c", "--config",
                         help="experiment YAML (differences from configs/base.yaml)")
-    parser.add_argument("overrides", nargs="*", help="dotted.key=value overrides, applied last")
+    parser.add_argument("overrides", nargs="*",
+                        help="dotted.key=value overrides, applied last; before or after the "
+                        "flags (-c CONFIG, --resume)")
     parser.add_argument("--resume", action="store_true", help="continue the run in out_dir")
-    args = parser.parse_args(argv)
+    # Intermixed: `--resume optim.epochs=300` as well as `optim.epochs=300 --resume`.
+    args = parser.parse_intermixed_args(argv)
     try:
         fit(load_config(args.config, args.overrides), resume=args.resume)
         # Every rank done before the group is torn down (a rank leaving while a peer still
         # talks to it aborts the process in gloo).
         distributed.barrier()
     except Preempted as err:
+        if err.signum == signal.SIGINT:
+            print(f"at.train: interrupted; {err}; continue with --resume", file=sys.stderr)
+            return EXIT_INTERRUPTED
         print(f"at.train: stopped by a signal; {err}; continue with --resume "
               f"(exit status {EXIT_PREEMPTED})", file=sys.stderr)
         return EXIT_PREEMPTED
+    except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
+        print("at.train: interrupted; nothing saved since the last checkpoint", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (ConfigError, RunError, CheckpointError, ValueError, FileNotFoundError) as err:
         rank = f" (rank {distributed.rank()})" if distributed.world_size() > 1 else ""
         print(f"at.train{rank}: error: {err}", file=sys.stderr)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 import data as datasets
 import models
-from attacks.pgd import INITS, NORMS
+from attacks.pgd import INITS, NORMS, eps_problem
 from attacks.utils import BN_MODES
 from data.generated import GeneratedSet
 from models.bn import set_bn_groups, set_bn_momentum
@@ -48,6 +48,7 @@ CHECKPOINT_FORMAT = 2  # 2: loader state with epoch and real-image permutation; 
 # resume (the run died in epoch 1), so --resume starts it afresh instead of refusing.
 PRE_CHECKPOINT_FILES = {"config.yaml", "metrics.jsonl", "curves.png", "wandb"}
 PREVIOUS_CHECKPOINT = "last_prev.pt"  # the epoch before last.pt, used if last.pt is unreadable
+MAX_SKIPPED_SHARE = 0.5  # train.skip_nonfinite never skips more than this share of an epoch
 PREEMPTED_MARKER = "preempted.json"  # written when a signal stopped the run after saving
 # Keys that may change when a run is resumed; anything else would silently change the experiment.
 RESUMABLE_CHANGES = ("out_dir", "optim.epochs", "device", "data.root", "data.download",
@@ -122,6 +123,10 @@ def check_config(cfg: dict) -> None:
     for ok, message in checks:
         if not ok:
             raise RunError(message)
+    side = d["image_size"] if d["name"] in datasets.FOLDER_DATASETS else 32  # CIFAR, digits
+    problem = eps_problem("attack.eps", a["eps"], a["norm"], 3 * side * side)
+    if problem:
+        raise RunError(problem)
     errors = speed.check(cfg["speed"])
     if errors:
         raise RunError(errors[0])
@@ -250,10 +255,14 @@ class Trainer:
             self._restore()
         self.log = None
         if self.main:
-            self.out.mkdir(parents=True, exist_ok=True)
-            (self.out / PREEMPTED_MARKER).unlink(missing_ok=True)
-            dump_config(cfg, self.out / "config.yaml", git=git_state(),
-                        command=" ".join(sys.argv), world_size=self.world)
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+                (self.out / PREEMPTED_MARKER).unlink(missing_ok=True)
+                dump_config(cfg, self.out / "config.yaml", git=git_state(),
+                            command=" ".join(sys.argv), world_size=self.world)
+            except OSError as err:  # a read-only or otherwise unwritable place
+                raise RunError(f"cannot write to out_dir {self.out} ({err.strerror or err}); "
+                               f"choose another out_dir") from None
             self.log = RunLog(self.out, cfg, resume_epoch=self.epoch)
 
     def _build_data(self, splits: datasets.Splits | None) -> int:
@@ -296,10 +305,18 @@ class Trainer:
     # ---- run directory and resume -------------------------------------------------------------
     def _check_out_dir(self, resume: bool) -> bool:
         """Whether there is a checkpoint to resume; refuses to write over another run."""
-        if resume and (self.out / "last.pt").exists():
+        if self.out.exists() and not self.out.is_dir():
+            raise RunError(f"out_dir {self.out} is a file, not a directory; choose another "
+                           f"out_dir")
+        if resume and ((self.out / "last.pt").exists()
+                       or (self.out / PREVIOUS_CHECKPOINT).exists()):  # last.pt moved aside
             return True
         present = sorted(p.name for p in self.out.iterdir()) if self.out.is_dir() else []
         if not resume:
+            if present and not set(present) - PRE_CHECKPOINT_FILES:
+                raise RunError(f"out_dir {self.out} holds a run that stopped before its first "
+                               f"checkpoint; pass --resume to start it again there, or remove "
+                               f"the directory")
             if present:
                 raise RunError(f"out_dir {self.out} exists and is not empty; pass --resume to "
                                f"continue it or choose another out_dir")
@@ -321,13 +338,25 @@ class Trainer:
             if not previous.exists():
                 raise
             state = ckpt.load(previous, map_location=self.device)
-            print(f"at.train: {err}; resuming from {previous} (epoch {state['epoch']}) instead",
-                  file=sys.stderr)
+            aside = ""
+            if self.main and path.exists():
+                # The next save would rotate the unreadable last.pt into last_prev.pt and so
+                # discard the only good fallback: keep it out of the rotation (and for a look).
+                stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+                corrupt = path.with_name(f"{path.name}.corrupt-{stamp}")
+                path.rename(corrupt)
+                aside = f" (moved aside to {corrupt})"
+            print(f"at.train: {err}{aside}; resuming from {previous} (epoch {state['epoch']}) "
+                  f"instead", file=sys.stderr)
             path = previous
         if state.get("format") != CHECKPOINT_FORMAT:
             raise RunError(f"{path} has format {state.get('format')}, "
                            f"expected {CHECKPOINT_FORMAT}")
         changed = _config_changes(state["config"], self.cfg)
+        if self.cfg["optim"]["epochs"] < state["epoch"]:
+            # config.yaml would record fewer epochs than the checkpoints hold.
+            raise RunError(f"--resume with optim.epochs={self.cfg['optim']['epochs']}, but "
+                           f"{path} has already done {state['epoch']} epochs")
         if changed:
             raise RunError(f"--resume with a config that differs from the run's in: "
                            f"{', '.join(changed)}")
@@ -396,6 +425,10 @@ class Trainer:
         """Atomic write into the run directory; a full disk is a one-line error and leaves the
         previous file as it was (the temporary file is removed)."""
         path = self.out / name
+        bad = ckpt.first_nonfinite(obj)
+        if bad is not None:  # a checkpoint of a diverged run would resume or evaluate garbage
+            raise NonFiniteLoss(f"{bad} holds NaN/inf at epoch {self.epoch}: refusing to write "
+                                f"{path}; the previous {name} is intact")
         try:
             if name == "last.pt" and path.exists():
                 # keep the previous checkpoint as a fallback (see _restore)
@@ -479,8 +512,18 @@ class Trainer:
         start = time.time()
         awp = self.awp if self.awp is not None and self.awp.active(self.epoch) else None
         views = self.loader.views
+        # A skipped step must leave no trace: its train-mode forwards have already moved the
+        # BatchNorm running statistics (of the model and of a method's own networks), so every
+        # buffer is copied before the step and put back when it is skipped.
+        buffers = [b for m in (model, method) for b in m.buffers()] if limit else []
+        saved = [torch.empty_like(b) for b in buffers]
+        # More skipped steps than this share of an epoch is a diverged run, whatever
+        # train.skip_nonfinite allows: its checkpoints would hold a model that learned nothing.
+        max_skipped = min(limit, int(len(self.loader) * MAX_SKIPPED_SHARE))
         bn_first = cfg["model"]["bn_first_momentum"]
         for step, (x, y) in enumerate(self.loader, start=first + 1):
+            if buffers:
+                torch._foreach_copy_(saved, buffers)
             very_first = bn_first is not None and self.epoch == 1 and step == 1
             if very_first:  # Wang et al.: the running statistics start as this batch's
                 set_bn_momentum(model, bn_first)
@@ -493,13 +536,17 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 if awp is not None:
                     awp.restore()
-                if skipped > limit:
-                    raise NonFiniteLoss(f"non-finite training loss at epoch {self.epoch}, step "
-                                        f"{step}: more than train.skip_nonfinite={limit} such "
-                                        f"steps; stopped without saving")
+                if buffers:
+                    torch._foreach_copy_(buffers, saved)
+                if skipped > max_skipped:
+                    raise NonFiniteLoss(
+                        f"non-finite training loss at epoch {self.epoch}, step {step}: more than "
+                        f"{max_skipped} such steps (train.skip_nonfinite={limit}, at most "
+                        f"{MAX_SKIPPED_SHARE:.0%} of the epoch's {len(self.loader)} steps); "
+                        f"stopped without saving")
                 if self.main:
                     print(f"at.train: warning: non-finite loss at epoch {self.epoch}, step "
-                          f"{step}: step skipped ({skipped} of {limit} allowed)",
+                          f"{step}: step skipped ({skipped} of {max_skipped} allowed)",
                           file=sys.stderr)
                 bar.update(1)
                 continue
@@ -643,7 +690,8 @@ class Trainer:
         previous = {}
         if threading.current_thread() is threading.main_thread():
             # Cluster preemption: note the signal; the loop saves at the next step and stops.
-            for signum in (signal.SIGTERM, signal.SIGUSR1):
+            # A first Ctrl-C does the same (no work lost; see _on_signal for the second).
+            for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
                 previous[signum] = signal.signal(signum, self._on_signal)
         try:
             while self.epoch < epochs:
@@ -671,14 +719,21 @@ class Trainer:
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
+        if signum == signal.SIGINT:
+            # A second Ctrl-C aborts at once (KeyboardInterrupt; at.train exits 130).
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if self.main:
+                print("at.train: interrupted; saving last.pt at the next step (Ctrl-C again to "
+                      "abort without saving)", file=sys.stderr, flush=True)
 
     def _preempted(self, message: str) -> None:
         """Stop after a signal: PREEMPTED_MARKER tells a job script to requeue (and only this
         stop: a requeued error would fail forever); --resume removes it."""
-        if self.main:
+        # Ctrl-C is the user's own stop, not a preemption: no requeue marker.
+        if self.main and self._stop_signal != signal.SIGINT:
             text = json.dumps({"signal": self._stop_signal, "message": message}) + "\n"
             ckpt.atomic_write(self.out / PREEMPTED_MARKER, lambda f: f.write(text.encode()))
-        raise Preempted(message)
+        raise Preempted(message, self._stop_signal)
 
     def finish(self) -> dict:
         """Test clean and PGD accuracy of the last, best and averaged weights -> final.json."""
@@ -709,6 +764,9 @@ class Trainer:
                     test, model, eps=acfg["eps"],
                     steps=ecfg["pgd_steps"], step_size=ecfg["pgd_step_size"], norm=acfg["norm"],
                     seed=self.cfg["seed"])
+                # What the number means, for readers of final.json alone (eval.summary).
+                row.update(pgd_steps=ecfg["pgd_steps"], eps=acfg["eps"], norm=acfg["norm"],
+                           n_test=int(total))
             result[name] = row
         if self.main:
             text = json.dumps(result, indent=2) + "\n"
@@ -725,7 +783,8 @@ def _summary(r: dict, epochs: int) -> str:
     losses = " ".join(f"{k[5:] or 'total'} {v:.4f}" for k, v in r.items() if k.startswith("loss"))
     train_acc = r.get("train_adv_acc", r.get("train_clean_acc"))
     return (f"epoch {r['epoch']:>3}/{epochs}  lr {r['lr']:.4f}  eps {r['eps'] * 255:.2f}/255 "
-            f"x{r['attack_steps']}  {losses}  train {_fmt(train_acc)}  val clean "
+            f"x{r['attack_steps']}  {losses}  train {'adv' if 'train_adv_acc' in r else 'clean'} "
+            f"{_fmt(train_acc)}  val clean "
             f"{_fmt(r.get('val_clean_acc'))} pgd {_fmt(r.get('val_robust_acc'))}  test clean "
             f"{_fmt(r.get('test_clean_acc'))}  {r['train_seconds']:.0f}s+{r['eval_seconds']:.0f}s")
 

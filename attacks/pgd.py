@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -16,6 +17,20 @@ from torch import Tensor
 
 Objective = Callable[[Tensor], Tensor]
 NORMS = ("linf", "l2")
+
+
+def eps_problem(key: str, eps: float, norm: str, numel: int) -> str | None:
+    """Why `eps` cannot be meant as a radius around [0, 1] images of `numel` values (None when
+    it can). The usual slip is 8 for 8/255, which would attack (and train) at 2040/255."""
+    norm = norm.lower()
+    if norm == "linf" and eps >= 1:
+        why = "must be < 1 under linf (pixels are in [0, 1])"
+    elif norm == "l2" and eps > math.sqrt(numel):
+        why = (f"exceeds the l2 diameter of the [0, 1] image box (sqrt({numel}) = "
+               f"{math.sqrt(numel):.1f})")
+    else:
+        return None
+    return f"{key}={eps:g} {why}; did you mean {eps:g}/255?"
 INITS = ("normal", "uniform", "none")
 
 

@@ -25,6 +25,18 @@ class GeneratedSetError(ValueError):
     """A generated-set directory that is missing, incomplete or does not fit the dataset."""
 
 
+def _open(path: Path) -> np.ndarray:
+    """A read-only memory map of an .npy file; a truncated or foreign file is a one-line error
+    naming it (numpy's own says only 'mmap length is greater than file size')."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except FileNotFoundError:
+        raise GeneratedSetError(f"{path} is missing (prepare the set again)") from None
+    except (OSError, ValueError) as err:
+        raise GeneratedSetError(f"{path} is not a complete .npy file ({err}); truncated? "
+                                f"prepare the set again") from None
+
+
 class GeneratedSet:
     """Images (uint8 N×32×32×3, on disk) and labels (in memory) of a prepared directory."""
 
@@ -43,7 +55,7 @@ class GeneratedSet:
                                     f"{num_classes} classes")
         images = self.path / "images.npy"
         # A memory map only to read the header (shape, dtype, data offset); no page is touched.
-        mapped = np.load(images, mmap_mode="r")
+        mapped = _open(images)
         shape, dtype, self.offset = mapped.shape, mapped.dtype, mapped.offset
         del mapped
         n = int(meta["n"])
@@ -53,7 +65,7 @@ class GeneratedSet:
         if images.stat().st_size != self.offset + n * IMAGE_BYTES:
             raise GeneratedSetError(f"{images}: {images.stat().st_size} bytes, expected "
                                     f"{self.offset + n * IMAGE_BYTES} (truncated?)")
-        labels = np.load(self.path / "labels.npy", mmap_mode="r")
+        labels = _open(self.path / "labels.npy")
         if labels.shape != (n,):
             raise GeneratedSetError(f"{self.path / 'labels.npy'}: shape {labels.shape}, "
                                     f"expected ({n},)")
@@ -62,7 +74,16 @@ class GeneratedSet:
         self.labels = torch.empty(n, dtype=torch.uint8 if small is np.uint8 else torch.int32)
         view = self.labels.numpy()
         for start in range(0, n, 1 << 22):
-            view[start:start + (1 << 22)] = labels[start:start + (1 << 22)]
+            part = labels[start:start + (1 << 22)]
+            # Checked here, a slice at a time: an out-of-range label would otherwise wrap in the
+            # narrow type or fail deep inside a method's loss.
+            bad = np.flatnonzero((part < 0) | (part >= num_classes))
+            if len(bad):
+                raise GeneratedSetError(
+                    f"{self.path / 'labels.npy'}: label {part[bad[0]]} at row "
+                    f"{start + int(bad[0])} is outside [0, {num_classes}) (meta.json: "
+                    f"{num_classes} classes)")
+            view[start:start + (1 << 22)] = part
         del labels
         self.n = n
         self._fd = os.open(images, os.O_RDONLY)

@@ -25,10 +25,12 @@ from .common import (
     EvalError,
     Target,
     add_target_arguments,
+    check_eps,
     load_test_data,
     parse_eps,
     provenance,
     resolve_batch_size,
+    result_name,
     target_from_arguments,
     write_json,
 )
@@ -112,8 +114,9 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
              chunk_size: int = 1000, attacks: list[str] | None = None,
              progress: bool = True) -> dict:
     """Run (or resume) AutoAttack on the first `n_ex` test images of `t`; returns the result
-    dict that is also written to <out_dir>/autoattack_<weights>.json (or
-    autoattack-<attacks>_<weights>.json when only some of the version's attacks run)."""
+    dict that is also written to <out_dir>/autoattack-<version>_<norm>_eps<eps>_n<images>_
+    <weights>.json (`result_name`; autoattack-<version>-<attacks>_... when only some of the
+    version's attacks run), with its chunks in the directory of the same name + _chunks."""
     if version not in VERSIONS:
         raise EvalError(f"unknown AutoAttack version {version!r}; valid: {', '.join(VERSIONS)}")
     if norm not in NORMS:
@@ -127,11 +130,14 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
         raise EvalError("--batch-size and --chunk-size must be >= 1")
     eps_text, eps_value = parse_eps(eps)
     x, y = load_test_data(t, n_ex)
+    check_eps(eps_value, norm, x)
     n_test = len(load_test_data(t, None)[1]) if n_ex is not None else len(y)
     device = next(t.model.parameters()).device
-    # A subset of the attacks is a screening number, never to be confused with AutoAttack's.
-    name = f"autoattack_{t.weights}" if stages == full else \
-        f"autoattack-{'+'.join(stages)}_{t.weights}"
+    # A subset of the attacks is a screening number, never to be confused with AutoAttack's;
+    # another eps, norm or number of images is another result, with its own file and chunks.
+    attack = f"autoattack-{version}" if stages == full else \
+        f"autoattack-{version}-{'+'.join(stages)}"
+    name = result_name(attack, norm, eps_value, len(y), t.weights)
     chunk_dir = t.out_dir / f"{name}_chunks"
     chunk_dir.mkdir(parents=True, exist_ok=True)
     _attach_log_file(t.out_dir / f"{name}.log")

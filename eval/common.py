@@ -22,6 +22,7 @@ import data as datasets
 import models
 from at import checkpoint as ckpt
 from at.config import ConfigError, git_state, load_run_config
+from attacks.pgd import eps_problem
 
 WEIGHTS = ("best", "last", "avg")
 PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
@@ -100,7 +101,12 @@ def load_target(target: str | Path, weights: str = "best", arch: str | None = No
                 data_root: str | None = None) -> Target:
     """Resolve `target` (a run directory or a checkpoint file) into a model in eval mode."""
     target = Path(target)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:  # 'gpu', a typo
+        raise EvalError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvalError(f"device {device} requested but CUDA is not available; use --device cpu")
     if target.is_dir():
         if not (target / "config.yaml").exists():
             raise EvalError(f"{target} is not a run directory (no config.yaml)")
@@ -237,6 +243,13 @@ def load_test_data(t: Target, n_examples: int | None) -> tuple[torch.Tensor, tor
         raise EvalError(str(err)) from err
 
 
+def check_eps(eps: float, norm: str, x: torch.Tensor) -> None:
+    """Refuse an --eps that cannot be a radius around these [0,1] images (8 for 8/255)."""
+    problem = eps_problem("--eps", eps, norm, x[0].numel())
+    if problem:
+        raise EvalError(problem)
+
+
 def parse_eps(text: str) -> tuple[str, float]:
     """'8/255' -> ('8/255', 0.0313...); '0.5' -> ('0.5', 0.5)."""
     try:
@@ -246,6 +259,22 @@ def parse_eps(text: str) -> tuple[str, float]:
     if not math.isfinite(value) or value < 0:
         raise EvalError(f"eps must be a finite number >= 0, got {text!r}")
     return text.replace(" ", ""), value
+
+
+def eps_token(value: float) -> str:
+    """eps in a file name: '8-255' for a multiple of 1/255 (the usual L-inf radii), else the
+    float ('0.5')."""
+    k = round(value * 255)
+    if k > 0 and math.isclose(value * 255, k, rel_tol=1e-9):
+        return f"{k}-255"
+    return repr(float(value))
+
+
+def result_name(attack: str, norm: str, eps: float, n_ex: int, weights: str) -> str:
+    """The stem of a result file, keyed by everything that defines the result, so that a quick
+    evaluation (fewer images, another eps) never replaces a full one: e.g.
+    pgd20_linf_eps8-255_n10000_best."""
+    return f"{attack}_{norm.lower()}_eps{eps_token(eps)}_n{n_ex}_{weights}"
 
 
 def provenance(t: Target, device: torch.device | str) -> dict:

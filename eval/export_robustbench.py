@@ -11,9 +11,10 @@ writes, in --out (default export/):
     <Name>.json           the card, to go to model_info/<dataset>/<Linf|L2>/<Name>.json
     <Name>_zoo_entry.txt  the entry for the linf/l2 dict of robustbench/model_zoo/<dataset>.py
 
-The accuracies come from <run>/eval/autoattack_<weights>.json, which must belong to the very
-checkpoint being exported (same sha256) and be standard AutoAttack on the full test set at the
-leaderboard's eps. --allow-partial exports anything else too, but says so in the card's footnote.
+The accuracies come from an AutoAttack result in <run>/eval/ (autoattack-standard_linf_eps8-255_
+n10000_<weights>.json; the one used is printed), which must belong to the very checkpoint being
+exported (same sha256) and be standard AutoAttack on the full test set at the leaderboard's eps.
+--allow-partial exports anything else too, but says so in the card's footnote.
 """
 from __future__ import annotations
 
@@ -133,25 +134,49 @@ def _which(t: Target) -> str:
     return f"--arch {t.arch} --dataset {t.dataset}"
 
 
+def _autoattack_results(t: Target, run_aa: str) -> list[dict]:
+    """Every AutoAttack result of exactly this checkpoint in its eval directory (each with its
+    file under "path"), whatever eps, version or number of images it used."""
+    results, stale, unreadable = [], None, None
+    for path in sorted(t.out_dir.glob("autoattack*.json")):
+        try:
+            aa = json.loads(path.read_text())
+            float(aa["clean_acc"]), float(aa["robust_acc"]), aa["checkpoint_sha256"]
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            unreadable = unreadable or f"{path} is not an eval.autoattack result ({err!r})"
+            continue
+        # Results of other weights of the same run share the directory.
+        if aa.get("weights", t.weights) != t.weights:
+            continue
+        if aa["checkpoint_sha256"] != t.checkpoint_sha256:
+            stale = stale or (f"{path} is stale: it evaluated a checkpoint with sha256 "
+                              f"{str(aa['checkpoint_sha256'])[:12]}..., but {t.checkpoint} has "
+                              f"{t.checkpoint_sha256[:12]}... now")
+            continue
+        for key in ("arch", "dataset"):
+            if aa.get(key, getattr(t, key)) != getattr(t, key):
+                raise EvalError(f"{path} evaluated {key} {aa[key]}, not {getattr(t, key)}: "
+                                f"{run_aa}")
+        for key in ("clean_acc", "robust_acc"):
+            if not 0 <= float(aa[key]) <= 100:
+                raise EvalError(f"{path}: {key} {aa[key]} is not a percentage in [0, 100]")
+        results.append({**aa, "path": str(path)})
+    if not results:
+        if stale or unreadable:
+            raise EvalError(f"{stale or unreadable}: re-{run_aa}")
+        raise EvalError(f"no AutoAttack result for these weights (no autoattack*.json of "
+                        f"{t.checkpoint} in {t.out_dir}): {run_aa}")
+    return results
+
+
 def read_autoattack(t: Target, target: str) -> dict:
-    """The AutoAttack result of exactly this checkpoint."""
-    path = t.out_dir / f"autoattack_{t.weights}.json"
+    """The AutoAttack result of exactly this checkpoint to export: the leaderboard evaluation
+    (standard version, full test set, the leaderboard's eps) when there is one, else the
+    closest to it (fewest problems, then most images)."""
     run_aa = f"run python -m eval.autoattack {target} {_which(t)} first"
-    if not path.is_file():
-        raise EvalError(f"no AutoAttack result for these weights ({path} is missing): {run_aa}")
-    try:
-        aa = json.loads(path.read_text())
-        float(aa["clean_acc"]), float(aa["robust_acc"]), aa["checkpoint_sha256"]
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise EvalError(f"{path} is not an eval.autoattack result ({err!r}): {run_aa}") from None
-    if aa["checkpoint_sha256"] != t.checkpoint_sha256:
-        raise EvalError(f"{path} is stale: it evaluated a checkpoint with sha256 "
-                        f"{str(aa['checkpoint_sha256'])[:12]}..., but {t.checkpoint} has "
-                        f"{t.checkpoint_sha256[:12]}... now; re-{run_aa}")
-    for key in ("arch", "dataset"):
-        if aa.get(key, getattr(t, key)) != getattr(t, key):
-            raise EvalError(f"{path} evaluated {key} {aa[key]}, not {getattr(t, key)}: {run_aa}")
-    return aa
+    results = _autoattack_results(t, run_aa)
+    return min(results, key=lambda aa: (len(leaderboard_problems(aa, t.dataset)),
+                                        -int(aa.get("n_ex", 0)), aa["path"]))
 
 
 def leaderboard_problems(aa: dict, dataset: str) -> list[str]:
@@ -265,8 +290,9 @@ def verify(state: dict[str, torch.Tensor], t: Target, constructor: str) -> bool:
     return namespace is not None
 
 
-def export(args: argparse.Namespace) -> tuple[dict[str, Path], dict]:
-    """Check everything, then write the three files; returns their paths and the card."""
+def export(args: argparse.Namespace) -> tuple[dict[str, Path], dict, str]:
+    """Check everything, then write the three files; returns their paths, the card and the
+    AutoAttack result file it holds."""
     name = check_name(args.name)
     t = load_target(args.target, args.weights, args.arch, args.dataset, device="cpu")
     check_arch(t.arch)
@@ -309,7 +335,7 @@ def export(args: argparse.Namespace) -> tuple[dict[str, Path], dict]:
     if not checked_rb:
         print("eval.export_robustbench: warning: robustbench is not installed; the checkpoint "
               "was checked against our model only", file=sys.stderr)
-    return paths, card
+    return paths, card, aa["path"]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -338,14 +364,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        if args.reported is not None and not math.isfinite(args.reported):
-            raise EvalError(f"--reported must be a finite percentage, got {args.reported}")
-        paths, card = export(args)
+        if args.reported is not None and not 0 <= args.reported <= 100:  # NaN fails too
+            raise EvalError(f"--reported must be a percentage in [0, 100], got {args.reported}")
+        paths, card, card_source = export(args)
     except (EvalError, FileNotFoundError, ValueError) as err:
         print(f"eval.export_robustbench: error: {err}", file=sys.stderr)
         return 1
     print(f"{args.name}: {card['architecture']} {card['dataset']} eps {card['eps']}: clean "
-          f"{card['clean_acc']}%  AutoAttack {card['autoattack_acc']}% -> "
+          f"{card['clean_acc']}%  AutoAttack {card['autoattack_acc']}% (from {card_source}) -> "
           f"{', '.join(str(p) for p in paths.values())}")
     return 0
 

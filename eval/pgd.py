@@ -3,8 +3,10 @@
 
     python -m eval.pgd runs/cifar100_ikl_at --attack cw --steps 20
 
-Writes <run>/eval/<attack><steps>_<weights>.json. Use AutoAttack (eval.autoattack) for reported
-numbers; these are for screening checkpoints and for sanity checks (AutoAttack <= PGD <= clean).
+Writes <run>/eval/<attack><steps>_<norm>_eps<eps>_n<images>_<weights>.json (e.g.
+pgd20_linf_eps8-255_n10000_best.json: another eps or number of images is another file). Use
+AutoAttack (eval.autoattack) for reported numbers; these are for screening checkpoints and for
+sanity checks (AutoAttack <= PGD <= clean).
 """
 from __future__ import annotations
 
@@ -18,10 +20,12 @@ from .common import (
     EvalError,
     Target,
     add_target_arguments,
+    check_eps,
     load_test_data,
     parse_eps,
     provenance,
     resolve_batch_size,
+    result_name,
     target_from_arguments,
     write_json,
 )
@@ -34,7 +38,7 @@ def evaluate(t: Target, *, attack: str = "pgd", steps: int = 20, n_ex: int | Non
              eps: str = "8/255", step_size: str | None = None, norm: str = "Linf",
              batch_size: int = 500, seed: int = 0) -> dict:
     """Clean and PGD accuracy of `t` on the first `n_ex` test images; the result is also written
-    to <out_dir>/<attack><steps>_<weights>.json."""
+    to <out_dir>/<attack><steps>_<norm>_eps<eps>_n<images>_<weights>.json (`result_name`)."""
     if attack not in ATTACKS:
         raise EvalError(f"unknown attack {attack!r}; valid: {', '.join(ATTACKS)}")
     if norm not in NORMS:
@@ -47,6 +51,7 @@ def evaluate(t: Target, *, attack: str = "pgd", steps: int = 20, n_ex: int | Non
         ("2/255", 2 / 255) if (norm, eps_text) == ("Linf", "8/255") else
         (f"{eps_text}/4", eps_value / 4))
     x, y = load_test_data(t, n_ex)
+    check_eps(eps_value, norm, x)
     started = time.time()
     common = dict(batch_size=batch_size, seed=seed)
     clean = correct(t.model, x, y, **common)
@@ -62,7 +67,9 @@ def evaluate(t: Target, *, attack: str = "pgd", steps: int = 20, n_ex: int | Non
         "batch_size": batch_size, "seconds": round(time.time() - started, 1),
         **provenance(t, device),
     }
-    write_json(result, t.out_dir / f"{attack}{steps}_{t.weights}.json")
+    path = t.out_dir / f"{result_name(f'{attack}{steps}', norm, eps_value, len(y), t.weights)}.json"
+    write_json(result, path)
+    result["path"] = str(path)
     return result
 
 

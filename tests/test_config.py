@@ -91,3 +91,24 @@ def test_missing_or_broken_config_file(tmp_path):
     bad.write_text("optim: [1, 2\n")
     with pytest.raises(ConfigError, match="cannot parse"):
         load_config(bad)
+
+
+def test_duplicate_keys_and_syntax_errors_name_the_line(tmp_path):
+    dup = tmp_path / "dup.yaml"
+    dup.write_text("optim:\n  epochs: 3\n  lr: 0.1\n  epochs: 5\n")  # YAML would keep 5
+    with pytest.raises(ConfigError, match=r"dup.yaml, line 4: duplicate key 'epochs' "
+                                          r"\(first given on line 2\)"):
+        load_config(dup)
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("optim:\n  epochs: [3\n  lr: 0.1\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml, line 3: "):
+        load_config(broken)
+
+
+def test_a_division_by_zero_names_its_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"^attack.eps: division by zero in '8/0'"):
+        load_config(None, ["attack.eps=8/0"])
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("attack:\n  step_size: 2/0\n")
+    with pytest.raises(ConfigError, match=r"^attack.step_size: division by zero"):
+        load_config(exp)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 import eval as evaluation
 from at.config import REPO_ROOT
 from at.evaluate import cw_margin
-from eval import autoattack, pgd
+from eval import autoattack, pgd, summary
 from eval.common import EvalError, load_target, sha256
 from eval.robustbench_arch import architecture_module
 from models import build_model
@@ -50,7 +51,7 @@ def test_autoattack_is_below_pgd_and_clean(learned):
     stages = [s["robust_acc"] for s in aa["stages"]]
     assert [s["attack"] for s in aa["stages"]] == ["apgd-ce", "apgd-t", "fab-t", "square"]
     assert stages == sorted(stages, reverse=True) and stages[-1] == aa["robust_acc"]
-    saved = json.loads((t.out_dir / "autoattack_best.json").read_text())
+    saved = json.loads((t.out_dir / "autoattack-standard_linf_eps8-255_n8_best.json").read_text())
     assert saved == {k: v for k, v in aa.items() if k != "path"}
     assert saved["eps"] == "8/255" and saved["eps_float"] == pytest.approx(8 / 255)
     assert saved["version"] == "standard" and saved["norm"] == "Linf" and saved["n_ex"] == 8
@@ -59,7 +60,7 @@ def test_autoattack_is_below_pgd_and_clean(learned):
     assert saved["pyautoattack"] == "0.2.0" and saved["torch"] == torch.__version__
     for key in ("seed", "seconds", "device", "git"):
         assert key in saved
-    log = (t.out_dir / "autoattack_best.log").read_text()
+    log = (t.out_dir / "autoattack-standard_linf_eps8-255_n8_best.log").read_text()
     assert "robust accuracy after APGD-CE" in log and "images 0-8" in log
 
 
@@ -75,7 +76,7 @@ def test_chunked_autoattack_killed_after_a_chunk_resumes_to_the_same_totals(ikl_
     proc = subprocess.Popen([sys.executable, "-m", "eval.autoattack", str(ikl_run), *args],
                             cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    chunks = ikl_run / "eval" / "autoattack-apgd-ce_best_chunks"
+    chunks = ikl_run / "eval" / "autoattack-standard-apgd-ce_linf_eps8-255_n32_best_chunks"
     deadline = time.time() + 300
     while not list(chunks.glob("chunk_*.pt")) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
@@ -86,7 +87,7 @@ def test_chunked_autoattack_killed_after_a_chunk_resumes_to_the_same_totals(ikl_
 
     resumed = run_module("eval.autoattack", str(ikl_run), *args)
     assert resumed.returncode == 0, resumed.stderr
-    name = "autoattack-apgd-ce_best.json"
+    name = "autoattack-standard-apgd-ce_linf_eps8-255_n32_best.json"
     a = json.loads((straight / "eval" / name).read_text())
     b = json.loads((ikl_run / "eval" / name).read_text())
     assert b["chunks_reused"] >= 1 and a["chunks_reused"] == 0
@@ -100,7 +101,8 @@ def test_corrupt_and_foreign_chunks_are_recomputed_not_trusted(ikl_run, caplog):
     t = load_target(ikl_run, "last", device="cpu")
     kwargs = dict(n_ex=24, chunk_size=12, attacks=["apgd-ce"], batch_size=12, progress=False)
     first = autoattack.evaluate(t, **kwargs)
-    files = sorted((t.out_dir / "autoattack-apgd-ce_last_chunks").glob("chunk_*.pt"))
+    chunks = t.out_dir / "autoattack-standard-apgd-ce_linf_eps8-255_n24_last_chunks"
+    files = sorted(chunks.glob("chunk_*.pt"))
     assert len(files) == 2
     files[0].write_bytes(files[0].read_bytes()[:50])        # truncated by a crash or a full disk
     foreign = torch.load(files[1], weights_only=True)
@@ -115,6 +117,9 @@ def test_corrupt_and_foreign_chunks_are_recomputed_not_trusted(ikl_run, caplog):
         assert first[key] == again[key]
     third = autoattack.evaluate(t, **kwargs)
     assert third["chunks_reused"] == 2 and third["robust_acc"] == first["robust_acc"]
+    # Another evaluation (eps, images) has its own chunks: it never replaces these.
+    autoattack.evaluate(t, **{**kwargs, "n_ex": 12, "eps": "4/255"})
+    assert autoattack.evaluate(t, **kwargs)["chunks_reused"] == 2
 
 
 def test_autoattack_bad_arguments_give_one_line_errors(learned, capsys):
@@ -123,28 +128,49 @@ def test_autoattack_bad_arguments_give_one_line_errors(learned, capsys):
                          (["--version", "fast"], "unknown AutoAttack version 'fast'"),
                          (["--norm", "L3"], "unknown norm 'L3'"),
                          (["--eps", "8/0"], "cannot read eps"),
+                         (["--eps", "8"], "--eps=8 must be < 1 under linf"),
+                         (["--norm", "L2", "--eps", "56"], "--eps=56 exceeds the l2 diameter"),
                          (["--attacks", "fab"], "choose among"),
-                         (["--weights", "avg"], "no weight-averaged model")):
+                         (["--weights", "avg"], "no weight-averaged model"),
+                         (["--device", "gpu"], "unknown device 'gpu'")):
         assert autoattack.main([run, "--device", "cpu", *args]) == 1
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1, (args, err)
     proc = run_module("eval.autoattack", str(learned["ikl_at"][0] / "missing"))
     assert proc.returncode == 1 and "does not exist" in proc.stderr
+    # (run_module hides the GPU)
+    proc = run_module("eval.pgd", run, "--device", "cuda")
+    assert proc.returncode == 1 and "CUDA is not available" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_pgd_and_cw_quick_attacks(learned):
     run = learned["ikl_at"][0]
     proc = run_module("eval.pgd", str(run), "--attack", "cw", "--steps", "10", "--n-ex", "64")
     assert proc.returncode == 0, proc.stderr
-    cw = json.loads((run / "eval" / "cw10_best.json").read_text())
+    cw = json.loads((run / "eval" / "cw10_linf_eps8-255_n64_best.json").read_text())
     t = load_target(run, "best", device="cpu")
     ce = pgd.evaluate(t, steps=10, n_ex=64)
-    assert (run / "eval" / "pgd10_best.json").exists()
+    assert (run / "eval" / "pgd10_linf_eps8-255_n64_best.json").exists()
     assert cw["clean_acc"] == ce["clean_acc"]
     assert cw["robust_acc"] < cw["clean_acc"] and ce["robust_acc"] < ce["clean_acc"]
     assert (cw["loss"], cw["steps"], cw["step_size"], cw["n_ex"]) == ("cw", 10, "2/255", 64)
     stronger = pgd.evaluate(t, steps=10, n_ex=64, eps="16/255")
     assert stronger["robust_acc"] <= ce["robust_acc"]
+
+
+def test_a_quick_evaluation_never_replaces_the_full_one(ikl_run, capsys):
+    t = load_target(ikl_run, "best", device="cpu")
+    full = pgd.evaluate(t, steps=2)  # all 360 test images
+    quick = pgd.evaluate(t, steps=2, n_ex=50, eps="4/255")
+    assert sorted(p.name for p in (ikl_run / "eval").glob("*.json")) == [
+        "pgd2_linf_eps4-255_n50_best.json", "pgd2_linf_eps8-255_n360_best.json"]
+    assert json.loads(Path(full["path"]).read_text())["n_ex"] == 360
+    assert json.loads(Path(quick["path"]).read_text())["n_ex"] == 50
+    assert summary.main([str(ikl_run)]) == 0
+    rows = [r.split() for r in capsys.readouterr().out.splitlines()[1:]]
+    assert sorted(r[4] for r in rows if r[1] == "PGD-2") == ["360", "50"]  # both kept
+    assert sum(r[1:3] == ["PGD-10", "(final)"] for r in rows) == 2  # final.json's last and best
 
 
 def test_cw_margin_is_positive_exactly_when_misclassified():
@@ -219,3 +245,27 @@ def test_models_are_evaluated_in_float32_eval_mode(learned):
     t = load_target(learned["ikl_at"][0], "best", device="cpu")
     assert all(p.dtype == torch.float32 for p in t.model.parameters())
     assert not any(isinstance(m, nn.BatchNorm2d) and m.training for m in t.model.modules())
+
+
+def test_summary_shows_final_json_and_refuses_bad_input_in_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("attack:\n  eps: 0.03137254901960784\n  norm: linf\n"
+                                     "eval:\n  pgd_steps: 10\n")
+    # final.json as earlier versions wrote it (no eps in the rows): eps from config.yaml
+    (run / "final.json").write_text(json.dumps({
+        "last": {"epoch": 2, "test_clean_acc": 90.0, "test_robust_acc": 50.0},
+        "best": {"epoch": 1, "test_clean_acc": 91.0, "test_robust_acc": 51.0, "eps": 8 / 255,
+                 "norm": "linf", "pgd_steps": 10, "n_test": 360}}))
+    assert summary.main([str(run)]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [r.split()[:5] for r in rows] == [["last", "PGD-10", "(final)", "8/255", "Linf"],
+                                             ["best", "PGD-10", "(final)", "8/255", "Linf"]]
+    (run / "eval").mkdir()
+    (run / "eval" / "pgd20_linf_eps8-255_n360_best.json").write_text('{"robust_acc": 1')
+    assert summary.main([str(run)]) == 1
+    err = capsys.readouterr().err
+    assert "pgd20_linf_eps8-255_n360_best.json is unreadable" in err and err.count("\n") == 1
+    assert summary.main([str(tmp_path / "missing")]) == 1
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'missing'} is not a directory" in err and err.count("\n") == 1

@@ -191,6 +191,20 @@ def test_generated_set_reads_images_and_labels(tmp_path):
     gen.close()
 
 
+def test_damaged_generated_sets_are_one_line_errors_naming_the_file(tmp_path):
+    path = _generated_dir(tmp_path)
+    labels = np.load(path / "labels.npy")
+    labels[17] = 12  # another set's labels: 12 is no class of a 10-class set
+    np.save(path / "labels.npy", labels)
+    with pytest.raises(data.GeneratedSetError,
+                       match=r"labels.npy: label 12 at row 17 is outside \[0, 10\)"):
+        data.GeneratedSet(path, 10)
+    images = path / "images.npy"
+    images.write_bytes(images.read_bytes()[:1000])
+    with pytest.raises(data.GeneratedSetError, match=r"images.npy is not a complete .npy file"):
+        data.GeneratedSet(path, 10)
+
+
 def test_mixed_batches_have_exact_counts_and_sampling_rules(tmp_path):
     gen = data.GeneratedSet(_generated_dir(tmp_path), 10)
     loader = _loader(gen)

@@ -17,7 +17,7 @@ from conftest import DIGITS, CodeOnLoad
 
 from at.checkpoint import load
 from at.config import REPO_ROOT, load_config
-from at.errors import EXIT_PREEMPTED, NonFiniteLoss, RunError
+from at.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, NonFiniteLoss, RunError
 from at.trainer import Trainer, fit
 
 # 5 steps per epoch (400 training images: the rest of the digits set is validation; batch 80), AWP
@@ -29,19 +29,22 @@ COMMON = ["-c", str(DIGITS), "attack.schedule=fixed", "attack.steps=1", "attack.
           "eval.n_test=50", "eval.pgd_steps=1", "log.plot=false"]
 
 # Runs at.train with a stop injected at a chosen point: "term K" sends SIGTERM to itself just
-# before the K-th optimizer step; "kill_write K" SIGKILLs itself inside the K-th write of last.pt,
+# before the K-th optimizer step ("int K" SIGINT, "int2 K" two SIGINTs: a double Ctrl-C);
+# "kill_write K" SIGKILLs itself inside the K-th write of last.pt,
 # after the temporary file is complete and before it replaces last.pt.
 DRIVER = textwrap.dedent("""
     import os, signal, sys, torch
     import at.checkpoint as ckpt
     mode, k = sys.argv[1], int(sys.argv[2])
     count = [0]
-    if mode == "term":
+    signals = {"term": [signal.SIGTERM], "int": [signal.SIGINT], "int2": [signal.SIGINT] * 2}
+    if mode in signals:
         step = torch.optim.SGD.step
         def counted(self, *a, **kw):
             count[0] += 1
             if count[0] == k:
-                os.kill(os.getpid(), signal.SIGTERM)
+                for signum in signals[mode]:
+                    os.kill(os.getpid(), signum)
             return step(self, *a, **kw)
         torch.optim.SGD.step = counted
     elif mode == "kill_write":
@@ -130,6 +133,17 @@ class _PoisonedSteps:
         return out
 
 
+class _PoisonedImages(_PoisonedSteps):
+    """The calls in `bad` see NaN images: as with a real NaN batch, the train-mode forward also
+    writes NaN into the BatchNorm running statistics."""
+
+    def __call__(self, x, y, x_adv, views):
+        self.calls += 1
+        if self.calls in self.bad:
+            x, x_adv = x * float("nan"), x_adv * float("nan")
+        return self.objective(x, y, x_adv, views)
+
+
 def _quick(out: Path, *extra: str) -> dict:
     return load_config(DIGITS, ["attack.schedule=fixed", "attack.steps=1", "optim.epochs=1",
                                 "data.val_size=1037", "optim.batch_size=80", "eval.every=100",
@@ -148,9 +162,65 @@ def test_skip_nonfinite_skips_up_to_the_limit(tmp_path):
 
     trainer = Trainer(_quick(tmp_path / "stop", "train.skip_nonfinite=1"))
     trainer.objective = _PoisonedSteps(trainer.objective, {2, 4})
-    with pytest.raises(NonFiniteLoss, match=r"epoch 1, step 4: more than train.skip_nonfinite=1"):
+    with pytest.raises(NonFiniteLoss,
+                       match=r"epoch 1, step 4: more than 1 such steps \(train.skip_nonfinite=1"):
         trainer.fit()
     assert not (tmp_path / "stop" / "last.pt").exists()
+
+
+def _finite(tree: dict) -> bool:
+    return all(torch.isfinite(v).all() for v in tree.values() if v.is_floating_point())
+
+
+def test_a_skipped_step_leaves_every_buffer_as_it_was(tmp_path):
+    trainer = Trainer(_quick(tmp_path / "skip", "train.skip_nonfinite=2"))
+    trainer.objective = _PoisonedImages(trainer.objective, {3})
+    trainer.fit()
+    state = load(tmp_path / "skip" / "last.pt")
+    assert json.loads((tmp_path / "skip" / "metrics.jsonl").read_text())["skipped_steps"] == 1
+    # BatchNorm running statistics of the model and the method's prior sums: all finite.
+    assert _finite(state["model"]) and _finite(state["method"])
+    assert _finite(load(tmp_path / "skip" / "best.pt")["model"])
+
+
+def test_skipping_more_than_half_an_epoch_stops_whatever_the_limit(tmp_path):
+    trainer = Trainer(_quick(tmp_path / "run", "train.skip_nonfinite=1000"))
+    trainer.objective = _PoisonedSteps(trainer.objective, {1, 2, 4})  # 3 of 5 steps
+    with pytest.raises(NonFiniteLoss, match=r"step 4: more than 2 such steps .*at most 50% of "
+                                            r"the epoch's 5 steps"):
+        trainer.fit()
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
+def test_no_checkpoint_is_written_with_a_non_finite_tensor(tmp_path):
+    out = tmp_path / "run"
+    trainer = Trainer(_quick(out))
+    trainer.fit()
+    before = {name: (out / name).read_bytes() for name in ("last.pt", "best.pt")}
+    with torch.no_grad():
+        weight = next(trainer.model.parameters())
+        weight[(0,) * weight.dim()] = float("inf")
+    for save in (lambda: trainer._save({"val_robust_acc": 100.0}),  # best.pt and last.pt
+                 lambda: trainer._save_partial(1, {}, 0, 0, 0.0)):
+        with pytest.raises(NonFiniteLoss, match=r"model\.\S+ holds NaN/inf .*refusing to write"):
+            save()
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+
+def test_ctrl_c_saves_at_the_next_step_and_a_second_aborts(tmp_path):
+    run = tmp_path / "run"
+    once = _run(*COMMON, f"out_dir={run}", stop=("int", 3))
+    assert once.returncode == EXIT_INTERRUPTED, once.stderr
+    assert "Traceback" not in once.stderr and len(once.stderr.strip().splitlines()) == 2
+    assert "epoch 1, step 3 of 5" in once.stderr and "--resume" in once.stderr
+    assert load(run / "last.pt")["partial"]["step"] == 3
+    assert not (run / "preempted.json").exists()  # a user's stop is not requeued
+
+    twice = _run(*COMMON, f"out_dir={run}", "--resume", stop=("int2", 1))
+    assert twice.returncode == EXIT_INTERRUPTED, twice.stderr
+    assert "Traceback" not in twice.stderr and len(twice.stderr.strip().splitlines()) == 2
+    assert "nothing saved" in twice.stderr
+    assert load(run / "last.pt")["partial"]["step"] == 3  # aborted before saving again
 
 
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -178,3 +248,19 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path):
     assert proc.returncode == 1 and "cannot load checkpoint" in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert not marker.exists()
+    # No advice to load it anyway (torch's own message suggests weights_only=False).
+    assert "could execute code" in proc.stderr and "can still be loaded" not in proc.stderr
+    (out / "last.pt").write_bytes(b"not a checkpoint at all")
+    proc = _run(*COMMON, f"out_dir={out}", "--resume")
+    assert proc.returncode == 1 and "not a valid checkpoint" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_atomic_writes_follow_the_umask(tmp_path, umask, mode):
+    # A fresh process: the umask is read once, when at.checkpoint is imported.
+    code = (f"import os; os.umask({umask}); from at.checkpoint import atomic_write, atomic_save; "
+            f"atomic_write({str(tmp_path / 'a.json')!r}, lambda f: f.write(b'{{}}')); "
+            f"atomic_save({{}}, {str(tmp_path / 'b.pt')!r})")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, timeout=120)
+    for name in ("a.json", "b.pt"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == mode, name

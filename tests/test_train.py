@@ -103,9 +103,12 @@ def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tmp_path):
     ("attack.schedule=high", "attack.schedule must be one of"),
     ("eval.best_on=avg", "eval.best_on=avg needs weight averaging"),
     ("data.generated.path=nowhere", "data.generated.path=nowhere: no meta.json"),
+    ("attack.eps=8", "attack.eps=8 must be < 1 under linf (pixels are in [0, 1]); did you mean "
+                     "8/255?"),
+    ("attack.norm=l2 attack.eps=60", "attack.eps=60 exceeds the l2 diameter"),
 ])
 def test_bad_names_give_one_line_errors(tmp_path, override, needle):
-    proc = run_cli("-c", str(DIGITS), override, f"out_dir={tmp_path / 'run'}")
+    proc = run_cli("-c", str(DIGITS), *override.split(), f"out_dir={tmp_path / 'run'}")
     assert proc.returncode != 0
     assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert not (tmp_path / "run").exists()
@@ -116,6 +119,18 @@ def test_missing_dataset_names_the_expected_path(tmp_path):
                    "device=cpu", f"out_dir={tmp_path / 'run'}")
     assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert str(tmp_path / "cifar-10-batches-py") in proc.stderr
+
+
+def test_out_dir_that_is_a_file_or_unwritable(tmp_path):
+    (tmp_path / "file").write_text("keep me")
+    proc = run_cli("-c", str(DIGITS), f"out_dir={tmp_path / 'file'}")
+    assert proc.returncode == 1 and "is a file, not a directory" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "file").read_text() == "keep me"
+    # Below a file: no directory can be made there (what a read-only place gives too).
+    proc = run_cli("-c", str(DIGITS), f"out_dir={tmp_path / 'file' / 'run'}")
+    assert proc.returncode == 1 and "cannot write to out_dir" in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_existing_out_dir_and_resume_without_checkpoint(tmp_path):
@@ -155,6 +170,22 @@ def test_resume_of_a_run_that_died_before_its_first_checkpoint_starts_afresh(tmp
     assert "starting from epoch 1" in proc.stderr and load(out / "last.pt")["epoch"] == 1
     proc = run_cli("-c", str(DIGITS), f"out_dir={tmp_path / 'nowhere'}", "--resume")
     assert proc.returncode != 0 and "no last.pt" in proc.stderr
+    # Without --resume, the error says that --resume continues such a directory.
+    died = tmp_path / "died"
+    died.mkdir()
+    (died / "config.yaml").write_text("seed: 0\n")
+    proc = run_cli("-c", str(DIGITS), f"out_dir={died}")
+    assert proc.returncode == 1 and "stopped before its first checkpoint" in proc.stderr
+    assert "--resume" in proc.stderr and (died / "config.yaml").read_text() == "seed: 0\n"
+    # A finished 1-epoch run resumed with fewer epochs than done: refused, overrides after
+    # --resume accepted (intermixed).
+    extended = run_cli("-c", str(DIGITS), "--resume", *QUICK, "method.name=standard",
+                       "optim.epochs=2", f"out_dir={out}")
+    assert extended.returncode == 0, extended.stderr
+    proc = run_cli("-c", str(DIGITS), "--resume", *QUICK, "method.name=standard",
+                   "optim.epochs=1", f"out_dir={out}")
+    assert proc.returncode == 1 and "has already done 2 epochs" in proc.stderr, proc.stderr
+    assert "epochs: 2" in (out / "config.yaml").read_text()  # not rewritten
 
 
 def test_wandb_offline_logging_needs_no_network(tmp_path, monkeypatch):
@@ -187,7 +218,7 @@ def test_awp_and_weight_averaging_run_and_the_average_evaluates(tmp_path):
     assert not averaged.training
     t = load_target(out, "avg", device="cpu")
     quick = evaluate(t, steps=5, n_ex=50)
-    assert quick["weights"] == "avg" and (out / "eval" / "pgd5_avg.json").exists()
+    assert quick["weights"] == "avg" and (out / "eval" / "pgd5_linf_eps8-255_n50_avg.json").exists()
     torch.testing.assert_close(load_model(out, weights="avg").state_dict()["fc.weight"],
                                last["avg"]["model"]["fc.weight"])
     # eval.best_on=avg: best.pt is the epoch whose averaged weights validated best, and
@@ -220,10 +251,18 @@ def test_a_damaged_last_checkpoint_falls_back_to_the_previous_epoch(tmp_path):
     first = run_cli(*common, "optim.epochs=2", f"out_dir={run}")
     assert first.returncode == 0, first.stderr
     assert load(run / "last_prev.pt")["epoch"] == 1 and load(run / "last.pt")["epoch"] == 2
-    (run / "last.pt").write_bytes((run / "last.pt").read_bytes()[:1000])  # e.g. a bad copy
+    damaged = (run / "last.pt").read_bytes()[:1000]  # e.g. a bad copy
+    (run / "last.pt").write_bytes(damaged)
+    # Resumed for one epoch (one save): the unreadable file is moved aside, not rotated into
+    # last_prev.pt, where it would replace the only good fallback.
+    again = run_cli(*common, "optim.epochs=2", f"out_dir={run}", "--resume")
+    assert again.returncode == 0, again.stderr
+    assert "resuming from" in again.stderr and "last_prev.pt (epoch 1)" in again.stderr
+    aside = list(run.glob("last.pt.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == damaged and str(aside[0]) in again.stderr
+    assert load(run / "last_prev.pt")["epoch"] == 1 and load(run / "last.pt")["epoch"] == 2
     resumed = run_cli(*common, "optim.epochs=3", f"out_dir={run}", "--resume")
     assert resumed.returncode == 0, resumed.stderr
-    assert "resuming from" in resumed.stderr and "last_prev.pt (epoch 1)" in resumed.stderr
     a, b = model_state(tmp_path / "straight"), model_state(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
     epochs = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()]
