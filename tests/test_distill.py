@@ -107,9 +107,15 @@ def test_cost_matrix_out_is_checked_before_the_computation(tmp_path, capsys, out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # the probe is gone
 
 
-def test_cost_matrix_failed_save_keeps_the_previous_file(learned, tmp_path, capsys, monkeypatch):
-    out = tmp_path / "cost.pt"
-    args = [str(learned["standard"][0]), "--out", str(out), "--kind", "fc", "--device", "cpu"]
+def test_cost_matrix_failed_save_keeps_the_previous_file(tmp_path, capsys, monkeypatch):
+    # A one-epoch plain-training teacher is enough for the classifier-weight (fc) cost.
+    teacher = tmp_path / "teacher"
+    fit(load_config(DIGITS, [f"out_dir={teacher}", "method.name=standard", "optim.epochs=1",
+                             "data.val_size=0", "eval.final_pgd=false", "log.plot=false"]))
+    out = tmp_path / "costs" / "cost.pt"
+    out.parent.mkdir()
+    args = [str(teacher), "--out", str(out), "--kind", "fc", "--weights", "last",
+            "--device", "cpu"]
     assert cost_matrix_main(args) == 0
     before = out.read_bytes()
     capsys.readouterr()
@@ -121,7 +127,7 @@ def test_cost_matrix_failed_save_keeps_the_previous_file(learned, tmp_path, caps
     monkeypatch.setattr(torch, "save", full_disk)
     assert cost_matrix_main(args) == 1
     _one_line_error(capsys, f"cannot write --out {out} (No space left on device)")
-    assert out.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["cost.pt"]
+    assert out.read_bytes() == before and os.listdir(out.parent) == ["cost.pt"]
 
 
 def test_missing_teacher_is_a_one_line_error(tmp_path):
