@@ -174,6 +174,17 @@ def test_prepare_out_that_is_a_file_or_unwritable(tmp_path):
     assert (tmp_path / "file").read_text() == "keep me"
 
 
+def test_prepare_damaged_records_in_out_are_one_line_errors(tmp_path):
+    _part(tmp_path / "a.npz", 8, 0)
+    for name in ("meta.json", ".prepare_progress.json"):
+        out = tmp_path / name.strip(".")
+        out.mkdir()
+        (out / name).write_text('{"n": 8, "sour')  # cut off mid-write by a full disk
+        with pytest.raises(PrepareError, match=f"{name} is unreadable"):
+            prepare([tmp_path / "a.npz"], out, 10, log=_silent)
+        assert [p.name for p in out.iterdir()] == [name]
+
+
 class _FullDisk:
     """A file whose writes fail with ENOSPC once `room` bytes are written (a disk filling up)."""
 
