@@ -350,6 +350,7 @@ def generated(args: argparse.Namespace) -> dict:
                "--data-root", str(data_root), "--model", s["model"], "--method", "ikl_at",
                "--steps", str(s["attack_steps"]), "--batch", str(s["batch"]), "--epochs", "2",
                "--device", args.device, "--override", f"data.val_size={s['val_images']}",
+               "--override", "eval.final_pgd=false",  # the loader is timed, not the model
                "--json", str(out)]
         proc = _run(cmd)
         if proc.returncode or not out.exists():

@@ -16,7 +16,7 @@ import torch
 
 from at.config import load_config
 from at.errors import RunError
-from at.trainer import check_config
+from at.trainer import RESUMABLE_CHANGES, check_config
 from bench import device_sections
 from bench.device_check import SECTIONS
 from eval.precision import evaluation_precision, tf32_enabled
@@ -65,7 +65,7 @@ def test_cpu_quick_check_runs_every_quick_section_and_writes_the_table(tmp_path)
     assert env["cuda_available"] is False and env["torch"] == torch.__version__
     # (b) ran every test marked `cuda`, each skipped here; the sync-free step is among them.
     tests = results["b-cuda-tests"]
-    assert tests["counts"]["skipped"] == len(tests["tests"]) >= 6
+    assert tests["counts"]["skipped"] == len(tests["tests"]) >= 7
     assert any("never_synchronise" in t["test"] for t in tests["tests"])
     assert any("nccl" in t["test"] for t in tests["tests"])
     # (c) the three configurations with their throughput, ratio and TFLOP/s.
@@ -170,28 +170,37 @@ def test_evaluation_precision_switches_tf32_off_and_restores_the_caller_flags():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+def _flags() -> tuple[bool, bool]:
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+@pytest.mark.parametrize("cli", ["pgd", "autoattack"])
 @pytest.mark.parametrize("flag, expected", [([], False), (["--allow-tf32"], True)])
-def test_pgd_cli_evaluates_under_the_chosen_tf32_setting_and_records_it(
-        flag, expected, tmp_path, monkeypatch):
-    from eval import pgd
+def test_eval_clis_run_under_the_chosen_tf32_setting_and_record_it(
+        cli, flag, expected, tmp_path, monkeypatch):
+    from eval import autoattack, pgd
     from models import build_model
     torch.manual_seed(0)
     torch.save(build_model("wrn-16-1", 10, dataset="digits").state_dict(), tmp_path / "m.pt")
+    module, inner, args = {
+        "pgd": (pgd, "correct", ["--steps", "1"]),
+        "autoattack": (autoattack, "attack_chunk", ["--attacks", "apgd-ce"])}[cli]
     seen = []
-    real_correct = pgd.correct
+    real = getattr(module, inner)
 
-    def correct(*args, **kwargs):  # what the attack ran under
-        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
-        return real_correct(*args, **kwargs)
+    def spy(*a, **kw):  # the flags the attack ran under
+        seen.append(_flags())
+        return real(*a, **kw)
 
-    monkeypatch.setattr(pgd, "correct", correct)
-    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    assert pgd.main([str(tmp_path / "m.pt"), "--arch", "wrn-16-1", "--dataset", "digits",
-                     "--device", "cpu", "--n-ex", "8", "--steps", "1", "--batch-size", "8",
-                     *flag]) == 0
+    monkeypatch.setattr(module, inner, spy)
+    before = _flags()
+    assert module.main([str(tmp_path / "m.pt"), "--arch", "wrn-16-1", "--dataset", "digits",
+                        "--device", "cpu", "--n-ex", "8", "--batch-size", "8", *args,
+                        *flag]) == 0
     assert seen and set(seen) == {(expected, expected)}
-    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == before
-    result = json.loads(next(tmp_path.rglob("pgd1_*.json")).read_text())
+    assert _flags() == before  # restored for the caller
+    result = json.loads(next(p for p in tmp_path.rglob("*.json")
+                             if p.name.startswith(("pgd1_", "autoattack-"))).read_text())
     assert result["tf32"] is expected
 
 
@@ -207,37 +216,48 @@ def test_compile_mode_is_checked_and_passed_to_torch_compile(monkeypatch):
     for mode in ("default", "max-autotune-no-cudagraphs"):
         speed.prepare_model(torch.nn.Linear(2, 2), {**base, "compile_mode": mode})
     assert modes == [None, "max-autotune-no-cudagraphs"]
+    # Like compile itself, the mode may change when a run is resumed (kernels, not the method).
+    assert "speed.compile_mode".startswith(RESUMABLE_CHANGES)
 
 
 NCCL_SCRIPT = """
 import torch, torch.distributed as dist
 from at import distributed
-device = distributed.init("cuda")
+device = distributed.init("cuda")  # what the trainer calls under torchrun
 assert dist.get_backend() == "nccl", dist.get_backend()
-t = torch.ones(3, device=device)
-distributed.all_reduce_sum_(t)
-assert t.tolist() == [1.0, 1.0, 1.0]
-assert distributed.all_max(7) == 7 and distributed.broadcast_object({"a": 1}) == {"a": 1}
-distributed.barrier()
+# The project's helpers skip collectives in a group of one; call NCCL itself, so that its
+# communicator is built and its kernels run on this GPU.
+t = torch.arange(3.0, device=device)
+dist.all_reduce(t)
+dist.broadcast(t, src=0)
+dist.barrier()
+assert t.tolist() == [0.0, 1.0, 2.0]
+assert distributed.broadcast_object({"a": 1}) == {"a": 1}
 distributed.shutdown()
 print("nccl ok")
 """
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_nccl_group_and_a_torchrun_training_epoch_on_the_gpu(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1"]
+def test_nccl_process_group_on_the_gpu(tmp_path):
     script = tmp_path / "nccl_check.py"
     script.write_text(NCCL_SCRIPT)
-    proc = subprocess.run([*run, str(script)], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([*TORCHRUN, "--nproc_per_node=1", str(script)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "nccl ok" in proc.stdout, proc.stderr[-3000:]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_two_gpu_torchrun_training_over_nccl(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     out = tmp_path / "run"
-    proc = subprocess.run([*run, "-m", "at.train", "-c", "configs/digits/ikl_at.yaml",
-                           "device=cuda", f"out_dir={out}", "optim.epochs=1", "log.plot=false",
-                           "eval.final_pgd=false"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = subprocess.run([*TORCHRUN, "--nproc_per_node=2", "-m", "at.train", "-c",
+                           "configs/digits/ikl_at.yaml", "device=cuda", f"out_dir={out}",
+                           "optim.epochs=1", "log.plot=false", "eval.final_pgd=false"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "last.pt").exists() and (out / "best.pt").exists()
