@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import traceback
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -28,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SIZES = {
     "full": {"model": "wrn-34-10", "batch": 128, "attack_steps": 10, "steps": 3, "repeats": 2,
              "train_images": 1280, "val_images": 256, "test_images": 256,
-             "aa_images": 500, "aa_iters": 5, "aa_queries": 25, "peak_size": 8192,
-             "gen_images": 2_000_000, "gen_train_images": 2560},
+             "aa_images": 500, "aa_iters": 3, "aa_queries": 15, "peak_size": 8192,
+             "gen_images": 1_000_000, "gen_train_images": 1536},
     "tiny": {"model": "wrn-16-1", "batch": 8, "attack_steps": 1, "steps": 1, "repeats": 1,
              "train_images": 64, "val_images": 32, "test_images": 32,
              "aa_images": 8, "aa_iters": 1, "aa_queries": 2, "peak_size": 512,
@@ -387,8 +388,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = SECTIONS[args.section](args)
         code = 0
-    except (SectionError, subprocess.SubprocessError, OSError, ValueError, KeyError) as err:
+    except SectionError as err:
         result = {"status": "failed", "figures": re.sub(r"\s+", " ", str(err))[:300]}
+        code = 1
+    except Exception as err:  # noqa: BLE001 - a harness reports any failure (CUDA errors too)
+        traceback.print_exc()  # into the section's log, kept in its JSON
+        result = {"status": "failed",
+                  "figures": re.sub(r"\s+", " ", f"{type(err).__name__}: {err}")[:300]}
         code = 1
     Path(args.json).write_text(json.dumps(result, indent=2, default=str) + "\n")
     print(f"{args.section}: {result['status']}: {result['figures']}")
