@@ -272,7 +272,8 @@ def train(args: argparse.Namespace) -> dict:
     checks["checkpoints_written"] = all((out / f).exists() for f in ("last.pt", "best.pt"))
     checks["final_json"] = (out / "final.json").exists()
     val_keys = sorted(k for k in (records[-1] if records else {}) if k.startswith("val"))
-    checks["validation_recorded"] = bool(val_keys)
+    checks["validation_recorded"] = bool(val_keys) and all(
+        isinstance(records[-1][k], (int, float)) for k in val_keys)
     start = time.time()
     resumed = _run([sys.executable, "-m", "at.train", *common, "optim.epochs=3", "--resume"])
     timings["resumed_epoch_s"] = round(time.time() - start, 1)
