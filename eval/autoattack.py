@@ -34,6 +34,7 @@ from .common import (
     target_from_arguments,
     write_json,
 )
+from .precision import add_tf32_argument, evaluation_precision, tf32_enabled
 
 VERSIONS = ("standard", "plus", "rand")
 NORMS = ("Linf", "L2")
@@ -153,7 +154,7 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
         fingerprint = {"checkpoint_sha256": t.checkpoint_sha256, "arch": t.arch,
                        "dataset": t.dataset, "version": version, "norm": norm, "eps": eps_value,
                        "stages": stages, "seed": seed, "batch_size": batch_size,
-                       "start": start, "end": end}
+                       "start": start, "end": end, "tf32": tf32_enabled()}
         path = chunk_dir / f"chunk_{start:06d}_{end:06d}.pt"
         saved = _load_chunk(path, fingerprint)
         was_saved = saved is not None
@@ -220,15 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-size", type=int, default=1000, help="images per saved chunk")
     p.add_argument("--attacks", help="comma-separated subset of the version's attacks, e.g. "
                    "apgd-ce,apgd-t for quick screening (reported as version 'custom')")
+    add_tf32_argument(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        t = target_from_arguments(args)
-        r = evaluate(t, n_ex=args.n_ex, version=args.version, norm=args.norm, eps=args.eps,
-                     batch_size=resolve_batch_size(args.batch_size, t), seed=args.seed,
-                     chunk_size=args.chunk_size,
-                     attacks=args.attacks.split(",") if args.attacks else None,
-                     progress=sys.stderr.isatty())
+        with evaluation_precision(args.allow_tf32):
+            t = target_from_arguments(args)
+            r = evaluate(t, n_ex=args.n_ex, version=args.version, norm=args.norm, eps=args.eps,
+                         batch_size=resolve_batch_size(args.batch_size, t), seed=args.seed,
+                         chunk_size=args.chunk_size,
+                         attacks=args.attacks.split(",") if args.attacks else None,
+                         progress=sys.stderr.isatty())
     except (EvalError, FileNotFoundError, ValueError) as err:
         print(f"eval.autoattack: error: {err}", file=sys.stderr)
         return 1
