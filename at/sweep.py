@@ -207,9 +207,9 @@ def load_spec(path: str | Path, out_root: str | None = None) -> Spec:
         raise _fail(path, "empty grid (`grid:` names no keys)")
     grid = {}
     for key, values in grid_raw.items():
-        _check_key(path, key, "grid", known)
         if key in sections:
             raise _fail(path, f"grid key {key!r} is a section; sweep its entries")
+        _check_key(path, key, "grid", known)
         grid[key] = [parse_value(v, key) for v in _grid_values(path, key, values)]
     rnd = None
     if raw.get("random") is not None:
