@@ -53,7 +53,8 @@ class EarlyStop:
 
     @property
     def stopped(self) -> bool:
-        return self.enabled and self.bad >= self.patience
+        """Once stopped, a run stays stopped (a later record does not undo it)."""
+        return self.enabled and self.stopped_epoch is not None
 
     def state(self) -> dict:
         return {"metric": self.metric, "patience": self.patience,
@@ -66,12 +67,12 @@ class EarlyStop:
         if not self.enabled:
             return False
         value = record.get(self.metric)
-        if value is not None:
+        if value is not None and not self.stopped:
             if value > self.best:
                 self.best, self.best_epoch, self.bad = value, record["epoch"], 0
             else:
                 self.bad += 1
-            if self.stopped and self.stopped_epoch is None:
+            if self.bad >= self.patience:
                 self.stopped_epoch = record["epoch"]
         record["early_stop"] = self.state()
         return self.stopped
@@ -81,16 +82,18 @@ class EarlyStop:
         the patience may have changed since (a whitelisted resume change)."""
         if not self.enabled or epoch == 0 or not metrics.is_file():
             return
+        last = None
         for line in metrics.read_text().splitlines():
             record = json.loads(line) if line.strip() else {}
-            if record.get("epoch", math.inf) <= epoch and "early_stop" in record:
-                saved = record["early_stop"]
-                if saved["metric"] == self.metric:
-                    self.best = -math.inf if saved["best"] is None else saved["best"]
-                    self.best_epoch, self.bad = saved["best_epoch"], saved["bad"]
-                    self.stopped_epoch = saved["stopped_epoch"] if self.stopped else None
-        if not self.stopped:
-            self.stopped_epoch = None
+            if record.get("epoch", math.inf) <= epoch and \
+                    (record.get("early_stop") or {}).get("metric") == self.metric:
+                last = record
+        if last is not None:
+            saved = last["early_stop"]
+            self.best = -math.inf if saved["best"] is None else saved["best"]
+            self.best_epoch, self.bad = saved["best_epoch"], saved["bad"]
+            if self.bad >= self.patience:  # under the patience now configured
+                self.stopped_epoch = saved["stopped_epoch"] or last["epoch"]
 
     def record_final(self, result: dict, final_json: Path) -> None:
         """Add the outcome to final.json (written by the trainer just before) and to `result`."""

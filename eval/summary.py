@@ -141,10 +141,11 @@ def _many(paths: list[Path], args: argparse.Namespace) -> int:
             for i, r in enumerate(runs):
                 r.config["_run"] = i
         groups, differing = runs_table.group_runs(runs)
-        if args.per_run:
-            differing = [k for k in differing if k != "_run"]
+        if args.per_run:  # the seed tells the runs of a point apart
+            differing = ["seed", *(k for k in differing if k != "_run")]
             for g in groups:
                 g.label.pop("_run", None)
+                g.label["seed"] = g.runs[0].config.get("seed")
         if args.plot:
             runs_table.plot(groups, differing, Path(args.plot))
     except (runs_table.RunsError, OSError) as err:
