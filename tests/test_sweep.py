@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -148,6 +149,29 @@ def test_summary_groups_seeds_ranks_on_validation_and_compares_with_the_target(s
                          "csv"]) == 0
     csv_lines = capsys.readouterr().out.splitlines()
     assert csv_lines[0].startswith("rank,n,runs,seeds,val_pgd_best_mean") and len(csv_lines) == 2
+
+
+def test_summary_reads_autoattack_and_audit_and_warns_on_their_eps(sweeps, tmp_path, capsys):
+    root = tmp_path / "root"
+    shutil.copytree(sweeps["tmp"] / "b", root)
+    for i, run in enumerate(sorted(p for p in root.iterdir() if p.is_dir())):
+        (run / "eval").mkdir(exist_ok=True)
+        # What eval.autoattack and eval.audit write (the fields the summary reads), evaluated at
+        # the 0.031 of the TRADES / LBGAT code instead of the training radius 8/255.
+        (run / "eval" / "aa_standard_linf_eps0.031_n100_best.json").write_text(json.dumps({
+            "clean_acc": 12.0, "robust_acc": float(i), "n_ex": 100, "eps": "0.031",
+            "eps_float": 0.031, "norm": "Linf", "version": "standard", "weights": "best"}))
+        (run / "eval" / "audit_best.json").write_text(json.dumps(
+            {"verdict": "pass" if i < 2 else "suspicious"}))
+    assert summary.main([str(root), "--format", "json"]) == 0
+    out = capsys.readouterr()
+    groups = {g["optim.lr"]: g for g in json.loads(out.out)["groups"]}
+    assert groups[0.05]["autoattack_mean"] == 0.5 and groups[0.1]["autoattack_mean"] == 2.5
+    assert groups[0.05]["audit"] == ["pass"] and groups[0.1]["audit"] == ["suspicious"]
+    # AutoAttack now stands for the robust target, not PGD.
+    assert groups[0.1]["gap_autoattack"] == pytest.approx(2.5 - 50.0)
+    warnings = [w for w in out.err.splitlines() if "but AutoAttack is at eps 0.031" in w]
+    assert len(warnings) == 4
 
 
 def test_print_and_slurm(tmp_path, capsys):
