@@ -519,8 +519,9 @@ def print_commands(spec: Spec, runs: list[Run]) -> None:
         prefix = "# done: " if state == "done" else ""
         cmd = train_command(spec, run, resume=state == "resume")
         print(prefix + shlex.join(["python", *cmd[1:]]))
+        done = _evals_done(run)
         for ev in eval_commands(spec, run):
-            print(shlex.join(["python", *ev[1:]]))
+            print(("# done: " if _eval_key(ev) in done else "") + shlex.join(["python", *ev[1:]]))
 
 
 def slurm_script(spec: Spec, runs: list[Run]) -> str:
