@@ -594,6 +594,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"sbatch {script}")
             return 0
         return run_local(spec, runs)
+    except KeyboardInterrupt:  # Ctrl-C between two runs: nothing is half-written
+        print("at.sweep: interrupted; run the same command again to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (SweepError, ConfigError) as err:
         print(f"at.sweep: error: {err}", file=sys.stderr)
         return 1

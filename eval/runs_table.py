@@ -89,7 +89,9 @@ def read_run(path: Path) -> RunResult:
         raw = yaml.safe_load((path / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
         raise RunsError(f"{path / 'config.yaml'} is unreadable ({err})") from None
-    from at.config import parse_value  # fractions such as 8/255 in hand-written files
+    # Fractions such as 8/255 in hand-written files. Imported here: at.config brings in torch,
+    # which a summary otherwise never needs.
+    from at.config import parse_value
     config = parse_value(_flat({k: v for k, v in raw.items() if not str(k).startswith("_")}))
     records = []
     if (path / "metrics.jsonl").is_file():
