@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import yaml
 
 from .checkpoint import atomic_write
+from .reported import ReportedError, check_reported
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO_ROOT / "configs" / "base.yaml"
@@ -156,12 +157,32 @@ def parse_overrides(overrides: Iterable[str]) -> dict:
     return tree
 
 
+_ABSENT = object()
+
+
+def _with_reported(cfg: dict, layer: dict, source: str) -> dict:
+    """merge() for a layer that may hold a `reported:` block: the block has its own fields
+    (at/reported.py), which a later layer updates one by one (`reported.clean=60`) or clears
+    (`reported=null`)."""
+    layer = dict(layer)
+    block = layer.pop("reported", _ABSENT)
+    cfg = merge(cfg, layer, source)
+    if block is not _ABSENT:
+        if isinstance(block, dict) and isinstance(cfg.get("reported"), dict):
+            block = {**{k: v for k, v in cfg["reported"].items() if v is not None}, **block}
+        try:
+            cfg["reported"] = check_reported(block, source)
+        except ReportedError as err:
+            raise ConfigError(str(err)) from None
+    return cfg
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict:
     """Resolve base.yaml <- experiment YAML at `path` <- overrides (later wins)."""
     cfg = _read_yaml(BASE_CONFIG)
     if path is not None:
-        cfg = merge(cfg, _read_yaml(Path(path)), str(path))
-    return merge(cfg, parse_overrides(overrides), "command line")
+        cfg = _with_reported(cfg, _read_yaml(Path(path)), str(path))
+    return _with_reported(cfg, parse_overrides(overrides), "command line")
 
 
 def git_state() -> dict:
@@ -199,4 +220,4 @@ def load_run_config(run_dir: str | Path) -> dict:
     """The resolved config a run was started with (provenance dropped, unknown keys rejected)."""
     path = Path(run_dir) / "config.yaml"
     data = {k: v for k, v in _read_yaml(path).items() if not str(k).startswith("_")}
-    return merge(_read_yaml(BASE_CONFIG), data, str(path))
+    return _with_reported(_read_yaml(BASE_CONFIG), data, str(path))

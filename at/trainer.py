@@ -35,6 +35,7 @@ from . import averaging, distributed, speed, sync_bn
 from . import checkpoint as ckpt
 from .awp import AWP
 from .config import dump_config, git_state
+from .early_stop import EarlyStop
 from .errors import NonFiniteLoss, Preempted, RunError
 from .evaluate import correct_batches, shot_accuracies
 from .methods import Method, build_method
@@ -55,7 +56,7 @@ RESUMABLE_CHANGES = ("out_dir", "optim.epochs", "device", "data.root", "data.dow
                      "data.workers", "data.lists", "log.",
                      "eval.every", "eval.batch_size", "eval.n_test", "eval.final_pgd",
                      "checkpoint.", "train.skip_nonfinite", "speed.channels_last",
-                     "speed.fused_optimizer", "speed.compile")
+                     "speed.fused_optimizer", "speed.compile", "train.early_stop.", "reported")
 # A generated set may move (another path), but not appear or disappear.
 MOVABLE_PATHS = ("data.generated.path",)
 
@@ -187,6 +188,7 @@ class Trainer:
         """`splits`: data to train on instead of loading `data.name` (benchmarks); the config
         still decides everything else."""
         check_config(cfg)
+        self.early_stop = EarlyStop.from_config(cfg)  # train.early_stop (at/early_stop.py)
         self.cfg, self.out = cfg, Path(cfg["out_dir"])
         if distributed.launched():
             self.device = distributed.init(cfg["device"])
@@ -693,14 +695,16 @@ class Trainer:
             # A first Ctrl-C does the same (no work lost; see _on_signal for the second).
             for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
                 previous[signum] = signal.signal(signum, self._on_signal)
+        self.early_stop.restore(self.out / "metrics.jsonl", self.epoch)
         try:
-            while self.epoch < epochs:
+            while self.epoch < epochs and not self.early_stop.stopped:
                 self.epoch += 1
                 record = self.train_epoch()
                 record.update(self.validate(final=self.epoch == epochs))
                 if self.avg is not None and self.avg.ready:
                     avg = self.validate(final=self.epoch == epochs, model=self.avg.module)
                     record.update({f"avg_{k}": v for k, v in avg.items()})
+                stop = self.early_stop.observe(record)  # notes its counter in the record
                 if self.main:
                     self.log.append(record)
                     self._save(record)
@@ -710,7 +714,14 @@ class Trainer:
                 if distributed.all_max(int(self._stop_signal is not None)):
                     self._preempted(f"saved {self.out / 'last.pt'} at the end of epoch "
                                     f"{self.epoch}")
-            return self.finish()
+                if stop:
+                    if self.main:
+                        print(self.early_stop.message(), flush=True)
+                    break
+            result = self.finish()
+            if self.main:
+                self.early_stop.record_final(result, self.out / "final.json")
+            return result
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)

@@ -1,6 +1,14 @@
-"""One table of every evaluation result of a run: clean and robust accuracy per attack.
+"""Results in one table.
 
-    python -m eval.summary runs/cifar100_ikl_at
+    python -m eval.summary runs/cifar100_ikl_at           # one run: every evaluation result
+    python -m eval.summary runs/sweeps/digits_beta        # a sweep root, or several runs:
+    python -m eval.summary RUN RUN ... --format csv --plot sweep.png
+
+One run directory: clean and robust accuracy of each attack, eps and weights it was evaluated
+with. Several runs or a root: one row per point (runs differing only in their seed), the config
+keys that differ, validation PGD (best / last epoch, averaged weights), test clean / PGD,
+AutoAttack and audit verdict, mean ± std over seeds, ranked by validation robust accuracy, with
+the gap to the config's `reported:` target (docs/sweeps.md). Warnings go to stderr.
 """
 from __future__ import annotations
 
@@ -10,6 +18,8 @@ import sys
 from pathlib import Path
 
 import yaml
+
+from . import runs_table
 
 
 class SummaryError(RuntimeError):
@@ -98,17 +108,60 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.summary", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir")
+    p.add_argument("paths", nargs="+", metavar="RUN_OR_ROOT",
+                   help="run directories and/or directories holding runs (a sweep's out_root)")
+    p.add_argument("--format", choices=("md", "csv", "json"),
+                   help="several runs: markdown (default), csv or json")
+    p.add_argument("--per-run", action="store_true",
+                   help="several runs: one row per run instead of per point (seed group)")
+    p.add_argument("--plot", metavar="PNG", help="also plot robust vs clean accuracy")
     args = p.parse_args(argv)
+    paths = [Path(x) for x in args.paths]
+    single = len(paths) == 1 and (paths[0] / "config.yaml").is_file() and not (
+        args.format or args.plot or args.per_run)
+    if not single:
+        return _many(paths, args)
     try:
-        rows = collect(Path(args.run_dir))
+        rows = collect(paths[0])
         if not rows:
-            raise SummaryError(f"no evaluation results in {Path(args.run_dir)} (final.json or "
+            raise SummaryError(f"no evaluation results in {paths[0]} (final.json or "
                                f"eval/*.json)")
     except SummaryError as err:
         print(f"eval.summary: error: {err}", file=sys.stderr)
         return 1
     print(table(rows))
+    return 0
+
+
+def _many(paths: list[Path], args: argparse.Namespace) -> int:
+    """The comparison table of several runs (runs_table)."""
+    try:
+        runs = [runs_table.read_run(p) for p in runs_table.find_runs(paths)]
+        if args.per_run:  # every run its own group: give each a distinct (neutral-free) key
+            for i, r in enumerate(runs):
+                r.config["_run"] = i
+        groups, differing = runs_table.group_runs(runs)
+        if args.per_run:  # the seed tells the runs of a point apart
+            differing = ["seed", *(k for k in differing if k != "_run")]
+            for g in groups:
+                g.label.pop("_run", None)
+                g.label["seed"] = g.runs[0].config.get("seed")
+        if args.plot:
+            runs_table.plot(groups, differing, Path(args.plot))
+    except (runs_table.RunsError, OSError) as err:
+        print(f"eval.summary: error: {err}", file=sys.stderr)
+        return 1
+    warnings = runs_table.eps_warnings(runs)
+    for w in warnings:
+        print(f"eval.summary: warning: {w}", file=sys.stderr)
+    rows = runs_table.records(groups, differing)
+    if args.format == "json":
+        print(json.dumps({"groups": rows, "differing_keys": differing, "warnings": warnings},
+                         indent=2, default=str))
+    elif args.format == "csv":
+        print(runs_table.csv_text(rows), end="")
+    else:
+        print(runs_table.markdown(groups, differing))
     return 0
 
 

@@ -14,7 +14,10 @@ from at.config import (
     parse_value,
 )
 
-CONFIGS = sorted(p for p in BASE_CONFIG.parent.rglob("*.yaml") if p != BASE_CONFIG)
+# configs/**/sweep_*.yaml are sweep specs (python -m at.sweep), not configs.
+CONFIGS = sorted(p for p in BASE_CONFIG.parent.rglob("*.yaml")
+                 if p != BASE_CONFIG and not p.name.startswith("sweep_"))
+SWEEPS = sorted(BASE_CONFIG.parent.rglob("sweep_*.yaml"))
 
 
 def test_precedence_base_then_experiment_then_cli(tmp_path):
@@ -124,3 +127,79 @@ def test_a_division_by_zero_names_its_key(tmp_path):
     exp.write_text("attack:\n  step_size: 2/0\n")
     with pytest.raises(ConfigError, match=r"^attack.step_size: division by zero"):
         load_config(exp)
+
+
+# Configs whose comments name a published number but that do not aim at it as they stand.
+NO_TARGET = {"cifar100/pgd_at.yaml": "its number is AT-AWP's (awp.enabled=true)",
+             "cifar100/trades.yaml": "no number for this recipe",
+             "imagenet_lt/kd/baseline.yaml": "the number depends on model.name",
+             "cifar10/ikl_at_autoaug.yaml": "no result is reported"}
+_NUMBER = re.compile(r"\d+\.\d+")
+
+
+def _comments(path) -> str:
+    return "\n".join(line for line in path.read_text().splitlines()
+                     if line.lstrip().startswith("#"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(BASE_CONFIG.parent)))
+def test_every_config_aiming_at_a_published_row_declares_it(path):
+    name = str(path.relative_to(BASE_CONFIG.parent))
+    reported = load_config(path)["reported"]
+    comments = _comments(path)
+    says_reported = re.search(r"[Rr]eported[: ]", comments) is not None
+    if name in NO_TARGET or not says_reported:
+        assert reported is None, f"{name}: {NO_TARGET.get(name, 'no published number')}"
+        return
+    assert reported is not None, f"{name} names a reported number but has no reported: block"
+    # The block repeats the comment's numbers (it is their machine-readable form).
+    numbers = {float(x) for x in _NUMBER.findall(comments)}
+    assert reported["clean"] in numbers, name
+    assert reported["autoattack"] is None or reported["autoattack"] in numbers, name
+    if reported["autoattack"] is not None:
+        # LBGAT evaluated AutoAttack at 0.031, the others at 8/255.
+        expected = 0.031 if "lbgat" in name else 8 / 255
+        assert reported["norm"] == "linf" and reported["eps"] == pytest.approx(expected, rel=1e-9)
+    else:
+        assert "/kd/" in name  # only distillation rows are clean-only
+    assert reported["source"]
+
+
+def test_reported_blocks_are_validated_and_recorded(tmp_path):
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("reported:\n  clean: 85.3\n  autoattack: 57.1\n  norm: linf\n  eps: 8/255\n"
+                   "  source: a paper\n")
+    cfg = load_config(exp, ["reported.clean=86"])  # one field overridden, the others kept
+    assert cfg["reported"] == {"clean": 86.0, "autoattack": 57.1, "norm": "linf",
+                               "eps": 8 / 255, "source": "a paper", "seeds": None, "runs": None}
+    assert load_config(exp, ["reported=null"])["reported"] is None
+    (tmp_path / "run").mkdir()
+    dump_config(cfg, tmp_path / "run" / "config.yaml")
+    assert load_run_config(tmp_path / "run")["reported"] == cfg["reported"]  # the run records it
+    bad = {"  autoattak: 57.1\n": "unknown field 'autoattak'",
+           "  seeds: [0, x]\n": "reported.seeds",
+           "  runs: 0\n": "reported.runs"}
+    for line, message in bad.items():
+        exp.write_text("reported:\n  clean: 85.3\n  source: a paper\n" + line)
+        with pytest.raises(ConfigError, match=re.escape(message)) as err:
+            load_config(exp)
+        assert "\n" not in str(err.value) and "exp.yaml" in str(err.value)
+    for args, message in [(["reported.clean=185", "reported.source=x"], "percentage"),
+                          (["reported.clean=85"], "reported.source is required"),
+                          (["reported.clean=85", "reported.source=x", "reported.autoattack=50"],
+                           "reported.norm"),
+                          (["reported.clean=85", "reported.source=x", "reported.autoattack=50",
+                            "reported.norm=linf"], "reported.eps"),
+                          (["reported.clean=85", "reported.source=x", "reported.eps=0.031"],
+                           "give reported.autoattack")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(None, args)
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
+def test_shipped_sweep_specs_expand(path, monkeypatch):
+    from at import sweep
+    monkeypatch.chdir(BASE_CONFIG.parents[1])  # spec paths are relative to the repository root
+    runs = sweep.expand(sweep.load_spec(path))
+    assert runs and len({r.name for r in runs}) == len(runs)
+    assert all(r.config["reported"] is None for r in runs)  # the digits have no published row

@@ -1,0 +1,289 @@
+"""Sweeps (at.sweep), the multi-run summary (eval.summary) and early stopping.
+
+The end-to-end test trains a real digits sweep (2 points x 2 seeds, 1 epoch, the smallest model,
+plain training so that it stays cheap), stops it by a signal after the first run, starts it again,
+and checks that the result equals an uninterrupted sweep's, weight for weight."""
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from at import sweep
+from at.checkpoint import load
+from at.config import REPO_ROOT, load_config
+from at.early_stop import EarlyStop
+from at.trainer import fit
+from eval import summary
+
+DIGITS = REPO_ROOT / "configs" / "digits" / "ikl_at.yaml"
+# Cheapest real runs: plain training for one epoch, PGD-1 validation, 100 test images per epoch.
+CHEAP = {"method.name": "standard", "optim.epochs": 1, "optim.batch_size": 256,
+         "eval.pgd_steps": 1, "eval.n_test": 100, "log.plot": False}
+# A made-up target with the 0.031 radius some papers evaluated at (runs train at 8/255).
+TARGET = {"reported.clean": 95.0, "reported.autoattack": 50.0, "reported.norm": "linf",
+          "reported.eps": 0.031, "reported.source": "a test target"}
+ENV = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1",
+       "MPLBACKEND": "Agg"}
+TIMING = ("train_seconds", "eval_seconds", "images_per_s")
+
+
+def write_spec(path: Path, root: Path, **fields) -> Path:
+    spec = {"base": str(DIGITS), "overrides": {**CHEAP, **TARGET},
+            "grid": {"optim.lr": [0.05, 0.1]}, "seeds": [0, 1], "out_root": str(root), **fields}
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def run_sweep(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "at.sweep", *args], cwd=REPO_ROOT, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def records(run: Path) -> list[dict]:
+    return [{k: v for k, v in json.loads(line).items() if k not in TIMING}
+            for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def one_line_error(capsys, code: int, *needles: str) -> str:
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def sweeps(tmp_path_factory):
+    """The same spec twice: stopped after its first run and restarted, and uninterrupted."""
+    tmp = tmp_path_factory.mktemp("sweeps")
+    names = ["lr0.05_seed0", "lr0.05_seed1", "lr0.1_seed0", "lr0.1_seed1"]
+    # The stopped sweep also evaluates each run (PGD-1 on 20 images): the evaluations must be
+    # neither lost nor repeated; evaluations are not part of the spec hash.
+    stopped = write_spec(tmp / "stopped.yaml", tmp / "a",
+                         eval=[{"pgd": ["--steps", "1", "--n-ex", "20", "--device", "cpu"]}])
+    proc = subprocess.Popen([sys.executable, "-m", "at.sweep", str(stopped)], cwd=REPO_ROOT,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while not (tmp / "a" / names[1] / "config.yaml").exists():  # the second run has started
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # as Slurm does before a time limit or on preemption
+    out, _ = proc.communicate(timeout=600)
+    first = {"code": proc.returncode, "out": out,
+             "unfinished": [n for n in names if not (tmp / "a" / n / "final.json").exists()]}
+    again = run_sweep(str(stopped))
+    third = run_sweep(str(stopped))
+    whole = run_sweep(str(write_spec(tmp / "whole.yaml", tmp / "b")))
+    return {"tmp": tmp, "names": names, "first": first, "again": again, "third": third,
+            "whole": whole}
+
+
+def test_a_stopped_sweep_continues_to_the_same_runs_as_an_uninterrupted_one(sweeps):
+    first, again, third, whole = (sweeps[k] for k in ("first", "again", "third", "whole"))
+    assert first["code"] == 75, first["out"]  # stopped by the signal, resumable
+    assert len(first["unfinished"]) >= 3, first  # it really stopped early (in the second run)
+    assert again.returncode == 0 and whole.returncode == 0, again.stderr + whole.stderr
+    assert "lr0.05_seed0: finished, skipped" in again.stdout
+    # A third start has nothing left to do: no training, no evaluation.
+    assert third.returncode == 0 and third.stdout.count("finished, skipped") == 4, third.stdout
+    assert "eval.pgd" not in third.stdout
+    tmp = sweeps["tmp"]
+    for name in sweeps["names"]:
+        a, b = tmp / "a" / name, tmp / "b" / name
+        state_a, state_b = load(a / "last.pt")["model"], load(b / "last.pt")["model"]
+        assert state_a.keys() == state_b.keys()
+        assert all(torch.equal(state_a[k], state_b[k]) for k in state_a), name
+        assert records(a) == records(b), name
+        assert json.loads((a / "final.json").read_text()) == \
+            json.loads((b / "final.json").read_text())
+        # Each evaluation ran exactly once: its result and the sweep's note of it.
+        assert len(list((a / "eval").glob("pgd1_*_best.json"))) == 1
+        assert len(json.loads((a / sweep.EVAL_MARKER).read_text())) == 1
+        cfg = yaml.safe_load((a / "config.yaml").read_text())
+        assert cfg["seed"] == int(name[-1]) and cfg["reported"]["eps"] == 0.031  # recorded
+    # Different spec files, the same runs: the same hash.
+    assert json.loads((tmp / "a" / "sweep.json").read_text())["hash"] == \
+        json.loads((tmp / "b" / "sweep.json").read_text())["hash"]
+
+
+def test_summary_groups_seeds_ranks_on_validation_and_compares_with_the_target(sweeps, capsys):
+    root = sweeps["tmp"] / "b"
+    assert summary.main([str(root), "--format", "json"]) == 0
+    out = capsys.readouterr()
+    doc = json.loads(out.out)
+    groups = doc["groups"]
+    assert doc["differing_keys"] == ["optim.lr"] and [g["n"] for g in groups] == [2, 2]
+    val = [g["val_pgd_best_mean"] for g in groups]
+    assert val == sorted(val, reverse=True)  # ranked by validation robust accuracy
+    for g in groups:
+        runs = [json.loads((Path(r) / "final.json").read_text())["best"] for r in g["runs"]]
+        clean = [r["test_clean_acc"] for r in runs]
+        assert g["test_clean_mean"] == pytest.approx(sum(clean) / 2)
+        assert g["test_clean_std"] == pytest.approx(abs(clean[0] - clean[1]) / 2 ** 0.5)
+        # Our 1-epoch runs are far below the 95 % target: a gap beyond the seed spread.
+        assert g["gap_clean"] == pytest.approx(g["test_clean_mean"] - 95.0)
+        assert g["gap_clean_beyond_spread"] is (abs(g["gap_clean"]) > g["test_clean_std"])
+        assert g["gap_autoattack"] == pytest.approx(g["test_pgd_mean"] - 50.0)  # PGD stands in
+    # Training at 8/255 against a target evaluated at 0.031: warned, once per run.
+    warnings = [w for w in out.err.splitlines() if "warning" in w]
+    assert len(warnings) == 4 and all("0.031" in w and "8/255" in w for w in warnings)
+    png = sweeps["tmp"] / "sweep.png"
+    assert summary.main([str(root), "--plot", str(png)]) == 0
+    table = capsys.readouterr().out.splitlines()
+    rows = [r for r in table if r.startswith("| 1 ") or r.startswith("| 2 ")]
+    assert len(rows) == 2 and all(r.count(" ± ") >= 4 for r in rows), table
+    assert "95.00 / 50.00" in rows[0] and "**" in table[2]  # target shown, gap flagged
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert summary.main([str(root / "lr0.1_seed0"), str(root / "lr0.1_seed1"), "--format",
+                         "csv"]) == 0
+    csv_lines = capsys.readouterr().out.splitlines()
+    assert csv_lines[0].startswith("rank,n,runs,seeds,val_pgd_best_mean") and len(csv_lines) == 2
+
+
+def test_summary_reads_autoattack_and_audit_and_warns_on_their_eps(sweeps, tmp_path, capsys):
+    root = tmp_path / "root"
+    shutil.copytree(sweeps["tmp"] / "b", root)
+    for i, run in enumerate(sorted(p for p in root.iterdir() if p.is_dir())):
+        (run / "eval").mkdir(exist_ok=True)
+        # What eval.autoattack and eval.audit write (the fields the summary reads), evaluated at
+        # the 0.031 of the TRADES / LBGAT code instead of the training radius 8/255.
+        (run / "eval" / "aa_standard_linf_eps0.031_n100_best.json").write_text(json.dumps({
+            "clean_acc": 12.0, "robust_acc": float(i), "n_ex": 100, "eps": "0.031",
+            "eps_float": 0.031, "norm": "Linf", "version": "standard", "weights": "best"}))
+        (run / "eval" / "audit_best.json").write_text(json.dumps(
+            {"verdict": "pass" if i < 2 else "suspicious"}))
+    assert summary.main([str(root), "--format", "json"]) == 0
+    out = capsys.readouterr()
+    groups = {g["optim.lr"]: g for g in json.loads(out.out)["groups"]}
+    assert groups[0.05]["autoattack_mean"] == 0.5 and groups[0.1]["autoattack_mean"] == 2.5
+    assert groups[0.05]["audit"] == ["pass"] and groups[0.1]["audit"] == ["suspicious"]
+    # AutoAttack now stands for the robust target, not PGD.
+    assert groups[0.1]["gap_autoattack"] == pytest.approx(2.5 - 50.0)
+    warnings = [w for w in out.err.splitlines() if "but AutoAttack is at eps 0.031" in w]
+    assert len(warnings) == 4
+
+
+def test_print_and_slurm(tmp_path, capsys):
+    spec = write_spec(tmp_path / "s.yaml", tmp_path / "root",
+                      eval=["audit", {"autoattack": "--n-ex 100"}])
+    assert sweep.main([str(spec), "--print"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 12 and not (tmp_path / "root").exists()  # --print writes nothing
+    train = shlex.split(lines[0])
+    assert train[:5] == ["python", "-m", "at.train", "-c", str(DIGITS)]
+    assert "optim.lr=0.05" in train and "seed=0" in train
+    assert f"out_dir={tmp_path / 'root' / 'lr0.05_seed0'}" in train
+    assert shlex.split(lines[1])[2:] == ["eval.audit", str(tmp_path / "root" / "lr0.05_seed0")]
+    assert shlex.split(lines[2])[2:] == ["eval.autoattack",
+                                         str(tmp_path / "root" / "lr0.05_seed0"), "--n-ex", "100"]
+    # The commands reproduce the configs the sweep resolved.
+    cfg = load_config(DIGITS, train[5:])
+    assert cfg["optim"]["lr"] == 0.05 and cfg["reported"]["clean"] == 95.0
+    assert sweep.main([str(spec), "--slurm"]) == 0
+    script = tmp_path / "root" / "sweep.sbatch"
+    text = script.read_text()
+    assert "#SBATCH --array=0-3" in text and "#SBATCH --requeue" in text
+    assert text.count("bash sh/slurm_train.sh") == 1 and "--eval-only" in text
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    capsys.readouterr()
+
+
+def test_a_root_of_another_spec_is_refused_unless_resume(tmp_path, capsys):
+    root = tmp_path / "root"
+    assert sweep.main([str(write_spec(tmp_path / "a.yaml", root)), "--slurm"]) == 0
+    state = (root / "sweep.json").read_text()
+    other = write_spec(tmp_path / "b.yaml", root, seeds=[0, 1, 2])
+    capsys.readouterr()
+    one_line_error(capsys, sweep.main([str(other), "--slurm"]), str(root), "another spec",
+                   "--resume")
+    assert (root / "sweep.json").read_text() == state  # nothing overwritten
+    assert sweep.main([str(other), "--slurm", "--resume"]) == 0
+    assert json.loads((root / "sweep.json").read_text())["runs"][-1] == "lr0.1_seed2"
+    # A root holding plain runs that no spec recorded is another spec's too.
+    plain = tmp_path / "plain"
+    (plain / "somerun").mkdir(parents=True)
+    (plain / "somerun" / "config.yaml").write_text("seed: 0\n")
+    capsys.readouterr()
+    one_line_error(capsys, sweep.main([str(write_spec(tmp_path / "c.yaml", plain)), "--slurm"]),
+                   "somerun")
+
+
+@pytest.mark.parametrize("fields, needles", [
+    ({"grid": {"optim.lrr": [0.1]}}, ["'optim.lrr'", "not in the config", "'optim.lr'"]),
+    ({"grid": {}}, ["empty grid"]),
+    ({"grid": {"optim.lr": []}}, ["'optim.lr'", "empty grid"]),
+    ({"grid": {"optim.lr": {"range": [0.3, 0.1, 0.1]}}}, ["'optim.lr'", "empty grid"]),
+    ({"grid": {"optim.lr": [0.1, 0.1000000001]}}, ["same directory name", "'lr0.1'"]),
+    ({"overrides": {"reported.clen": 1}}, ["'clen'", "reported"]),
+    ({"grid": {"seed": [1, 2]}}, ["'seed'", "seeds"]),
+    ({"grid": {"optim": [1]}}, ["'optim'", "section"]),
+    ({"eval": ["pgdd"]}, ["'pgdd'", "pgd, autoattack, audit"]),
+    ({"random": {"samples": 2, "params": {"optim.momentum": {"gaussian": [0, 1]}}}},
+     ["'optim.momentum'", "log_uniform"]),
+    ({"random": {"samples": 2, "params": {"optim.lr": [0.1]}}}, ["'optim.lr'", "both"]),
+    ({"colour": "red"}, ["'colour'", "unknown spec field"]),
+])
+def test_bad_specs_are_one_line_errors_naming_the_problem(tmp_path, capsys, fields, needles):
+    spec = write_spec(tmp_path / "s.yaml", tmp_path / "root", **fields)
+    one_line_error(capsys, sweep.main([str(spec), "--print"]), *needles)
+    assert not (tmp_path / "root").exists()
+
+
+def test_ranges_random_search_and_names_are_stable(tmp_path):
+    spec = sweep.load_spec(write_spec(
+        tmp_path / "s.yaml", tmp_path / "root", seeds=[3],
+        grid={"optim.lr": {"range": [0.1, 0.3, 0.1]}, "method.trades.beta": [6],
+              "method.ikl_at.beta": {"log_range": [1, 100, 3]}},
+        random={"samples": 3, "seed": 7, "params": {
+            "optim.weight_decay": {"log_uniform": [1e-4, 1e-2]},
+            "attack.steps": {"randint": [1, 5]}, "model.name": ["wrn-16-1", "wrn-16-4"]}}))
+    runs = sweep.expand(spec)
+    assert len(runs) == 3 * 3 * 3
+    assert sorted({r.overrides["optim.lr"] for r in runs}) == [0.1, 0.2, 0.3]
+    assert sorted({r.overrides["method.ikl_at.beta"] for r in runs}) == [1.0, 10.0, 100.0]
+    assert runs[0].name.startswith("lr0.1_trades.beta6_ikl_at.beta1_weight_decay")
+    assert runs[0].name.endswith("_seed3") and runs[0].config["seed"] == 3
+    draws = [r.overrides for r in runs[:3]]
+    assert all(1e-4 <= d["optim.weight_decay"] <= 1e-2 and 1 <= d["attack.steps"] <= 5
+               for d in draws)
+    assert len({d["optim.weight_decay"] for d in draws}) == 3
+    assert [r.name for r in sweep.expand(spec)] == [r.name for r in runs]  # the same draws
+    assert all(r.config["attack"]["steps"] == r.overrides["attack.steps"] for r in runs)
+
+
+def test_early_stop_counts_validations_and_restores_from_the_records(tmp_path):
+    es = EarlyStop("val_robust_acc", patience=2)
+    seen = [es.observe({"epoch": e, "val_robust_acc": v})
+            for e, v in enumerate([10.0, 12.0, 12.0, None, 11.0, 13.0], 1)]
+    assert seen == [False, False, False, False, True, True]
+    assert (es.best, es.best_epoch, es.stopped_epoch) == (12.0, 2, 5)  # 13 came after the stop
+    assert not EarlyStop("val_robust_acc", 0).observe({"epoch": 1, "val_robust_acc": 1.0})
+
+    # A real run: a learning rate of 1e-12 and frozen BatchNorm statistics keep the validation
+    # accuracy flat, so patience 1 stops right after epoch 2. The first call trains one epoch;
+    # the resumed run must continue the count from metrics.jsonl (else epoch 2 would be a "new
+    # best" and it would train to epoch 3).
+    out = tmp_path / "run"
+    args = [*(f"{k}={v}" for k, v in CHEAP.items()), "optim.lr=1e-12", "model.bn_momentum=0.0",
+            "train.early_stop.patience=1", f"out_dir={out}", "eval.final_pgd=false"]
+    fit(load_config(DIGITS, args))
+    result = fit(load_config(DIGITS, [*args, "optim.epochs=3"]), resume=True)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in lines] == [1, 2]
+    assert lines[1]["val_robust_acc"] == lines[0]["val_robust_acc"]
+    assert [r["early_stop"]["bad"] for r in lines] == [0, 1]
+    final = json.loads((out / "final.json").read_text())
+    assert final == json.loads(json.dumps(result))
+    assert final["early_stop"]["stopped_epoch"] == 2 and final["last"]["epoch"] == 2
+    assert load(out / "best.pt")["epoch"] == 1  # best.pt chosen as always
