@@ -415,9 +415,13 @@ def main(argv: list[str] | None = None) -> int:
         t = target_from_arguments(args)
         surrogate = None
         if args.surrogate:
-            surrogate = load_target(args.surrogate, args.surrogate_weights, args.surrogate_arch,
-                                    t.dataset if args.surrogate_arch else None,
-                                    next(t.model.parameters()).device, args.data_root)
+            try:
+                surrogate = load_target(args.surrogate, args.surrogate_weights,
+                                        args.surrogate_arch,
+                                        t.dataset if args.surrogate_arch else None,
+                                        next(t.model.parameters()).device, args.data_root)
+            except EvalError as err:
+                raise EvalError(f"--surrogate {args.surrogate}: {err}") from None
             if surrogate.dataset != t.dataset:
                 raise EvalError(f"the surrogate was trained on {surrogate.dataset}, the model "
                                 f"on {t.dataset}")

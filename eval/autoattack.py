@@ -262,9 +262,9 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
                 "chunks_reused": reused, "seconds": round(seconds, 1)}
     n = len(y)
     stage_results = [{"attack": s, "robust_acc": round(100 * totals[s] / n, 2)} for s in stages]
-    flags = aa_flags.compute_flags(t.model, x, y, torch.cat(clean_parts), stage_results, eps=eps_value,
-                                   norm=norm, version=version, batch_size=batch_size,
-                                   device=device, seed=seed)
+    flags = aa_flags.compute_flags(t.model, x, y, torch.cat(clean_parts), stage_results,
+                                   eps=eps_value, norm=norm, version=version,
+                                   batch_size=batch_size, device=device, seed=seed)
     for flag in aa_flags.raised(flags):
         log.warning("AutoAttack flag %s: %s", flag, flags[flag]["message"])
     result = {

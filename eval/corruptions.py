@@ -107,7 +107,7 @@ def evaluate(t: Target, root: str | Path, *, n_ex: int | None = None,
         acc[name] = {}
         for s in severities:
             rows = slice((s - 1) * PER_SEVERITY, (s - 1) * PER_SEVERITY + n)
-            x = torch.from_numpy(np.ascontiguousarray(images[rows])).permute(0, 3, 1, 2)
+            x = torch.from_numpy(np.array(images[rows])).permute(0, 3, 1, 2)
             y = torch.from_numpy(np.asarray(labels[rows]).astype(np.int64))
             acc[name][str(s)] = round(100 * correct(t.model, x, y, batch_size=batch_size)
                                       .double().mean().item(), 2)

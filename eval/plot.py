@@ -1,7 +1,7 @@
 """Robustness curves: accuracy against eps from the results in a run's eval/ directory (PGD and
 CW points from eval.pgd, AutoAttack points from eval.autoattack, the eps sweep of eval.audit).
 
-    python -m eval.plot runs/cifar10_ikl_at                       # -> runs/.../eval/robustness_best.png
+    python -m eval.plot runs/cifar10_ikl_at        # -> runs/.../eval/robustness_best.png
     python -m eval.plot runs/a runs/b --labels IKL-AT,TRADES --out fig.png   # overlay for a paper
 
 A RUN is a run directory, a checkpoint's eval directory or the directory holding it. Only the
