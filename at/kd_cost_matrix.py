@@ -26,7 +26,9 @@ index order, the alignment computed in float64.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -218,6 +220,23 @@ def load_cost_matrix(path: str, num_classes: int, sharpen: float = 1.0) -> Tenso
     return (1 - torch.exp(-sharpen * cost)).clamp_min(0.0).float() + 1e-8
 
 
+def check_writable(out: Path) -> None:
+    """Fail now, in one line, if `out` cannot be written: the computation before the save can
+    take hours (ImageNet). The probe is a real file created next to `out` (permission bits alone
+    do not tell: read-only mounts, root, ACLs) and removed again."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give a file name such as {out / 'cost.pt'}")
+    if not out.parent.is_dir():
+        what = "is not a directory" if out.parent.exists() else "does not exist"
+        raise ValueError(f"cannot write --out {out}: {out.parent} {what}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=out.parent)
+    except OSError as err:
+        raise ValueError(f"cannot write --out {out} ({err.strerror or err})") from None
+    os.close(fd)
+    os.unlink(probe)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m at.kd_cost_matrix", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -237,14 +256,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=8, help="image-decoding processes (ImageNet)")
     args = p.parse_args(argv)
     from eval.common import EvalError
+    out = Path(args.out)
     try:
+        check_writable(out)
         result = compute(args.target, args.kind, args.per_class, args.weights,
                          args.batch_size, args.device, args.dataset, args.data_root,
                          args.workers, args.features)
+        try:
+            ckpt.atomic_save(result, out)  # the temporary file goes if this fails
+        except OSError as err:  # a full disk, or the place went away during the computation
+            raise ValueError(f"cannot write --out {out} ({err.strerror or err})") from None
     except (EvalError, ValueError, FileNotFoundError) as err:
         print(f"at.kd_cost_matrix: error: {err}", file=sys.stderr)
         return 1
-    ckpt.atomic_save(result, Path(args.out))
     c = result["cost"]
     print(f"{args.out}: {result['kind']} cost, {len(c)} classes, off-diagonal mean "
           f"{(c.sum() - c.diag().sum()) / (len(c) ** 2 - len(c)):.4f}")

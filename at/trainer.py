@@ -23,7 +23,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 import data as datasets
 import models
@@ -40,6 +39,7 @@ from .errors import NonFiniteLoss, Preempted, RunError
 from .evaluate import correct_batches, shot_accuracies
 from .methods import Method, build_method
 from .optim import build_optimizer, match_state_layout
+from .progress import Progress
 from .run_log import RunLog, require_wandb
 from .schedules import ATTACK_SCHEDULES, LR_SCHEDULES, attack_budget, lr_at, momentum_at
 
@@ -507,8 +507,8 @@ class Trainer:
             first, before = partial["step"], partial["seconds"]
         limit = cfg["train"]["skip_nonfinite"]
         every = cfg["checkpoint"]["every_minutes"] * 60.0
-        bar = tqdm(total=len(self.loader), initial=first, desc=f"epoch {self.epoch}",
-                   leave=False, disable=not (self.main and sys.stderr.isatty()))
+        bar = Progress(total=len(self.loader), initial=first, desc=f"epoch {self.epoch}",
+                       enabled=self.main, every=cfg["log"]["progress_minutes"] * 60.0)
         start = time.time()
         awp = self.awp if self.awp is not None and self.awp.active(self.epoch) else None
         views = self.loader.views
