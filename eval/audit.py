@@ -1,5 +1,5 @@
 """A gradient-masking audit: the sanity checks of Carlini et al. 2019 ("On evaluating adversarial
-robustness", arXiv 1902.06705, §5 and the checklist of its appendix), Athalye, Carlini & Wagner
+robustness", arXiv 1902.06705, and its checklist), Athalye, Carlini & Wagner
 2018 (ICML, arXiv 1802.00420, §3.1 "identifying obfuscated and masked gradients") and
 AutoAttack's flags (Croce & Hein 2020, arXiv 2003.01690), run on one checkpoint.
 
@@ -71,23 +71,23 @@ QUICK = Budget(pgd_steps=5, strong_steps=20, restarts=2, unbounded_steps=20, tra
 # unless said otherwise; "value" in the JSON is in the same unit.
 CHECKS = {
     "pgd_vs_autoattack": (
-        10.0, "pp", "Croce & Hein 2020 (arXiv 2003.01690), §5",
+        10.0, "pp", "Croce & Hein 2020 (arXiv 2003.01690)",
         "AutoAttack is more than {t} pp below the best PGD: the PGD number is not a robustness "
         "estimate (AutoAttack's DLR loss is scale invariant; PGD's cross-entropy saturates)"),
     "eps_sweep": (
-        1.0, "%", "Carlini et al. 2019 (arXiv 1902.06705), §5.1; Athalye et al. 2018, §3.1",
+        1.0, "%", "Carlini et al. 2019 (arXiv 1902.06705); Athalye et al. 2018, §3.1",
         "accuracy does not fall to <= {t}% at the largest eps, or rises with eps by more than "
         "one image: a bounded attack that cannot win at large eps is a broken attack"),
     "unbounded": (
-        0.0, "%", "Carlini et al. 2019, §5.1 (\"unbounded attacks must reach 100% success\")",
+        0.0, "%", "Carlini et al. 2019 (\"unbounded attacks must reach 100% success\")",
         "an attack allowed to change the whole image leaves {value}% correct (> {t}%)"),
     "convergence": (
-        5.0, "pp", "Carlini et al. 2019, §4.4 and §5.2 (more iterations, random restarts)",
+        5.0, "pp", "Carlini et al. 2019 (more iterations, random restarts)",
         "PGD-{strong} x {restarts} restarts is more than {t} pp below PGD-{pgd}: the quick "
         "attack had not converged"),
     "transfer": (
         1.0, "pp", "Athalye et al. 2018, §3.1 (black-box better than white-box); "
-        "Carlini et al. 2019, §5.3",
+        "Carlini et al. 2019",
         "a transfer attack from the surrogate beats the white-box attack by more than {t} pp: "
         "the white-box gradients are masked"),
     "zero_gradients": (
@@ -95,7 +95,7 @@ CHECKS = {
         "{value}% of the correctly classified points have an all-zero or non-finite input "
         "gradient of the cross-entropy (shattered or vanishing gradients)"),
     "batchnorm_modes": (
-        5.0, "pp", "Croce et al. 2021 (RobustBench, arXiv 2010.09670), §3: evaluate in eval "
+        5.0, "pp", "Croce et al. 2021 (RobustBench, arXiv 2010.09670): evaluate in eval "
         "mode",
         "clean accuracy with batch statistics (train mode) differs from eval mode by more than "
         "{t} pp: the running statistics do not describe the data, or the result depends on "
