@@ -12,7 +12,9 @@ What each does and whether it changes results (docs/performance.md; bench/at_ste
   (docs/performance.md#precision).
 * compile: torch.compile of the model (in place: its state_dict keys are unchanged). The attack
   freezes the parameters (attacks.frozen), which keeps the compiled backward from computing
-  weight gradients it would throw away (docs/performance.md#frozen-parameters).
+  weight gradients it would throw away (docs/performance.md#frozen-parameters). compile_mode
+  picks torch.compile's mode (e.g. max-autotune-no-cudagraphs); it changes kernels, not the
+  computation.
 
 Evaluation (validation, final test, AutoAttack) never uses autocast: it is always float32.
 """
@@ -25,12 +27,19 @@ import torch
 from torch import Tensor, nn
 
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
+# torch.compile's modes; "default" passes no mode. The max-autotune ones benchmark alternative GPU
+# kernels while compiling (minutes), reduce-overhead adds CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def check(speed: dict) -> list[str]:
     """Error messages for invalid `speed` settings (empty when valid)."""
-    return [f"speed.{key} must be one of {', '.join(PRECISIONS)}, got {speed[key]!r}"
-            for key in ("attack_precision", "update_precision") if speed[key] not in PRECISIONS]
+    errors = [f"speed.{key} must be one of {', '.join(PRECISIONS)}, got {speed[key]!r}"
+              for key in ("attack_precision", "update_precision") if speed[key] not in PRECISIONS]
+    if speed.get("compile_mode", "default") not in COMPILE_MODES:
+        errors.append(f"speed.compile_mode must be one of {', '.join(COMPILE_MODES)}, "
+                      f"got {speed['compile_mode']!r}")
+    return errors
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
@@ -56,7 +65,8 @@ def prepare_model(model: nn.Module, speed: dict) -> nn.Module:
     if speed["attack_precision"] != "float32" or speed["update_precision"] != "float32":
         model.register_forward_hook(_float32_logits)
     if speed["compile"]:
-        model.compile()
+        mode = speed.get("compile_mode", "default")
+        model.compile(mode=None if mode == "default" else mode)
     return model
 
 

@@ -78,10 +78,11 @@ def forward_gflop(model_name: str, num_classes: int, dataset: str) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def matmul_peak_tflops(device: torch.device) -> dict:
-    """Measured dense matmul rate: bfloat16 on a GPU (its tensor-core peak), float32 on a CPU."""
+def matmul_peak_tflops(device: torch.device, n: int | None = None) -> dict:
+    """Measured dense matmul rate of n×n matrices (default 8192 on a GPU, 2048 on a CPU):
+    bfloat16 on a GPU (its tensor-core peak), float32 on a CPU."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    n = 8192 if device.type == "cuda" else 2048
+    n = n or (8192 if device.type == "cuda" else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     times = []
@@ -138,6 +139,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--aa-target", help="run directory (or checkpoint) whose model and test "
                    "images --autoattack times (default: the benchmark's model, random images)")
     p.add_argument("--aa-weights", default="best", help="best | last | avg, with --aa-target")
+    p.add_argument("--peak-size", type=int, help="matrix size of the matmul peak measurement "
+                   "(default 8192 on a GPU, 2048 on a CPU)")
     p.add_argument("--json", help="write every figure to this JSON file")
     p.add_argument("overrides", nargs="*", help="dotted.key=value config overrides")
     args = p.parse_args(argv)
@@ -283,7 +286,7 @@ def run(args: argparse.Namespace) -> dict:
             "seconds_per_round": {k: [round(t, 4) for t in v] for k, v in seconds.items()},
             "forward_gflop_per_image": round(gflop, 5),
             "forward_units_per_image": units,
-            "matmul_peak": matmul_peak_tflops(device),
+            "matmul_peak": matmul_peak_tflops(device, args.peak_size),
         }
         for name, times in seconds.items():
             ips = [args.steps * args.batch / t for t in times]

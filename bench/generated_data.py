@@ -1,7 +1,8 @@
 """Resident memory and step throughput of training with vs without a large generated set.
 
-    python -m bench.generated_data [--images 5000000] [--dir DIR] [--dataset digits]
-                                   [--model wrn-16-1] [--method ikl_at] [--epochs 3]
+    python -m bench.generated_data [--images 5000000] [--fit-disk 0.25] [--dir DIR]
+                                   [--dataset digits] [--model wrn-16-1] [--method ikl_at]
+                                   [--epochs 3] [--override KEY=VALUE ...] [--json FILE]
 
 Writes a throwaway generated set of `--images` random images in the prepared format (uint8
 images.npy, 3 KB per image: 15.4 GB for 5M; removed afterwards unless --keep), drops it from the
@@ -78,6 +79,7 @@ def child(args: argparse.Namespace) -> None:
                  "data.drop_last=true"]  # full batches only in both runs: same work per image
     if args.dataset == "digits":
         overrides.append("data.val_size=200")  # base.yaml's 1024 is for CIFAR
+    overrides += args.override
     if args.generated:
         overrides += [f"data.generated.path={args.generated}",
                       f"data.generated.fraction={args.fraction}"]
@@ -95,6 +97,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=5_000_000)
+    parser.add_argument("--fit-disk", type=float, metavar="FRACTION",
+                        help="write at most this fraction of the free disk (fewer images if "
+                        "--images would not fit)")
+    parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for both training runs (repeatable)")
+    parser.add_argument("--json", help="also write the figures to this JSON file")
     parser.add_argument("--dir", help="where to write the set (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the generated set")
     parser.add_argument("--dataset", default="digits")
@@ -118,6 +126,15 @@ def main() -> None:
     num_classes = data.NUM_CLASSES[args.dataset]
     base = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="generated_bench_"))
     gen_dir = base / "set"
+    if args.fit_disk:
+        base.mkdir(parents=True, exist_ok=True)
+        fits = int(shutil.disk_usage(base).free * args.fit_disk) // 3072
+        if fits < args.images:
+            print(f"--fit-disk {args.fit_disk}: {fits} images instead of {args.images}")
+            args.images = fits
+    if args.images < 1:
+        sys.exit("bench.generated_data: error: --images must be >= 1 (or the disk is full)")
+    seconds = 0.0
     try:
         if not (gen_dir / "meta.json").exists():
             seconds = write_set(gen_dir, args.images, num_classes)
@@ -131,7 +148,8 @@ def main() -> None:
                    "--dataset", args.dataset, "--data-root", args.data_root, "--model",
                    args.model, "--method", args.method, "--steps", str(args.steps), "--batch",
                    str(args.batch), "--epochs", str(args.epochs), "--fraction",
-                   str(args.fraction), "--device", args.device]
+                   str(args.fraction), "--device", args.device,
+                   *(f"--override={o}" for o in args.override)]
             if generated is not None:
                 cmd += ["--generated", str(generated)]
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -149,6 +167,15 @@ def main() -> None:
         ratio = np.median(mixed["images_per_s"]) / np.median(real["images_per_s"])
         print(f"mixed / real: throughput {ratio:.3f}, peak RSS "
               f"{mixed['VmHWM'] - real['VmHWM']:+.0f} MB")
+        if args.json:
+            Path(args.json).write_text(json.dumps({
+                "dataset": args.dataset, "model": args.model, "method": args.method,
+                "batch": args.batch, "device": args.device, "images": args.images,
+                "fraction": args.fraction, "write_seconds": round(seconds, 1), "runs": results,
+                "real_images_per_s": float(np.median(real["images_per_s"])),
+                "mixed_images_per_s": float(np.median(mixed["images_per_s"])),
+                "throughput_ratio": round(float(ratio), 4),
+                "peak_rss_delta_mb": round(mixed["VmHWM"] - real["VmHWM"], 1)}, indent=2) + "\n")
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)

@@ -44,6 +44,7 @@ from .common import (
     target_from_arguments,
     write_json,
 )
+from .precision import add_tf32_argument, evaluation_precision, tf32_enabled
 
 NORMS = {"Linf": "linf", "L2": "l2", "L1": "l1"}
 SWEEP_FACTORS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # x eps; 8 x 8/255 = 64/255 under Linf
@@ -359,7 +360,7 @@ def audit(t: Target, *, n_ex: int | None = 1000, eps: str | None = None, norm: s
             "checkpoint_sha256": surrogate.checkpoint_sha256},
         "budget": {k: v for k, v in budget.__dict__.items()},
         "quick": budget != FULL, "seed": seed, "batch_size": batch_size,
-        "timings": timings, "seconds": round(time.time() - started, 1),
+        "timings": timings, "seconds": round(time.time() - started, 1), "tf32": tf32_enabled(),
         **provenance(t, device),
     }
     path = t.out_dir / f"audit_{t.weights}.json"
@@ -408,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="small attack budgets (smoke tests; "
                    "not for a paper)")
     p.add_argument("--strict", action="store_true", help="exit 3 when the verdict is warn")
+    add_tf32_argument(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     try:
@@ -425,9 +427,10 @@ def main(argv: list[str] | None = None) -> int:
             if surrogate.dataset != t.dataset:
                 raise EvalError(f"the surrogate was trained on {surrogate.dataset}, the model "
                                 f"on {t.dataset}")
-        report = audit(t, n_ex=args.n_ex, eps=args.eps, norm=args.norm, surrogate=surrogate,
-                       sweep=sweep, budget=QUICK if args.quick else FULL,
-                       batch_size=resolve_batch_size(args.batch_size, t), seed=args.seed)
+        with evaluation_precision(args.allow_tf32):
+            report = audit(t, n_ex=args.n_ex, eps=args.eps, norm=args.norm,
+                           surrogate=surrogate, sweep=sweep, budget=QUICK if args.quick else FULL,
+                           batch_size=resolve_batch_size(args.batch_size, t), seed=args.seed)
     except (EvalError, FileNotFoundError, ValueError) as err:
         print(f"eval.audit: error: {err}", file=sys.stderr)
         return 1

@@ -47,6 +47,7 @@ from .common import (
     target_from_arguments,
     write_json,
 )
+from .precision import add_tf32_argument, evaluation_precision, tf32_enabled
 
 VERSIONS = ("standard", "plus", "rand")
 NORMS = ("Linf", "L2", "L1")
@@ -201,7 +202,8 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
     def fingerprint_of(start: int, end: int) -> dict:
         return {"checkpoint_sha256": t.checkpoint_sha256, "arch": t.arch, "dataset": t.dataset,
                 "version": version, "norm": norm, "eps": eps_value, "stages": stages,
-                "seed": seed, "batch_size": batch_size, "start": start, "end": end}
+                "seed": seed, "batch_size": batch_size, "start": start, "end": end,
+                "tf32": tf32_enabled()}
 
     def path_of(start: int, end: int) -> Path:
         return chunk_dir / f"chunk_{start:06d}_{end:06d}.pt"
@@ -313,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                    "write no result; combine the shards with --merge")
     p.add_argument("--merge", action="store_true",
                    help="build the result from the chunks every shard saved")
+    add_tf32_argument(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -320,12 +323,13 @@ def main(argv: list[str] | None = None) -> int:
         shard = parse_shard(args.shard) if args.shard is not None else None
         if world > 1 and shard is None and not args.merge:
             return _torchrun(args, world)
-        t = target_from_arguments(args)
-        r = evaluate(t, n_ex=args.n_ex, version=args.version, norm=args.norm, eps=args.eps,
-                     batch_size=resolve_batch_size(args.batch_size, t), seed=args.seed,
-                     chunk_size=args.chunk_size,
-                     attacks=args.attacks.split(",") if args.attacks else None,
-                     progress=sys.stderr.isatty(), shard=shard, merge=args.merge)
+        with evaluation_precision(args.allow_tf32):
+            t = target_from_arguments(args)
+            r = evaluate(t, n_ex=args.n_ex, version=args.version, norm=args.norm, eps=args.eps,
+                         batch_size=resolve_batch_size(args.batch_size, t), seed=args.seed,
+                         chunk_size=args.chunk_size,
+                         attacks=args.attacks.split(",") if args.attacks else None,
+                         progress=sys.stderr.isatty(), shard=shard, merge=args.merge)
     except (EvalError, FileNotFoundError, ValueError) as err:
         print(f"eval.autoattack: error: {err}", file=sys.stderr)
         return 1
@@ -360,6 +364,11 @@ def _torchrun(args: argparse.Namespace, world: int) -> int:
         args.device = f"cuda:{local % torch.cuda.device_count()}"
     # AutoAttack on a full test set takes hours: the barrier must outwait the slowest shard.
     dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    with evaluation_precision(args.allow_tf32):
+        return _shards_then_merge(args, world, rank, dist)
+
+
+def _shards_then_merge(args: argparse.Namespace, world: int, rank: int, dist) -> int:
     status = 0
     try:
         t = target_from_arguments(args)

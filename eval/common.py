@@ -24,6 +24,8 @@ from at import checkpoint as ckpt
 from at.config import ConfigError, git_state, load_run_config
 from attacks.pgd import eps_problem
 
+from .precision import tf32_enabled
+
 WEIGHTS = ("best", "last", "avg")
 # The usual radii per threat model (AutoAttack's defaults for L1; RobustBench's for Linf, L2).
 DEFAULT_EPS = {"Linf": "8/255", "L2": "0.5", "L1": "12"}
@@ -289,6 +291,7 @@ def provenance(t: Target, device: torch.device | str) -> dict:
         "checkpoint": str(t.checkpoint), "checkpoint_sha256": t.checkpoint_sha256,
         "git": git_state(), "torch": torch.__version__, "pyautoattack": pyautoattack.__version__,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "tf32": tf32_enabled(),  # the flags in force (eval/precision.py)
         "command": " ".join(sys.argv),
     }
 

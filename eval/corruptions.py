@@ -32,6 +32,7 @@ from .common import (
     target_from_arguments,
     write_json,
 )
+from .precision import add_tf32_argument, evaluation_precision, tf32_enabled
 
 # RobustBench's list (robustbench.data.CORRUPTIONS): the 15 of the benchmark.
 CORRUPTIONS = ("shot_noise", "motion_blur", "snow", "pixelate", "gaussian_noise", "defocus_blur",
@@ -124,7 +125,7 @@ def evaluate(t: Target, root: str | Path, *, n_ex: int | None = None,
         "corruptions": corruptions, "severities": severities, "n_ex": n,
         "full_benchmark": corruptions == list(CORRUPTIONS) and n == PER_SEVERITY
         and severities == list(range(1, SEVERITIES + 1)),
-        "root": str(folder), "batch_size": batch_size,
+        "root": str(folder), "batch_size": batch_size, "tf32": tf32_enabled(),
         "seconds": round(time.time() - started, 1),
         **provenance(t, next(t.model.parameters()).device),
     }
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n-ex", type=int, help="first N images of each severity (default 10000)")
     p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--batch-size", default="500")
+    add_tf32_argument(p)
     args = p.parse_args(argv)
     args.data_root = None
     try:
@@ -154,9 +156,10 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             raise EvalError("--severities and --batch-size take integers") from None
         t = target_from_arguments(args)
-        r = evaluate(t, args.corruptions_root, n_ex=args.n_ex,
-                     corruptions=args.corruptions.split(",") if args.corruptions else None,
-                     severities=severities, batch_size=resolve_batch_size(batch, t))
+        with evaluation_precision(args.allow_tf32):
+            r = evaluate(t, args.corruptions_root, n_ex=args.n_ex,
+                         corruptions=args.corruptions.split(",") if args.corruptions else None,
+                         severities=severities, batch_size=resolve_batch_size(batch, t))
     except (EvalError, FileNotFoundError) as err:
         print(f"eval.corruptions: error: {err}", file=sys.stderr)
         return 1

@@ -30,6 +30,7 @@ from .common import (
     target_from_arguments,
     write_json,
 )
+from .precision import add_tf32_argument, evaluation_precision
 
 ATTACKS = {"pgd": "ce", "cw": "cw"}
 NORMS = {"Linf": "linf", "L2": "l2", "L1": "l1"}
@@ -81,13 +82,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--attack", default="pgd", help="pgd (cross-entropy) | cw (CW margin)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--step-size", help="default 2/255 for Linf 8/255, else eps/4")
+    add_tf32_argument(p)
     args = p.parse_args(argv)
     try:
-        t = target_from_arguments(args)
-        r = evaluate(t, attack=args.attack, steps=args.steps, n_ex=args.n_ex, eps=args.eps,
-                     step_size=args.step_size, norm=args.norm,
-                     batch_size=resolve_batch_size(args.batch_size, t),
-                     seed=args.seed)
+        with evaluation_precision(args.allow_tf32):
+            t = target_from_arguments(args)
+            r = evaluate(t, attack=args.attack, steps=args.steps, n_ex=args.n_ex, eps=args.eps,
+                         step_size=args.step_size, norm=args.norm,
+                         batch_size=resolve_batch_size(args.batch_size, t),
+                         seed=args.seed)
     except (EvalError, FileNotFoundError, ValueError) as err:
         print(f"eval.pgd: error: {err}", file=sys.stderr)
         return 1

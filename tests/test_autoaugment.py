@@ -471,6 +471,7 @@ class _CudaGenerator:
 # GPU
 
 
+@pytest.mark.cuda
 @CUDA
 def test_augmentations_same_on_cpu_and_gpu():
     x = torch.cat([smooth_images(256, seed=8), edge_images()])

@@ -295,6 +295,7 @@ def test_crop_flip_randomness():
     assert (out == 0).flatten(1).any(1).float().mean() > 0.8
 
 
+@pytest.mark.cuda
 @CUDA
 def test_crop_flip_same_on_cpu_and_gpu():
     x = torch.randint(0, 256, (128, 3, 32, 32), dtype=torch.uint8)
@@ -359,6 +360,7 @@ def test_train_loader_resume_gives_identical_next_epoch():
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
+@pytest.mark.cuda
 @CUDA
 def test_train_loader_on_gpu_matches_cpu():
     x, y = torch.randint(0, 256, (30, 3, 32, 32), dtype=torch.uint8), torch.arange(30)

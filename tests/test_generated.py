@@ -400,6 +400,7 @@ def test_generated_config_errors(tmp_path):
     gen.close()
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_mixed_loader_on_gpu_matches_cpu(tmp_path):
     """Pinned buffers and asynchronous copies deliver the same batches as the CPU path."""

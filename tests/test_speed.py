@@ -130,6 +130,7 @@ def test_training_steps_read_nothing_back_from_the_device(tmp_path, monkeypatch)
     assert reads[2] == reads[8], reads
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_training_steps_never_synchronise(tmp_path):
     t = _trainer(tmp_path, "cuda", "device=cuda", "optim.batch_size=16", "log.interval=1000",
