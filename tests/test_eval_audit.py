@@ -6,6 +6,7 @@ white-box stages fail and Square does not."""
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -102,6 +103,17 @@ def test_audit_cli_strict_exit_and_bad_input(learned, tmp_path, capsys):
         assert audit.main([run, "--device", "cpu", "--n-ex", "4", "--quick", *args]) == 1
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1, (args, err)
+    # A sweep stopping at 1/255 cannot bring the accuracy down: the verdict is warn, which
+    # --strict turns into exit status 3 (the report is written either way).
+    out = tmp_path / "strict"
+    shutil.copytree(learned["ikl_at"][0], out, ignore=shutil.ignore_patterns("eval"))
+    code = audit.main([str(out), "--device", "cpu", "--n-ex", "4", "--quick", "--strict",
+                       "--sweep", "0,1/255"])
+    printed = capsys.readouterr().out
+    assert code == 3, printed
+    report = json.loads((out / "eval" / "audit_best.json").read_text())
+    assert report["verdict"] == "warn" and report["sweep"]["eps_text"] == ["0", "1/255"]
+    assert "eps_sweep          WARN" in printed and "verdict: WARN" in printed
 
 
 def test_surrogate_with_other_classes_is_refused(models, tmp_path, capsys):
