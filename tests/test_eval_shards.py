@@ -15,6 +15,7 @@ import torch
 from at.config import REPO_ROOT
 from eval import autoattack
 from eval.common import EvalError, load_target
+from eval.precision import evaluation_precision
 
 ARGS = dict(n_ex=16, chunk_size=4, attacks=["apgd-ce"], batch_size=4, eps="16/255")
 NAME = "autoattack-standard-apgd-ce_linf_eps16-255_n16_best"
@@ -33,8 +34,9 @@ def run(learned, tmp_path):
 def test_torchrun_shards_merge_to_the_unsharded_result(run, tmp_path):
     straight = tmp_path / "straight"
     shutil.copytree(run, straight)
-    whole = autoattack.evaluate(load_target(straight, "best", device="cpu"), progress=False,
-                                **ARGS)
+    with evaluation_precision():  # as the command line runs (the chunks record TF32)
+        whole = autoattack.evaluate(load_target(straight, "best", device="cpu"),
+                                    progress=False, **ARGS)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -53,6 +55,7 @@ def test_torchrun_shards_merge_to_the_unsharded_result(run, tmp_path):
     assert whole["robust_acc"] < whole["clean_acc"]  # the attack did something
 
 
+@evaluation_precision()  # as the command line runs (the chunks record TF32)
 def test_merge_names_missing_chunks_and_refuses_other_checkpoints(run, capsys):
     t = load_target(run, "best", device="cpu")
     with pytest.raises(EvalError, match="nothing to merge"):
