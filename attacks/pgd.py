@@ -15,8 +15,10 @@ from typing import Callable
 import torch
 from torch import Tensor
 
+from .l1 import l1_random_start, l1_step, project_l1_box
+
 Objective = Callable[[Tensor], Tensor]
-NORMS = ("linf", "l2")
+NORMS = ("linf", "l2", "l1")
 
 
 def eps_problem(key: str, eps: float, norm: str, numel: int) -> str | None:
@@ -28,6 +30,8 @@ def eps_problem(key: str, eps: float, norm: str, numel: int) -> str | None:
     elif norm == "l2" and eps > math.sqrt(numel):
         why = (f"exceeds the l2 diameter of the [0, 1] image box (sqrt({numel}) = "
                f"{math.sqrt(numel):.1f})")
+    elif norm == "l1" and eps > numel:
+        why = f"exceeds the l1 diameter of the [0, 1] image box ({numel})"
     else:
         return None
     return f"{key}={eps:g} {why}; did you mean {eps:g}/255?"
@@ -39,8 +43,12 @@ def _per_sample_norm(v: Tensor) -> Tensor:
 
 
 def project(x_adv: Tensor, x: Tensor, eps: float, norm: str) -> Tensor:
-    """Project onto the eps-ball around x (L-inf box or L2 ball), then onto the image box [0,1]."""
+    """Project onto the eps-ball around x (L-inf box or L2 ball), then onto the image box [0,1].
+    L1: the exact Euclidean projection onto the ball intersected with the box (`project_l1_box`).
+    """
     delta = x_adv - x
+    if norm == "l1":
+        return (x + project_l1_box(delta, x, eps)).clamp(0.0, 1.0)
     if norm == "linf":
         delta = delta.clamp(-eps, eps)
     else:
@@ -51,9 +59,11 @@ def project(x_adv: Tensor, x: Tensor, eps: float, norm: str) -> Tensor:
 def random_start(x: Tensor, eps: float, norm: str, init: str, *, clamp: bool = True,
                  generator: torch.Generator | None = None) -> Tensor:
     """normal: x + 0.001 N(0,1) (TRADES; a tiny nudge so the KL gradient at x_adv = x is not zero).
-    uniform: uniform in the L-inf box / L2 ball of radius eps (Madry). none: x itself."""
+    uniform: uniform in the L-inf box / L2 / L1 ball of radius eps (Madry). none: x itself."""
     if init == "none" or eps == 0:
         return x.clone()
+    if init == "uniform" and norm == "l1":
+        return l1_random_start(x, eps, generator)
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     if init == "normal":
         start = x + 0.001 * noise
@@ -77,7 +87,8 @@ def pgd(objective: Objective, x: Tensor, *, eps: float, step_size: float, steps:
         x: clean images in [0,1], any shape with the batch first.
         eps, step_size: radius and step on the [0,1] pixel scale.
         steps: number of gradient steps (0 returns the projected random start).
-        norm: "linf" (signed-gradient steps) or "l2" (per-example normalised gradient steps).
+        norm: "linf" (signed-gradient steps), "l2" (per-example normalised gradient steps) or
+            "l1" (sparse steps of L1 norm step_size, `attacks.l1.l1_step`).
         init: "normal", "uniform" or "none" (see `random_start`).
         clamp_init: clip the random start to [0,1] before the first objective call.
     Returns:
@@ -96,6 +107,8 @@ def pgd(objective: Objective, x: Tensor, *, eps: float, step_size: float, steps:
         with torch.no_grad():
             if norm == "linf":
                 x_adv = x_adv + step_size * grad.sign()
+            elif norm == "l1":
+                x_adv = x_adv + l1_step(grad, step_size)
             else:
                 x_adv = x_adv + step_size * grad / _per_sample_norm(grad)
             x_adv = project(x_adv, x, eps, norm)

@@ -3,6 +3,16 @@
 
     python -m eval.autoattack runs/cifar100_ikl_at [--weights best] [--n-ex 10000] [--eps 8/255]
 
+Sharded, for job arrays (`--shard i/n` evaluates chunks i, i+n, i+2n, ...; `--merge` combines the
+finished chunks into the result JSON once all shards are done), or over the local GPUs:
+
+    python -m eval.autoattack RUN --shard 0/4 ...   # ... and 1/4, 2/4, 3/4, anywhere
+    python -m eval.autoattack RUN --merge ...       # same arguments, no --shard
+    torchrun --standalone --nproc_per_node=4 -m eval.autoattack RUN ...   # shards + merge
+
+The JSON's `flags` are AutoAttack's own checks (eval.aa_flags), computed from the whole
+evaluation; a raised flag is also printed as a warning.
+
 Each attack stage runs on the points that survived the previous stages, in index order and with the
 same batching and seeding as AutoAttack's own `run_standard_evaluation` (one call per stage), which
 gives the robust accuracy after every stage. pyautoattack's own `state_path` resume is broken
@@ -12,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -21,7 +32,9 @@ from tqdm import tqdm
 
 from at import checkpoint as ckpt
 
+from . import aa_flags
 from .common import (
+    DEFAULT_EPS,
     EvalError,
     Target,
     add_target_arguments,
@@ -37,7 +50,7 @@ from .common import (
 from .precision import add_tf32_argument, evaluation_precision, tf32_enabled
 
 VERSIONS = ("standard", "plus", "rand")
-NORMS = ("Linf", "L2")
+NORMS = ("Linf", "L2", "L1")
 CHUNK_FORMAT = 1
 log = logging.getLogger("eval.autoattack")
 # AutoAttack's per-batch progress goes to the log file only (see _attach_log_file); its warnings
@@ -84,8 +97,9 @@ def attack_chunk(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, ep
 def _check_perturbation(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str,
                         stage: str) -> None:
     delta = (x_adv.cpu() - x).flatten(1)
-    size = delta.abs().max(1).values if norm == "Linf" else delta.norm(dim=1)
-    if size.max() > eps + 1e-5 or x_adv.min() < 0 or x_adv.max() > 1:
+    size = {"Linf": lambda: delta.abs().max(1).values, "L2": lambda: delta.norm(dim=1),
+            "L1": lambda: delta.abs().sum(1)}[norm]()
+    if size.max() > eps * (1 + 1e-5) + 1e-5 or x_adv.min() < 0 or x_adv.max() > 1:
         raise EvalError(f"{stage} returned points outside the threat model (max size "
                         f"{size.max():.6f} > eps {eps:.6f} or outside [0,1])")
 
@@ -110,14 +124,44 @@ def _load_chunk(path: Path, fingerprint: dict) -> dict | None:
     return saved
 
 
+def parse_shard(text: str) -> tuple[int, int]:
+    """'1/4' -> (1, 4): shard i of n, 0 <= i < n."""
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise EvalError(f"cannot read --shard {text!r}; write it as i/n, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise EvalError(f"--shard {text}: needs n >= 1 and 0 <= i < n (shards 0/{max(n, 1)} to "
+                        f"{max(n, 1) - 1}/{max(n, 1)})")
+    return i, n
+
+
+def _merge_problem(path: Path, saved: dict | None, fingerprint: dict) -> str | None:
+    """Why a chunk cannot be merged into this evaluation (None when it can)."""
+    if saved is None:
+        return "missing"
+    theirs = saved.get("fingerprint") or {}
+    keys = [k for k in fingerprint if theirs.get(k) != fingerprint[k]]
+    if keys:
+        what = ", ".join(f"{k} {str(theirs.get(k))[:16]} != {str(fingerprint[k])[:16]}"
+                         for k in keys)
+        return f"fingerprint differs ({what})"
+    return None
+
+
 def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
-             norm: str = "Linf", eps: str = "8/255", batch_size: int = 500, seed: int = 0,
+             norm: str = "Linf", eps: str | None = None, batch_size: int = 500, seed: int = 0,
              chunk_size: int = 1000, attacks: list[str] | None = None,
-             progress: bool = True) -> dict:
+             progress: bool = True, shard: tuple[int, int] | None = None,
+             merge: bool = False) -> dict:
     """Run (or resume) AutoAttack on the first `n_ex` test images of `t`; returns the result
     dict that is also written to <out_dir>/autoattack-<version>_<norm>_eps<eps>_n<images>_
     <weights>.json (`result_name`; autoattack-<version>-<attacks>_... when only some of the
-    version's attacks run), with its chunks in the directory of the same name + _chunks."""
+    version's attacks run), with its chunks in the directory of the same name + _chunks.
+
+    shard=(i, n) computes only chunks i, i+n, ... and writes no result (returns a summary of
+    the shard); merge=True computes nothing and builds the result from finished chunks, refusing
+    chunks of another evaluation and naming the missing ones."""
     if version not in VERSIONS:
         raise EvalError(f"unknown AutoAttack version {version!r}; valid: {', '.join(VERSIONS)}")
     if norm not in NORMS:
@@ -129,7 +173,9 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
                         f"{', '.join(full)}; choose among those")
     if batch_size < 1 or chunk_size < 1:
         raise EvalError("--batch-size and --chunk-size must be >= 1")
-    eps_text, eps_value = parse_eps(eps)
+    if shard is not None and merge:
+        raise EvalError("--shard and --merge exclude each other: merge once all shards are done")
+    eps_text, eps_value = parse_eps(eps if eps is not None else DEFAULT_EPS[norm])
     x, y = load_test_data(t, n_ex)
     check_eps(eps_value, norm, x)
     n_test = len(load_test_data(t, None)[1]) if n_ex is not None else len(y)
@@ -140,8 +186,11 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
         f"autoattack-{version}-{'+'.join(stages)}"
     name = result_name(attack, norm, eps_value, len(y), t.weights)
     chunk_dir = t.out_dir / f"{name}_chunks"
+    if merge and not chunk_dir.is_dir():
+        raise EvalError(f"nothing to merge: {chunk_dir} does not exist (run the shards first)")
     chunk_dir.mkdir(parents=True, exist_ok=True)
-    _attach_log_file(t.out_dir / f"{name}.log")
+    _attach_log_file(t.out_dir / (f"{name}.log" if shard is None else
+                                  f"{name}_shard{shard[0]}of{shard[1]}.log"))
     log.info("AutoAttack %s %s eps %s on %d %s test images, %s (%s), checkpoint %s", version, norm,
              eps_text, len(y), t.dataset, t.arch, t.weights, t.checkpoint)
 
@@ -149,13 +198,42 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
     seconds, reused = 0.0, 0
     started = time.time()
     bounds = [(s, min(s + chunk_size, len(y))) for s in range(0, len(y), chunk_size)]
+
+    def fingerprint_of(start: int, end: int) -> dict:
+        return {"checkpoint_sha256": t.checkpoint_sha256, "arch": t.arch, "dataset": t.dataset,
+                "version": version, "norm": norm, "eps": eps_value, "stages": stages,
+                "seed": seed, "batch_size": batch_size, "start": start, "end": end,
+                "tf32": tf32_enabled()}
+
+    def path_of(start: int, end: int) -> Path:
+        return chunk_dir / f"chunk_{start:06d}_{end:06d}.pt"
+
+    if merge:
+        problems = []
+        for start, end in bounds:
+            path = path_of(start, end)
+            try:
+                saved = ckpt.load(path) if path.exists() else None
+            except ckpt.CheckpointError:
+                saved = {}
+            problem = _merge_problem(path, saved, fingerprint_of(start, end))
+            if problem:
+                problems.append((path.name, problem))
+        missing = [n for n, p in problems if p == "missing"]
+        foreign = [f"{n}: {p}" for n, p in problems if p != "missing"]
+        if foreign:
+            raise EvalError(f"refusing to merge chunks of another evaluation: {foreign[0]}"
+                            + (f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""))
+        if missing:
+            raise EvalError(f"cannot merge yet: {len(missing)} of {len(bounds)} chunks missing "
+                            f"({', '.join(missing)}); run the shards that own them")
+    if shard is not None:
+        bounds = bounds[shard[0]::shard[1]]
+    clean_parts = []
     bar = tqdm(bounds, desc="AutoAttack chunks", unit="chunk", disable=not progress)
     for start, end in bar:
-        fingerprint = {"checkpoint_sha256": t.checkpoint_sha256, "arch": t.arch,
-                       "dataset": t.dataset, "version": version, "norm": norm, "eps": eps_value,
-                       "stages": stages, "seed": seed, "batch_size": batch_size,
-                       "start": start, "end": end, "tf32": tf32_enabled()}
-        path = chunk_dir / f"chunk_{start:06d}_{end:06d}.pt"
+        fingerprint = fingerprint_of(start, end)
+        path = path_of(start, end)
         saved = _load_chunk(path, fingerprint)
         was_saved = saved is not None
         if saved is None:
@@ -169,6 +247,7 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
                      "seconds": time.time() - began}
             ckpt.atomic_save(saved, path)
         reused += was_saved
+        clean_parts.append(saved["outcome"]["clean"])
         seconds += saved["seconds"]
         for key in totals:
             totals[key] += int(saved["outcome"][key].sum())
@@ -178,14 +257,25 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
             f"{k} {int(saved['outcome'][k].sum())}" for k in totals),
             " (finished earlier, reused)" if was_saved else "")
 
+    if shard is not None:
+        log.info("shard %d/%d: %d chunks done; merge with --merge once every shard is done",
+                 *shard, len(bounds))
+        return {"shard": f"{shard[0]}/{shard[1]}", "chunks": len(bounds), "name": name,
+                "chunks_reused": reused, "seconds": round(seconds, 1)}
     n = len(y)
+    stage_results = [{"attack": s, "robust_acc": round(100 * totals[s] / n, 2)} for s in stages]
+    flags = aa_flags.compute_flags(t.model, x, y, torch.cat(clean_parts), stage_results,
+                                   eps=eps_value, norm=norm, version=version,
+                                   batch_size=batch_size, device=device, seed=seed)
+    for flag in aa_flags.raised(flags):
+        log.warning("AutoAttack flag %s: %s", flag, flags[flag]["message"])
     result = {
         "clean_acc": round(100 * totals["clean"] / n, 2),
         "robust_acc": round(100 * totals[stages[-1]] / n, 2),
         "n_ex": n, "n_test": n_test, "full_test_set": n == n_test,
         "eps": eps_text, "eps_float": eps_value, "norm": norm,
         "version": version if stages == full else "custom", "attacks": stages,
-        "stages": [{"attack": s, "robust_acc": round(100 * totals[s] / n, 2)} for s in stages],
+        "stages": stage_results, "flags": flags, "flags_raised": aa_flags.raised(flags),
         "seed": seed, "batch_size": batch_size, "chunk_size": chunk_size,
         "chunks_reused": reused, "seconds": round(seconds, 1),
         "seconds_this_call": round(time.time() - started, 1),
@@ -221,25 +311,86 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-size", type=int, default=1000, help="images per saved chunk")
     p.add_argument("--attacks", help="comma-separated subset of the version's attacks, e.g. "
                    "apgd-ce,apgd-t for quick screening (reported as version 'custom')")
+    p.add_argument("--shard", help="i/n: evaluate only chunks i, i+n, ... (0 <= i < n) and "
+                   "write no result; combine the shards with --merge")
+    p.add_argument("--merge", action="store_true",
+                   help="build the result from the chunks every shard saved")
     add_tf32_argument(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     try:
+        shard = parse_shard(args.shard) if args.shard is not None else None
+        if world > 1 and shard is None and not args.merge:
+            return _torchrun(args, world)
         with evaluation_precision(args.allow_tf32):
             t = target_from_arguments(args)
             r = evaluate(t, n_ex=args.n_ex, version=args.version, norm=args.norm, eps=args.eps,
                          batch_size=resolve_batch_size(args.batch_size, t), seed=args.seed,
                          chunk_size=args.chunk_size,
                          attacks=args.attacks.split(",") if args.attacks else None,
-                         progress=sys.stderr.isatty())
+                         progress=sys.stderr.isatty(), shard=shard, merge=args.merge)
     except (EvalError, FileNotFoundError, ValueError) as err:
         print(f"eval.autoattack: error: {err}", file=sys.stderr)
         return 1
+    if shard is not None:
+        print(f"shard {r['shard']}: {r['chunks']} chunks done ({r['chunks_reused']} reused); "
+              f"merge with --merge once every shard is done")
+        return 0
+    _report(t, r)
+    return 0
+
+
+def _report(t: Target, r: dict) -> None:
     stages = ", ".join(f"{s['attack']} {s['robust_acc']:.2f}" for s in r["stages"])
     print(f"{t.arch} {t.dataset} ({t.weights}): clean {r['clean_acc']:.2f}%  AutoAttack "
           f"{r['version']} {r['norm']} {r['eps']}: {r['robust_acc']:.2f}% on {r['n_ex']} images "
           f"[{stages}]  {r['seconds']:.0f}s -> {r['path']}")
-    return 0
+    if r["flags_raised"]:
+        print(f"WARNING: AutoAttack flags raised: {', '.join(r['flags_raised'])} (see 'flags' in "
+              f"the JSON)")
+
+
+def _torchrun(args: argparse.Namespace, world: int) -> int:
+    """Under torchrun: rank r evaluates shard r/world on local GPU LOCAL_RANK (the CPU when
+    there is none), then rank 0 merges once every rank is done (a gloo barrier, which works
+    with or without GPUs)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available() and args.device is None:
+        args.device = f"cuda:{local % torch.cuda.device_count()}"
+    # AutoAttack on a full test set takes hours: the barrier must outwait the slowest shard.
+    dist.init_process_group("gloo", timeout=datetime.timedelta(days=7))
+    with evaluation_precision(args.allow_tf32):
+        return _shards_then_merge(args, world, rank, dist)
+
+
+def _shards_then_merge(args: argparse.Namespace, world: int, rank: int, dist) -> int:
+    status = 0
+    try:
+        t = target_from_arguments(args)
+        common = dict(n_ex=args.n_ex, version=args.version, norm=args.norm, eps=args.eps,
+                      batch_size=resolve_batch_size(args.batch_size, t), seed=args.seed,
+                      chunk_size=args.chunk_size,
+                      attacks=args.attacks.split(",") if args.attacks else None, progress=False)
+        evaluate(t, **common, shard=(rank, world))
+    except (EvalError, FileNotFoundError, ValueError) as err:
+        print(f"eval.autoattack: error (rank {rank}): {err}", file=sys.stderr)
+        status = 1
+    failed = torch.tensor([status])
+    dist.all_reduce(failed)  # doubles as the barrier
+    try:
+        if rank == 0 and not int(failed):
+            _report(t, evaluate(t, **common, merge=True))
+    except (EvalError, FileNotFoundError, ValueError) as err:
+        print(f"eval.autoattack: error: {err}", file=sys.stderr)
+        status = 1
+    finally:
+        dist.destroy_process_group()
+    return status or int(bool(int(failed)))
 
 
 if __name__ == "__main__":

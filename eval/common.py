@@ -27,6 +27,8 @@ from attacks.pgd import eps_problem
 from .precision import tf32_enabled
 
 WEIGHTS = ("best", "last", "avg")
+# The usual radii per threat model (AutoAttack's defaults for L1; RobustBench's for Linf, L2).
+DEFAULT_EPS = {"Linf": "8/255", "L2": "0.5", "L1": "12"}
 PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile
 
 
@@ -173,8 +175,9 @@ def add_target_arguments(parser: argparse.ArgumentParser, *, evaluation: bool = 
         parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
         parser.add_argument("--n-ex", type=int,
                             help="evaluate the first N test images (default: all)")
-        parser.add_argument("--norm", default="Linf", help="Linf | L2")
-        parser.add_argument("--eps", default="8/255", help="radius on the [0,1] scale, e.g. 8/255")
+        parser.add_argument("--norm", default="Linf", help="Linf | L2 | L1")
+        parser.add_argument("--eps", help="radius on the [0,1] scale, e.g. 8/255 (default: "
+                            "8/255 for Linf, 0.5 for L2, 12 for L1)")
         parser.add_argument("--batch-size", type=_batch_size, default="auto",
                             help="images per batch; auto (default) fills about half of the "
                             "GPU's memory (500 on a CPU)")

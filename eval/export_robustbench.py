@@ -234,6 +234,12 @@ def model_card(aa: dict, t: Target, args: argparse.Namespace, problems: list[str
     if problems:
         # The card lands in a leaderboard folder; the footnote is what the leaderboard shows.
         notes.append("NOT A LEADERBOARD EVALUATION: " + "; ".join(problems) + ".")
+    flags = aa.get("flags_raised") or []
+    if flags:
+        # AutoAttack's own warnings (eval.aa_flags) travel with the number they qualify.
+        notes.append("AutoAttack flags raised: " + "; ".join(
+            f"{f} ({aa.get('flags', {}).get(f, {}).get('message', 'see the evaluation JSON')})"
+            for f in flags) + ".")
     if notes:
         card["footnote"] = " ".join(notes)
     return card

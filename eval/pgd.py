@@ -17,6 +17,7 @@ import time
 from at.evaluate import correct
 
 from .common import (
+    DEFAULT_EPS,
     EvalError,
     Target,
     add_target_arguments,
@@ -32,11 +33,11 @@ from .common import (
 from .precision import add_tf32_argument, evaluation_precision
 
 ATTACKS = {"pgd": "ce", "cw": "cw"}
-NORMS = {"Linf": "linf", "L2": "l2"}
+NORMS = {"Linf": "linf", "L2": "l2", "L1": "l1"}
 
 
 def evaluate(t: Target, *, attack: str = "pgd", steps: int = 20, n_ex: int | None = None,
-             eps: str = "8/255", step_size: str | None = None, norm: str = "Linf",
+             eps: str | None = None, step_size: str | None = None, norm: str = "Linf",
              batch_size: int = 500, seed: int = 0) -> dict:
     """Clean and PGD accuracy of `t` on the first `n_ex` test images; the result is also written
     to <out_dir>/<attack><steps>_<norm>_eps<eps>_n<images>_<weights>.json (`result_name`)."""
@@ -46,7 +47,7 @@ def evaluate(t: Target, *, attack: str = "pgd", steps: int = 20, n_ex: int | Non
         raise EvalError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
     if steps < 1 or batch_size < 1:
         raise EvalError("--steps and --batch-size must be >= 1")
-    eps_text, eps_value = parse_eps(eps)
+    eps_text, eps_value = parse_eps(eps if eps is not None else DEFAULT_EPS[norm])
     # Default step: 2/255 for the usual L-inf 8/255 setting, otherwise eps / 4.
     step_text, step_value = parse_eps(step_size) if step_size else (
         ("2/255", 2 / 255) if (norm, eps_text) == ("Linf", "8/255") else
