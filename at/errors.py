@@ -5,6 +5,10 @@ class RunError(RuntimeError):
     """A problem with the run's setup or state; the message is one line."""
 
 
+class EvalError(RuntimeError):
+    """A problem with what the user asked to evaluate (or load as a teacher); one line."""
+
+
 class NonFiniteLoss(RunError):
     """The training loss became NaN or infinite."""
 

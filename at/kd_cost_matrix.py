@@ -149,7 +149,7 @@ def fc_cost(weight: Tensor) -> Tensor:
 def _teacher(target: str, weights: str, device: str | None, dataset: str, data_root: str | None
              ) -> tuple[nn.Module, str, str, str | None, dict]:
     """(model, dataset, data root, checkpoint sha256 or None, the run's data config)."""
-    from eval.common import load_target
+    from .target import load_target
     if target.startswith(models.TORCHVISION_PREFIX):
         model = models.torchvision_model(target)
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", help="dataset directory (default: the run's data.root)")
     p.add_argument("--workers", type=int, default=8, help="image-decoding processes (ImageNet)")
     args = p.parse_args(argv)
-    from eval.common import EvalError
+    from .errors import EvalError
     try:
         result = compute(args.target, args.kind, args.per_class, args.weights,
                          args.batch_size, args.device, args.dataset, args.data_root,

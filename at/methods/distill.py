@@ -31,7 +31,9 @@ def load_teacher(path: str, weights: str, arch: str | None, num_classes: int) ->
     model, or torchvision's ImageNet weights (`torchvision:resnet34`), frozen: eval mode, no
     parameter gradients."""
     import models
-    from eval.common import EvalError, load_target
+
+    from ..errors import EvalError
+    from ..target import load_target
     dataset = None
     if path.startswith(models.TORCHVISION_PREFIX):
         if num_classes != 1000:
