@@ -12,23 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed
-
-
-@dataclass(frozen=True)
-class AttackBudget:
-    """One epoch's inner-maximisation settings (radius and step on the [0,1] scale; `bn`: how
-    BatchNorm normalises during the attack, attacks.BN_MODES)."""
-    eps: float
-    step_size: float
-    steps: int
-    norm: str = "linf"
-    init: str = "normal"
-    clamp_init: bool = True
-    bn: str = "eval"
-
-    def pgd_kwargs(self) -> dict:
-        return dict(eps=self.eps, step_size=self.step_size, steps=self.steps, norm=self.norm,
-                    init=self.init, clamp_init=self.clamp_init)
+from ..schedules import AttackBudget  # noqa: F401  (re-exported: methods take it)
 
 
 @dataclass
