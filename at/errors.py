@@ -1,4 +1,5 @@
 """Errors the user can fix. Entry points print their one-line message and exit with code 1."""
+import difflib
 
 
 class RunError(RuntimeError):
@@ -27,3 +28,10 @@ class Preempted(Exception):
     def __init__(self, message: str, signum: int | None = None):
         super().__init__(message)
         self.signum = signum
+
+
+def did_you_mean(name, valid, n: int = 1) -> str:
+    """'did you mean 'x'?' (or 'x' or 'y' for n > 1) naming the closest of `valid` to an unknown
+    `name`; empty when nothing is close. Every "unknown name" message builds its hint with this."""
+    close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=n, cutoff=0.6)
+    return f"did you mean {' or '.join(repr(c) for c in close)}?" if close else ""

@@ -9,10 +9,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attacks import frozen, pgd
+from data import to_float
 
 
-def _as_float(x: Tensor) -> Tensor:
-    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
+def _images(x: Tensor) -> Tensor:
+    """float32 images in [0, 1] from uint8 (data.to_float) or from floats already scaled."""
+    return to_float(x) if x.dtype == torch.uint8 else x.float()
 
 
 def cw_margin(logits: Tensor, y: Tensor) -> Tensor:
@@ -33,7 +35,7 @@ def correct(model: nn.Module, x: Tensor, y: Tensor, *, batch_size: int = 256,
     """Per-example correctness (bool, on the CPU) on tensors: `x` may be uint8 (0..255) or float
     in [0,1], on any device. Keyword arguments as for `correct_batches`."""
     device = next(model.parameters()).device
-    batches = ((_as_float(x[s:s + batch_size].to(device, non_blocking=True)),
+    batches = ((_images(x[s:s + batch_size].to(device, non_blocking=True)),
                 y[s:s + batch_size].to(device, non_blocking=True))
                for s in range(0, len(x), batch_size))
     return correct_batches(model, batches, **kwargs)

@@ -7,11 +7,12 @@ images); load_dataset() gives one float split for notebooks and evaluation.
 """
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from at.errors import did_you_mean
 
 from .augment import crop_flip, crop_flip_params, random_crop_flip
 from .autoaugment import cifar10_policy, cutout, random_rotate
@@ -112,8 +113,8 @@ def _check_name(name: str) -> str:
                          f"come from load_folder_splits and are evaluated by at.train")
     if name not in DATASETS:
         known = [*DATASETS, *FOLDER_DATASETS]
-        close = difflib.get_close_matches(str(name), known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        hint = did_you_mean(name, known)
+        hint = f" ({hint})" if hint else ""
         raise ValueError(f"unknown dataset {name!r}{hint}; valid names: {', '.join(known)}")
     return name
 

@@ -2,8 +2,7 @@
 section of the same name (configs/base.yaml declares them)."""
 from __future__ import annotations
 
-import difflib
-
+from ..errors import did_you_mean
 from .base import AttackBudget, Method, StepOutput
 from .distill import Distill
 from .ikl_at import IKLAT
@@ -24,8 +23,8 @@ METHODS: dict[str, type[Method]] = {
 
 def unknown_name(kind: str, name: str, valid) -> ValueError:
     """One-line error for a name that is not in a registry, with a close-match suggestion."""
-    close = difflib.get_close_matches(str(name), list(valid), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    hint = did_you_mean(name, valid)
+    hint = f" ({hint})" if hint else ""
     return ValueError(f"unknown {kind} {name!r}{hint}; valid: {', '.join(sorted(valid))}")
 
 
