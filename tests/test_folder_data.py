@@ -242,7 +242,7 @@ def test_distillation_from_an_imagenet_layout_run(fake, teacher_run, tmp_path):
     before = {k: v.clone() for k, v in trainer.method.teacher.state_dict().items()}
     teacher = trainer.method.teacher
     # the teacher is the run's last weights: its test accuracy as the teacher run measured it
-    acc = trainer._acc(trainer.eval_sets["test"], teacher)
+    acc = trainer.evaluator.accuracy(trainer.evaluator.eval_sets["test"], teacher)
     assert acc == pytest.approx(teacher_result["last"]["test_clean_acc"])
     result = trainer.fit()
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
@@ -406,7 +406,7 @@ def test_long_tailed_runs_report_accuracy_per_shot(fake, tmp_path):
                "model.name=mobilenetv1")
     trainer = Trainer(cfg)
     counts = Counter(y for _, y in written["lt_train"])
-    assert trainer.train_counts.tolist() == [counts[c] for c in range(10)]
+    assert trainer.evaluator.class_counts.tolist() == [counts[c] for c in range(10)]
     result = trainer.fit()["last"]
     # every class of the fake set has <= 180 training images: many (> 100), medium, few all occur
     groups = {k: result[f"test_{k}_shot_acc"] for k in ("many", "medium", "few")}

@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import DIGITS, CodeOnLoad
 
+from at import run_dir
 from at.checkpoint import load
 from at.config import REPO_ROOT, load_config
 from at.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, NonFiniteLoss, RunError
@@ -200,8 +201,8 @@ def test_no_checkpoint_is_written_with_a_non_finite_tensor(tmp_path):
     with torch.no_grad():
         weight = next(trainer.model.parameters())
         weight[(0,) * weight.dim()] = float("inf")
-    for save in (lambda: trainer._save({"val_robust_acc": 100.0}),  # best.pt and last.pt
-                 lambda: trainer._save_partial(1, {}, 0, 0, 0.0)):
+    for save in (lambda: run_dir.save(trainer, {"val_robust_acc": 100.0}),  # best and last.pt
+                 lambda: run_dir.save_partial(trainer, 1, {}, 0, 0, 0.0)):
         with pytest.raises(NonFiniteLoss, match=r"model\.\S+ holds NaN/inf .*refusing to write"):
             save()
     assert {name: (out / name).read_bytes() for name in before} == before
