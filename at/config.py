@@ -15,17 +15,13 @@ from typing import Any, Iterable
 import yaml
 
 from .checkpoint import atomic_write
-from .errors import did_you_mean
+from .errors import ConfigError, did_you_mean  # noqa: F401  (ConfigError: imported from here)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO_ROOT / "configs" / "base.yaml"
 _FRACTION = re.compile(r"^\s*[-+]?\d+(\.\d*)?\s*/\s*\d+(\.\d*)?\s*$")
 # YAML 1.1 reads `5e-4` (no dot) as a string; accept it as the float everybody means.
 _EXPONENT = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+\s*$")
-
-
-class ConfigError(ValueError):
-    """A configuration problem the user can fix; the message is one line."""
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):

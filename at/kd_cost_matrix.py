@@ -37,6 +37,7 @@ import models
 
 from . import checkpoint as ckpt
 from .config import load_run_config
+from .errors import USER_ERRORS, report
 
 KINDS = ("cka", "fc")
 FEATURES = ("map", "logits", "penultimate")
@@ -236,14 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", help="dataset directory (default: the run's data.root)")
     p.add_argument("--workers", type=int, default=8, help="image-decoding processes (ImageNet)")
     args = p.parse_args(argv)
-    from .errors import EvalError
     try:
         result = compute(args.target, args.kind, args.per_class, args.weights,
                          args.batch_size, args.device, args.dataset, args.data_root,
                          args.workers, args.features)
-    except (EvalError, ValueError, FileNotFoundError) as err:
-        print(f"at.kd_cost_matrix: error: {err}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as err:
+        return report("at.kd_cost_matrix", err)
     ckpt.atomic_save(result, Path(args.out))
     c = result["cost"]
     print(f"{args.out}: {result['kind']} cost, {len(c)} classes, off-diagonal mean "

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from at import checkpoint as ckpt
+from at.errors import USER_ERRORS, report
 
 from .common import (
     EvalError,
@@ -229,9 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                      chunk_size=args.chunk_size,
                      attacks=args.attacks.split(",") if args.attacks else None,
                      progress=sys.stderr.isatty())
-    except (EvalError, FileNotFoundError, ValueError) as err:
-        print(f"eval.autoattack: error: {err}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as err:
+        return report("eval.autoattack", err)
     stages = ", ".join(f"{s['attack']} {s['robust_acc']:.2f}" for s in r["stages"])
     print(f"{t.arch} {t.dataset} ({t.weights}): clean {r['clean_acc']:.2f}%  AutoAttack "
           f"{r['version']} {r['norm']} {r['eps']}: {r['robust_acc']:.2f}% on {r['n_ex']} images "

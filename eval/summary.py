@@ -11,8 +11,10 @@ from pathlib import Path
 
 import yaml
 
+from at.errors import USER_ERRORS, UserError, report
 
-class SummaryError(RuntimeError):
+
+class SummaryError(UserError, RuntimeError):
     """A run directory or result file that cannot be summarised; the message is one line."""
 
 
@@ -105,9 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         if not rows:
             raise SummaryError(f"no evaluation results in {Path(args.run_dir)} (final.json or "
                                f"eval/*.json)")
-    except SummaryError as err:
-        print(f"eval.summary: error: {err}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as err:
+        return report("eval.summary", err)
     print(table(rows))
     return 0
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from at.errors import did_you_mean
+from at.errors import ConfigError, did_you_mean
 from data import FOLDER_DATASETS
 
 from .cifar_resnet import CifarResNet, CifarResNet50, cifar_resnet, normalized_builder
@@ -108,9 +108,9 @@ def build_model(name: str, num_classes: int, dataset: str | None = None,
         hint = did_you_mean(name.lower(), valid)
         if hint:
             msg += f"; {hint}"
-        raise ValueError(msg)
+        raise ConfigError(msg)
     if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
     if registry is IMAGENET_MODELS:
         return registry[name](num_classes, **kwargs)
     if name in _DATASET_AWARE:

@@ -2,7 +2,7 @@
 section of the same name (configs/base.yaml declares them)."""
 from __future__ import annotations
 
-from ..errors import did_you_mean
+from ..errors import ConfigError, did_you_mean
 from .base import AttackBudget, Method, StepOutput
 from .distill import Distill
 from .ikl_at import IKLAT
@@ -21,11 +21,11 @@ METHODS: dict[str, type[Method]] = {
 }
 
 
-def unknown_name(kind: str, name: str, valid) -> ValueError:
+def unknown_name(kind: str, name: str, valid) -> ConfigError:
     """One-line error for a name that is not in a registry, with a close-match suggestion."""
     hint = did_you_mean(name, valid)
     hint = f" ({hint})" if hint else ""
-    return ValueError(f"unknown {kind} {name!r}{hint}; valid: {', '.join(sorted(valid))}")
+    return ConfigError(f"unknown {kind} {name!r}{hint}; valid: {', '.join(sorted(valid))}")
 
 
 def build_method(method_cfg: dict, num_classes: int) -> Method:

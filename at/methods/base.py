@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed
+from ..errors import ConfigError
 from ..schedules import AttackBudget  # noqa: F401  (re-exported: methods take it)
 
 
@@ -42,7 +43,7 @@ class Method(nn.Module):
     def __init__(self, num_classes: int, label_smoothing: float = 0.0):
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"method.label_smoothing must be in [0, 1), got {label_smoothing}")
+            raise ConfigError(f"method.label_smoothing must be in [0, 1), got {label_smoothing}")
         self.num_classes, self.label_smoothing = num_classes, label_smoothing
 
     def cross_entropy(self, logits: Tensor, y: Tensor) -> Tensor:

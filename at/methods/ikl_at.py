@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from attacks import frozen, pgd
 
+from ..errors import ConfigError
 from ..losses import ikl_loss, ikl_terms
 from .base import AttackBudget, Method, StepOutput, update_class_prior
 
@@ -42,17 +43,17 @@ class IKLAT(Method):
                  label_smoothing: float = 0.0):
         super().__init__(num_classes, label_smoothing)
         if version not in ("v1", "v2"):
-            raise ValueError(f"unknown IKL version {version!r}; valid: v1, v2")
+            raise ConfigError(f"unknown IKL version {version!r}; valid: v1, v2")
         if version == "v1" and (gamma != 1.0 or (attack_gamma or 1.0) != 1.0):
-            raise ValueError("method.ikl_at.gamma / attack_gamma apply to version v2 only; "
+            raise ConfigError("method.ikl_at.gamma / attack_gamma apply to version v2 only; "
                              "set them to 1.0 or use version=v2")
         if temperature <= 0:
-            raise ValueError(f"method.ikl_at.temperature must be > 0, got {temperature}")
+            raise ConfigError(f"method.ikl_at.temperature must be > 0, got {temperature}")
         if awp_views not in AWP_VIEWS:
-            raise ValueError(f"method.ikl_at.awp_views must be one of {', '.join(AWP_VIEWS)}, "
+            raise ConfigError(f"method.ikl_at.awp_views must be one of {', '.join(AWP_VIEWS)}, "
                              f"got {awp_views!r}")
         if not 0.0 < prior_momentum <= 1.0:
-            raise ValueError(f"method.ikl_at.prior_momentum must be in (0, 1], "
+            raise ConfigError(f"method.ikl_at.prior_momentum must be in (0, 1], "
                              f"got {prior_momentum}")
         self.alpha, self.beta, self.version, self.gamma = alpha, beta, version, gamma
         self.temperature, self.prior_momentum = temperature, prior_momentum
