@@ -61,8 +61,8 @@ class _Objective(nn.Module):
         super().__init__()
         self.model, self.method = model, method
 
-    def forward(self, x, y, x_adv, views):
-        return self.method.loss(self.model, x, y, x_adv, views)
+    def forward(self, x, y, x_adv):
+        return self.method.loss(self.model, x, y, x_adv)
 
 
 class Trainer:
@@ -103,7 +103,8 @@ class Trainer:
         self.model = models.build_model(cfg["model"]["name"], self.num_classes,
                                         dataset=dcfg["name"],
                                         bn_momentum=cfg["model"]["bn_momentum"]).to(self.device)
-        self.method: Method = build_method(cfg["method"], self.num_classes).to(self.device)
+        self.method: Method = build_method(cfg["method"], self.num_classes,
+                                           self.loader.views).to(self.device)
         if cfg["model"]["sync_bn"]:
             sync_bn.convert(self.model)
             sync_bn.convert(self.method)
@@ -188,7 +189,7 @@ class Trainer:
         for step, (x, y) in enumerate(self.loader, start=first + 1):
             if buffers:
                 torch._foreach_copy_(saved, buffers)
-            out, loss = self._forward_backward(x, y, budget, awp, self.loader.views,
+            out, loss = self._forward_backward(x, y, budget, awp,
                                                first_step=self.epoch == 1 and step == 1)
             if limit and distributed.all_max(int(not torch.isfinite(loss).item())):
                 # train.skip_nonfinite: no update from this batch (one host sync per step).
@@ -225,7 +226,7 @@ class Trainer:
         return self._end_epoch(stats, budget, skipped, start - before)
 
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, budget, awp: AWP | None,
-                          views: int, first_step: bool = False) -> tuple:
+                          first_step: bool = False) -> tuple:
         """Attack, AWP and the outer pass of one step, leaving the gradients in .grad (no host
         synchronisation). Returns the method's StepOutput and the unscaled loss."""
         method, model, device = self.method, self.model, self.device
@@ -236,13 +237,13 @@ class Trainer:
         # DDP averages the ranks' gradients; a rank holding n of the global batch's N images
         # weighs its batch-mean loss by n * world / N, so that the average is the gradient of
         # the global batch mean even when N does not split evenly.
-        scale = len(y) // views * self.world / self.loader.global_size
+        scale = len(y) // method.views * self.world / self.loader.global_size
         with speed.autocast(device, self.speed["attack_precision"]):
             x_adv = method.perturb(model, x, y, budget)  # at the unperturbed weights
         with speed.autocast(device, self.speed["update_precision"]):
             if awp is not None:
-                awp.perturb(lambda: method.awp_loss(model, x, y, x_adv, views) * scale)
-            out = self.objective(x, y, x_adv, views)
+                awp.perturb(lambda: method.awp_loss(model, x, y, x_adv) * scale)
+            out = self.objective(x, y, x_adv)
         loss = out.total()
         self.optimizer.zero_grad(set_to_none=True)
         (loss if scale == 1 else loss * scale).backward()

@@ -138,11 +138,11 @@ class _PoisonedImages(_PoisonedSteps):
     """The calls in `bad` see NaN images: as with a real NaN batch, the train-mode forward also
     writes NaN into the BatchNorm running statistics."""
 
-    def __call__(self, x, y, x_adv, views):
+    def __call__(self, x, y, x_adv):
         self.calls += 1
         if self.calls in self.bad:
             x, x_adv = x * float("nan"), x_adv * float("nan")
-        return self.objective(x, y, x_adv, views)
+        return self.objective(x, y, x_adv)
 
 
 def _quick(out: Path, *extra: str) -> dict:

@@ -199,7 +199,8 @@ def _reference_awp_diff(model, x, y, x_adv, prior_rows, alpha, beta, gamma):
 
 def _awp_added(method, model, x, y, x_adv):
     awp = AWP(model, gamma=5e-3, warmup=0)
-    awp.perturb(lambda: method.awp_loss(model, x, y, x_adv, views=2))
+    method.views = 2  # [basic; second view] batches, as build_method sets it
+    awp.perturb(lambda: method.awp_loss(model, x, y, x_adv))
     names = [n for n, p in model.named_parameters() if p.ndim > 1 and "weight" in n]
     added = dict(zip(names, awp._added))
     awp.restore()

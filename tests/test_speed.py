@@ -35,7 +35,7 @@ def _steps(trainer: Trainer, x, y, steps: int = 3) -> list[torch.Tensor]:
     losses = []
     for step in range(steps):
         torch.manual_seed(step)  # the same attack starts in both runs
-        _, loss = trainer._forward_backward(x, y, budget, trainer.awp, 1)
+        _, loss = trainer._forward_backward(x, y, budget, trainer.awp)
         trainer.optimizer.step()
         trainer.awp.restore()
         losses.append(loss.detach())

@@ -28,13 +28,16 @@ def unknown_name(kind: str, name: str, valid) -> ConfigError:
     return ConfigError(f"unknown {kind} {name!r}{hint}; valid: {', '.join(sorted(valid))}")
 
 
-def build_method(method_cfg: dict, num_classes: int) -> Method:
-    """Instantiate `method_cfg['name']` with the parameters in `method_cfg[name]`."""
+def build_method(method_cfg: dict, num_classes: int, views: int = 1) -> Method:
+    """Instantiate `method_cfg['name']` with the parameters in `method_cfg[name]`; `views`: views
+    per training batch (2 with data.second_view), fixed for the run."""
     name = method_cfg["name"]
     if name not in METHODS:
         raise unknown_name("method", name, METHODS)
-    return METHODS[name](num_classes, label_smoothing=method_cfg.get("label_smoothing", 0.0),
-                         **(method_cfg.get(name) or {}))
+    method = METHODS[name](num_classes, label_smoothing=method_cfg.get("label_smoothing", 0.0),
+                           **(method_cfg.get(name) or {}))
+    method.views = views
+    return method
 
 
 __all__ = ["METHODS", "build_method", "Method", "StepOutput", "AttackBudget", "unknown_name"]

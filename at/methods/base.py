@@ -24,7 +24,6 @@ class StepOutput:
     logits_adv: Tensor | None = None
     logits_clean: Tensor | None = None
     extra: dict[str, Tensor] = field(default_factory=dict)
-    n_basic: int | None = None  # rows of the basic view when the batch holds two views
 
     def total(self) -> Tensor:
         return torch.stack(list(self.terms.values())).sum()
@@ -39,6 +38,9 @@ class Method(nn.Module):
     accumulators: tuple[str, ...] = ()
     # Methods that weight a second, augmented view of the batch separately (data.second_view).
     supports_views = False
+    # Views per batch, fixed for a run and set once by build_method: with 2 every batch is
+    # [basic view; augmented view] of the same images.
+    views = 1
 
     def __init__(self, num_classes: int, label_smoothing: float = 0.0):
         super().__init__()
@@ -55,18 +57,16 @@ class Method(nn.Module):
         """Inner maximisation: adversarial images for the batch (model left as it was found)."""
         raise NotImplementedError
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor,
-             views: int = 1) -> StepOutput:
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor) -> StepOutput:
         """Outer loss at the current weights. Must not change method state, so that a wrapper
         (e.g. adversarial weight perturbation) may call it more than once per step. With
-        views = 2 the batch is [basic view; augmented view] of the same images."""
+        self.views = 2 the batch is [basic view; augmented view] of the same images."""
         raise NotImplementedError
 
-    def awp_loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor,
-                 views: int = 1) -> Tensor:
+    def awp_loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor) -> Tensor:
         """The scalar adversarial weight perturbation climbs (at/awp.py); by default the outer
         loss. Must not change method state (like `loss`)."""
-        return self.loss(model, x, y, x_adv, views).total()
+        return self.loss(model, x, y, x_adv).total()
 
     def observe(self, y: Tensor, out: StepOutput) -> None:
         """Called once per optimisation step with the outer pass's outputs (statistics)."""

@@ -165,8 +165,7 @@ class Distill(Method):
                 return sum(self.distill_terms(model(z), z_t, y).values())
             return pgd(objective, x, **budget.pgd_kwargs())
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor,
-             views: int = 1) -> StepOutput:
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor) -> StepOutput:
         model.train()
         z_t = self._teacher_logits(x)
         inputs = x_adv if self.uses_attack else x

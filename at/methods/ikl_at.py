@@ -79,8 +79,11 @@ class IKLAT(Method):
 
             return pgd(objective, x, **budget.pgd_kwargs())
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor,
-             views: int = 1) -> StepOutput:
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor) -> StepOutput:
+        return self._loss(model, x, y, x_adv, self.views)
+
+    def _loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor,
+              views: int) -> StepOutput:
         """Two views (algorithms.md §1.6): one forward of all 2B images per branch, the robust
         terms averaged per view and the augmented view's weighted by `aug_weight`; the hard-label
         CE over all rows; the prior accumulates the basic view only (`observe`)."""
@@ -96,17 +99,16 @@ class IKLAT(Method):
             wmse, sce = wmse + scale * ikl["wmse"], sce + scale * ikl["sce"]
         terms = {"ce": self.cross_entropy(logits_clean, y), "wmse": self.beta * wmse,
                  "sce": self.alpha * sce}
-        return StepOutput(terms, logits_adv=logits_adv, logits_clean=logits_clean, n_basic=n)
+        return StepOutput(terms, logits_adv=logits_adv, logits_clean=logits_clean)
 
-    def awp_loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor,
-                 views: int = 1) -> Tensor:
-        if views > 1 and self.awp_views == "joint":
-            return self.loss(model, x, y, x_adv, views=1).total()  # all rows as one view
-        return super().awp_loss(model, x, y, x_adv, views)
+    def awp_loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor) -> Tensor:
+        if self.views > 1 and self.awp_views == "joint":
+            return self._loss(model, x, y, x_adv, views=1).total()  # all rows as one view
+        return super().awp_loss(model, x, y, x_adv)
 
     @torch.no_grad()
     def observe(self, y: Tensor, out: StepOutput) -> None:
-        n = len(y) if out.n_basic is None else out.n_basic
+        n = len(y) // self.views  # the basic view
         probs = F.softmax(out.logits_clean[:n].detach().float() / self.temperature, dim=1)
         self.prior_sum.index_add_(0, y[:n], probs.to(self.prior_sum.dtype))
 

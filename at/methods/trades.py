@@ -84,8 +84,7 @@ class TRADES(Method):
                 updates[branch] = update
         return logits
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor,
-             views: int = 1) -> StepOutput:
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor) -> StepOutput:
         logits = self.run_forwards(model, x, x_adv)
         logits_clean, logits_adv = logits["clean"], logits["adv"]
         terms = {"ce": self.cross_entropy(logits_clean, y),
