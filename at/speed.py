@@ -23,13 +23,17 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .errors import ConfigError
+
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 
 
-def check(speed: dict) -> list[str]:
-    """Error messages for invalid `speed` settings (empty when valid)."""
-    return [f"speed.{key} must be one of {', '.join(PRECISIONS)}, got {speed[key]!r}"
-            for key in ("attack_precision", "update_precision") if speed[key] not in PRECISIONS]
+def check(speed: dict) -> None:
+    """ConfigError (one line) for an invalid `speed` config section."""
+    for key in ("attack_precision", "update_precision"):
+        if speed[key] not in PRECISIONS:
+            raise ConfigError(f"speed.{key} must be one of {', '.join(PRECISIONS)}, "
+                              f"got {speed[key]!r}")
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

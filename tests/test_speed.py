@@ -8,7 +8,7 @@ import torch
 from conftest import DIGITS
 
 from at.config import load_config
-from at.errors import RunError
+from at.errors import ConfigError
 from at.schedules import attack_budget
 from at.trainer import Trainer
 
@@ -92,7 +92,7 @@ def test_bf16_autocast_stays_close_to_float32(tmp_path):
 
 
 def test_unknown_precision_is_refused(tmp_path):
-    with pytest.raises(RunError, match="speed.attack_precision must be one of float32, bfloat16"):
+    with pytest.raises(ConfigError, match="speed.attack_precision must be one of float32, bfloat"):
         _trainer(tmp_path, "bad", "speed.attack_precision=fp16")
 
 
