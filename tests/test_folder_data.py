@@ -229,6 +229,7 @@ def test_standard_training_on_imagenet_layout_learns(teacher_run):
     assert result["last"]["test_clean_acc"] >= 60.0  # chance: 10 %
 
 
+@pytest.mark.slow
 def test_distillation_from_an_imagenet_layout_run(fake, teacher_run, tmp_path):
     root, _ = fake
     teacher_dir, teacher_result = teacher_run
@@ -341,6 +342,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow
 def test_preemption_of_the_process_group_saves_and_resumes_exactly(fake, tmp_path):
     import subprocess
 
@@ -400,6 +402,7 @@ def test_shot_accuracies_average_per_class_accuracy_within_each_group():
     assert out["few_shot"] == pytest.approx(50.0)
 
 
+@pytest.mark.slow
 def test_long_tailed_runs_report_accuracy_per_shot(fake, tmp_path):
     root, written = fake
     cfg = _cfg(root, tmp_path / "lt", "data.name=imagenet_lt", "optim.epochs=1",
@@ -415,6 +418,7 @@ def test_long_tailed_runs_report_accuracy_per_shot(fake, tmp_path):
                                          .splitlines()[0])  # the official validation list
 
 
+@pytest.mark.slow
 def test_two_processes_see_what_one_sees_on_image_files(fake, tmp_path):
     """torchrun, 2 CPU processes (gloo) vs 1, with the learning rate ~0 so that the weights stay
     put and what is compared is the data path itself: the same global batches and crops

@@ -21,6 +21,9 @@ from at.config import REPO_ROOT, load_config
 from at.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, NonFiniteLoss, RunError
 from at.trainer import Trainer, fit
 
+# End-to-end runs: left out of the fast tier (sh/test.sh --fast).
+pytestmark = pytest.mark.slow
+
 # 5 steps per epoch (400 training images: the rest of the digits set is validation; batch 80), AWP
 # from epoch 1 and a per-step EMA, so that their state has to survive too; checkpoint.every_minutes
 # is set per run (it may change on resume).

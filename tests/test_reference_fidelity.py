@@ -319,6 +319,7 @@ def test_train_mode_attack_uses_batch_statistics_and_leaves_buffers_alone():
 
 
 # ---- Wang et al.'s BatchNorm momentum of the first step -----------------------------------------
+@pytest.mark.slow
 def test_first_step_bn_momentum_follows_wang_et_al(tmp_path):
     """watrain.py: momentum 1.0 at global step 0, then 0.01. One full-batch step per epoch of
     plain training, so the batch (as a set) and the update are known exactly."""
