@@ -7,6 +7,7 @@ loader, avg, epoch, best); only rank 0 writes.
 """
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import sys
@@ -237,3 +238,13 @@ def save(tr, record: dict) -> None:
             best["avg"] = state["avg"]
         _write(tr, best, "best.pt")
     _write(tr, state, "last.pt")
+
+
+def load_best(tr) -> tuple[int, torch.nn.Module]:
+    """(epoch, a copy of tr.model holding the weights best.pt selected: the averaged ones with
+    eval.best_on=avg)."""
+    best = ckpt.load(tr.out / "best.pt", map_location=tr.device)
+    model = copy.deepcopy(tr.model)
+    model.load_state_dict(best["avg"]["model"] if tr.cfg["eval"]["best_on"] == "avg"
+                          else best["model"])
+    return best["epoch"], model

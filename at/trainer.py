@@ -10,7 +10,6 @@ are summed over ranks, and only rank 0 writes the run directory (at/distributed.
 """
 from __future__ import annotations
 
-import copy
 import json
 import math
 import signal
@@ -39,7 +38,7 @@ from .evaluate import Evaluator
 from .methods import Method, build_method
 from .optim import build_optimizer
 from .run_dir import CHECKPOINT_FORMAT, PREEMPTED_MARKER  # noqa: F401  (old import place)
-from .run_log import RunLog, require_wandb
+from .run_log import RunLog, epoch_line, final_table, require_wandb
 from .schedules import attack_budget, lr_at, momentum_at
 
 MAX_SKIPPED_SHARE = 0.5  # train.skip_nonfinite never skips more than this share of an epoch
@@ -318,7 +317,7 @@ class Trainer:
                 if self.main:
                     self.log.append(record)
                     run_dir.save(self, record)
-                    print(_summary(record, epochs), flush=True)
+                    print(epoch_line(record, epochs), flush=True)
                 distributed.barrier()  # best.pt is on disk before any rank reads it
                 self._last_save = time.time()
                 if distributed.all_max(int(self._stop_signal is not None)):
@@ -351,46 +350,15 @@ class Trainer:
         """Test clean and PGD accuracy of the last, best and averaged weights -> final.json."""
         candidates = [("last", self.epoch, self.model)]
         if (self.out / "best.pt").exists():
-            best = ckpt.load(self.out / "best.pt", map_location=self.device)
-            best_model = copy.deepcopy(self.model)
-            if self.cfg["eval"]["best_on"] == "avg":  # the averaged weights were selected
-                best_model.load_state_dict(best["avg"]["model"])
-            else:
-                best_model.load_state_dict(best["model"])
-            candidates.append(("best", best["epoch"], best_model))
+            candidates.append(("best", *run_dir.load_best(self)))
         if self.avg is not None and self.avg.ready:
             candidates.append(("avg", self.epoch, self.avg.module))
         result = self.evaluator.final(candidates)
         if self.main:
             text = json.dumps(result, indent=2) + "\n"
             ckpt.atomic_write(self.out / "final.json", lambda f: f.write(text.encode()))
-            print(_final_table(result, self.cfg), flush=True)
+            print(final_table(result, self.cfg), flush=True)
         return result
-
-
-def _fmt(value) -> str:
-    return "   -  " if value is None else f"{value:6.2f}"
-
-
-def _summary(r: dict, epochs: int) -> str:
-    losses = " ".join(f"{k[5:] or 'total'} {v:.4f}" for k, v in r.items() if k.startswith("loss"))
-    train_acc = r.get("train_adv_acc", r.get("train_clean_acc"))
-    return (f"epoch {r['epoch']:>3}/{epochs}  lr {r['lr']:.4f}  eps {r['eps'] * 255:.2f}/255 "
-            f"x{r['attack_steps']}  {losses}  train {'adv' if 'train_adv_acc' in r else 'clean'} "
-            f"{_fmt(train_acc)}  val clean "
-            f"{_fmt(r.get('val_clean_acc'))} pgd {_fmt(r.get('val_robust_acc'))}  test clean "
-            f"{_fmt(r.get('test_clean_acc'))}  {r['train_seconds']:.0f}s+{r['eval_seconds']:.0f}s")
-
-
-def _final_table(result: dict, cfg: dict) -> str:
-    steps = cfg["eval"]["pgd_steps"]
-    eps = cfg["attack"]["eps"] * 255
-    lines = [f"final test accuracy (%), PGD-{steps} at eps {eps:.4g}/255 ({cfg['attack']['norm']})",
-             f"{'weights':<10}{'epoch':>6}{'clean':>9}{'PGD':>9}"]
-    for name, row in result.items():
-        lines.append(f"{name:<10}{row['epoch']:>6}{_fmt(row['test_clean_acc']):>9}"
-                     f"{_fmt(row.get('test_robust_acc')):>9}")
-    return "\n".join(lines)
 
 
 def fit(cfg: dict, *, resume: bool = False) -> dict:
