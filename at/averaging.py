@@ -1,6 +1,6 @@
 """Weight averaging: an averaged copy of the model, held in memory and updated during training.
 
-Two kinds (algorithms.md §1.8 and §5.4):
+Two kinds (docs/reference.md#weight-averaging):
 
 * ``step_ema`` (Wang et al. 2023, ``WATrainer``): after every optimizer step, on the PARAMETERS
   only, ``ema = d * ema + (1 - d) * theta`` with the dynamic decay

@@ -1,6 +1,6 @@
 """Adversarial weight perturbation (Wu, Xia & Wang, "Adversarial Weight Perturbation Helps Robust
 Generalization", NeurIPS 2020, arXiv 2004.05884), as used by the DKL/IKL-AT reference
-(algorithms.md §1.5, §4).
+(docs/reference.md#awp).
 
 At each step, after the attack has produced x_adv, the weights are moved uphill on the outer loss
 L (evaluated at the fixed x_adv), the optimizer step is taken at the moved weights, and the move

@@ -173,9 +173,20 @@ def git_state() -> dict:
     return {"sha": sha or "unknown", "dirty": dirty}
 
 
+# data.* keys read only for image-file datasets (data/folder.py: ImageNet, ImageNet-LT).
+FOLDER_ONLY_DATA_KEYS = ("image_size", "resize_size", "workers", "lists", "num_classes")
+
+
 def dump_config(cfg: dict, path: Path, **provenance: Any) -> None:
-    """Write the resolved config; provenance goes under '_'-prefixed keys (ignored on reload)."""
+    """Write the resolved config; provenance goes under '_'-prefixed keys (ignored on reload).
+    A CIFAR or digits run's file leaves out the image-file-only data keys: listed, they would
+    suggest settings the run never used (load_run_config fills the defaults back in)."""
+    from data import FOLDER_DATASETS  # lazily: the data package imports torch
+
     doc = {**cfg, **{f"_{k}": v for k, v in provenance.items()}}
+    data = cfg.get("data")
+    if isinstance(data, dict) and data.get("name") not in FOLDER_DATASETS:
+        doc["data"] = {k: v for k, v in data.items() if k not in FOLDER_ONLY_DATA_KEYS}
     text = yaml.safe_dump(doc, sort_keys=False)
     atomic_write(path, lambda f: f.write(text.encode()))
 

@@ -2,8 +2,9 @@
 
 The teacher side is always detached (a frozen teacher): only the student receives gradient.
 References: KD (Hinton et al. 2015, arXiv 1503.02531), DKD (Zhao et al., CVPR 2022, arXiv
-2203.08679), IKL-KD / GKL-KD (Cui et al., NeurIPS 2024, arXiv 2305.13948; algorithms.md §6) and
-WKD-L (Lv et al., NeurIPS 2024, arXiv 2412.08139; algorithms.md §7).
+2203.08679), IKL-KD / GKL-KD (Cui et al., NeurIPS 2024, arXiv 2305.13948;
+docs/reference.md#ikl-kd) and WKD-L (Lv et al., NeurIPS 2024, arXiv 2412.08139;
+docs/reference.md#wkd-l).
 """
 from __future__ import annotations
 
@@ -60,7 +61,7 @@ def dkd_loss(z_s: Tensor, z_t: Tensor, y: Tensor, *, alpha: float = 1.0, beta: f
 
 def ikl_kd_terms(z_s: Tensor, z_t: Tensor, weights: Tensor, *, temperature: float = 4.0,
                  gamma: float = 1.0, version: str = "v1") -> dict[str, Tensor]:
-    """IKL-KD (v1) / GKL-KD (v2) terms {'wmse', 'sce'} (algorithms.md §6), unweighted.
+    """IKL-KD (v1) / GKL-KD (v2) terms {'wmse', 'sce'} (docs/reference.md#ikl-kd), unweighted.
 
     weights: B x C, constant: the class prior row of each sample's label (GI) or
         softmax(z_t / T2) (per-sample weights). v2 raises them to `gamma`.
@@ -113,7 +114,7 @@ def _non_target(z: Tensor, target: Tensor) -> Tensor:
 def wkd_logit_terms(z_s: Tensor, z_t: Tensor, y: Tensor, cost: Tensor, *,
                     temperature: float = 2.0, reg: float = 0.05, iterations: int = 10
                     ) -> dict[str, Tensor]:
-    """WKD-L terms (algorithms.md §7), batch means:
+    """WKD-L terms (docs/reference.md#wkd-l), batch means:
 
     target: -p_t[y] * log_softmax(z_s)[y] at T = 1 (teacher probability detached);
     wd: entropic Wasserstein distance sum_ij P_ij D_ij between the non-target distributions

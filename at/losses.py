@@ -56,7 +56,7 @@ def dkl_loss(logits_adv: Tensor, logits_clean: Tensor, *, alpha: float = 1.0,
 
 def ikl_terms(logits_adv: Tensor, logits_clean: Tensor, class_weights: Tensor, *,
               gamma: float = 1.0, version: str = "v1") -> dict[str, Tensor]:
-    """The two unweighted IKL terms, {'wmse': ..., 'sce': ...} (algorithms.md §1.3).
+    """The two unweighted IKL terms, {'wmse': ..., 'sce': ...} (docs/reference.md#ikl-and-gkl).
 
     Args:
         class_weights: B x C, row b = P[y_b], the class-wise prior of sample b's label (constant).

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -16,6 +17,7 @@ class RunLog:
     def __init__(self, out_dir: Path, cfg: dict, *, resume_epoch: int = 0):
         self.path = out_dir / "metrics.jsonl"
         self.plot_path = out_dir / "curves.png" if cfg["log"]["plot"] else None
+        self.best_on = cfg["eval"]["best_on"]
         self.records = [r for r in self._read() if r["epoch"] <= resume_epoch]
         # Lines written after the checkpoint we resume from describe epochs that will be redone.
         self._rewrite()
@@ -37,7 +39,7 @@ class RunLog:
             f.flush()
             os.fsync(f.fileno())
         if self.plot_path is not None:
-            plot_curves(self.records, self.plot_path)
+            plot_curves(self.records, self.plot_path, self.best_on)
         if self.wandb is not None:
             self.wandb.log(record, step=record["epoch"])
 
@@ -62,11 +64,24 @@ def _init_wandb(out_dir: Path, cfg: dict):
                       name=out_dir.name, mode=mode)
 
 
-def plot_curves(records: list[dict], path: Path) -> None:
-    """Accuracies (left) and loss terms (right) against the epoch."""
+def best_epoch(records: list[dict], best_on: str = "model") -> int | None:
+    """The epoch best.pt holds: the first with the highest validation PGD accuracy of the
+    weights eval.best_on names (the trainer's rule); None before any validation."""
+    key = "avg_val_robust_acc" if best_on == "avg" else "val_robust_acc"
+    best, epoch = -math.inf, None
+    for r in records:
+        if r.get(key) is not None and r[key] > best:
+            best, epoch = r[key], r["epoch"]
+    return epoch
+
+
+def curves_figure(records: list[dict], best_on: str = "model"):
+    """Accuracies (left) and loss terms (right) against the epoch, whole-epoch ticks, a dashed
+    line at the best epoch."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in records]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
@@ -77,10 +92,24 @@ def plot_curves(records: list[dict], path: Path) -> None:
         ax_loss.plot(epochs, [r.get(key) for r in records], marker=".", label=key)
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="training loss terms")
+    best = best_epoch(records, best_on)
     for ax in (ax_acc, ax_loss):
+        if best is not None:
+            ax.axvline(best, color="0.4", linestyle="--", linewidth=1,
+                       label=f"best.pt (epoch {best})")
+        # Epochs are whole numbers: no 1.2, 1.4, ... ticks on a short run.
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(records: list[dict], path: Path, best_on: str = "model") -> None:
+    """curves_figure, written atomically to `path` (PNG)."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(records, best_on)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
 

@@ -88,9 +88,9 @@ def attack_budget(attack_cfg: dict, epoch: int, epochs: int) -> AttackBudget:
     eps_ramp: eps_t = eps * epoch / epochs (DKL's curriculum), else eps_t = eps.
     fixed: `steps` steps of `step_size` (scaled by eps_t / eps). dkl_high: 5 steps of eps_t / 2 in
     every epoch, which is what the DKL code runs: its 'high' budget is a chain of independent `if`s
-    whose last branch always wins (algorithms.md §1.4). dkl_high_intended: the chain read as
-    if/elif with thresholds scaled by epochs / 200: 2 steps of eps_t, 3 of 2 eps_t / 3, 4 of
-    eps_t / 2, 5 of eps_t / 2 over the four quarters of training.
+    whose last branch always wins (docs/reference.md#attack-schedules). dkl_high_intended: the
+    chain read as if/elif with thresholds scaled by epochs / 200: 2 steps of eps_t, 3 of
+    2 eps_t / 3, 4 of eps_t / 2, 5 of eps_t / 2 over the four quarters of training.
     """
     eps, kind = attack_cfg["eps"], attack_cfg["schedule"]
     scale = epoch / epochs if attack_cfg["eps_ramp"] else 1.0

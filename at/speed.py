@@ -1,6 +1,6 @@
 """Throughput settings of the training step (config section `speed`), in one place.
 
-What each does and whether it changes results (README "Performance"; bench/at_step.py measures):
+What each does and whether it changes results (docs/performance.md; bench/at_step.py measures):
 
 * channels_last: model weights and input batches in NHWC. The convolutions compute the same sums
   in another order (equal in float64, tested; float32 rounding differs at the 1e-7 level), and
@@ -8,10 +8,11 @@ What each does and whether it changes results (README "Performance"; bench/at_st
 * attack_precision / update_precision: bfloat16 autocast for the attack's passes / the outer (and
   AWP) passes. Changes results, so off by default; logits are returned in float32 so that the
   losses and the attack's sign() see float32 values. bf16 has float32's exponent range, so the
-  tiny TRADES-start gradients do not underflow as they would in float16 (performance.md §3.3).
+  tiny TRADES-start gradients do not underflow as they would in float16
+  (docs/performance.md#precision).
 * compile: torch.compile of the model (in place: its state_dict keys are unchanged). The attack
   freezes the parameters (attacks.frozen), which keeps the compiled backward from computing
-  weight gradients it would throw away (performance.md §3.2).
+  weight gradients it would throw away (docs/performance.md#frozen-parameters).
 
 Evaluation (validation, final test, AutoAttack) never uses autocast: it is always float32.
 """

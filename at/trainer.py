@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
 import data as datasets
 import models
@@ -37,6 +36,7 @@ from .errors import NonFiniteLoss, Preempted, RunError
 from .evaluate import Evaluator
 from .methods import Method, build_method
 from .optim import build_optimizer
+from .progress import Progress
 from .run_dir import CHECKPOINT_FORMAT, PREEMPTED_MARKER  # noqa: F401  (old import place)
 from .run_log import RunLog, epoch_line, final_table, require_wandb
 from .schedules import attack_budget, lr_at, momentum_at
@@ -173,8 +173,8 @@ class Trainer:
             skipped, first, before = partial["skipped"], partial["step"], partial["seconds"]
         interval, limit = cfg["log"]["interval"], cfg["train"]["skip_nonfinite"]
         every = cfg["checkpoint"]["every_minutes"] * 60.0
-        bar = tqdm(total=steps, initial=first, desc=f"epoch {self.epoch}", leave=False,
-                   disable=not (self.main and sys.stderr.isatty()))
+        bar = Progress(total=steps, initial=first, desc=f"epoch {self.epoch}", enabled=self.main,
+                       every=cfg["log"]["progress_minutes"] * 60.0)
         start = time.time()
         awp = self.awp if self.awp is not None and self.awp.active(self.epoch) else None
         # A skipped step must leave no trace: its train-mode forwards have already moved the

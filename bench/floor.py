@@ -1,7 +1,7 @@
 """The essential-pass floor of bench.at_step: exactly the forward/backward passes a method needs
 per training step, on a batch already on the device, and nothing else (no data loading, no
 augmentation, no loss arithmetic beyond a sum, no projection, no optimizer update, no
-statistics). Passes per step with K attack steps (performance.md §1.2):
+statistics). Passes per step with K attack steps (docs/performance.md#step-cost):
 
     natural logits once (eval, no grad)            trades, ikl_at    1 F
     K x (eval forward + input-only backward)       all but standard  2K F
@@ -26,7 +26,7 @@ OUTER_FORWARDS = {"standard": 1, "pgd_at": 1, "trades": 2, "ikl_at": 2}
 
 def forward_units(method: str, steps: int, awp: bool) -> int:
     """Forward-equivalents (F) per image and step: forward 1, input-only backward 1, weight
-    backward 2 (FlopCounterMode counts, performance.md §1.2)."""
+    backward 2 (FlopCounterMode counts, docs/performance.md#step-cost)."""
     attack = 0 if method == "standard" else int(NATURAL_TARGET[method]) + 2 * steps
     outer = 3 * OUTER_FORWARDS[method]
     return attack + outer * (2 if awp else 1)

@@ -1,11 +1,11 @@
 """The baseline of bench.at_step: a training step written the way the reference code writes it.
 
 It follows the structure of the public reference implementations (DKL's IKL-AT script, TRADES,
-Madry PGD-AT; algorithms.md §1.12, §10; performance.md §1.2), not their text:
+Madry PGD-AT; docs/performance.md#the-baseline-and-the-floor), not their text:
 
 * data: a torch DataLoader over PIL images with torchvision's RandomCrop(32, 4) + flip + ToTensor;
 * the attack recomputes the natural logits at every step (TRADES / IKL-AT) in eval mode;
-* IKL's wMSE built from B×C×C logit-difference tensors (algorithms.md §1.3, as written there);
+* IKL's wMSE built from B×C×C logit-difference tensors (docs/reference.md#wmse-in-obc);
 * TRADES' outer step runs the natural forward twice (for CE and as the KL target);
 * AWP through a proxy copy of the model: load_state_dict + one SGD step on -loss + weight diffs;
 * a host synchronisation per step (loss and accuracy read with .item() for the progress meter);

@@ -2,7 +2,7 @@
 
 Why this module exists
 ----------------------
-The reference (DKL `--aug autoaug`, see docs/algorithms.md §1.1) builds its second view with
+The reference (DKL `--aug autoaug`, see docs/reference.md#two-views) builds its second view with
 crop + flip + `CIFAR10Policy()` from DeepVoltaire/AutoAugment: per image, in PIL, in 12 DataLoader
 workers. Here the uint8 training set lives on the training device (data/loader.py), so the policy
 is re-implemented on N×3×H×W uint8 tensors: every random number comes from the caller's CPU
@@ -10,7 +10,7 @@ torch.Generator (so CPU and GPU runs draw the same numbers, and a generator stat
 and every op runs vectorised over the samples that use it — at most 14 op calls per policy stage,
 no per-image Python loop. `cutout` is the uoguelph-mlrg Cutout the reference's `--aug cutout` uses;
 `random_rotate` is torchvision's `RandomRotation(15)` as used in the DM-Improves-AT CIFAR-100 "base"
-augmentation (§5.2).
+augmentation (docs/reference.md#generated-data).
 
 Sources
 -------

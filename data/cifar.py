@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,9 +77,11 @@ def _fetch(spec: CifarSpec, root: str, folder: str, missing: list[str], download
     lacks = f"{folder} (missing {', '.join(missing)})"
     if not download:
         raise FileNotFoundError(f"{spec.title} not found at {lacks} and download=False; {how}")
+    made = _new_paths(spec, root, folder)
     try:
         _download(spec, root)
     except Exception as err:  # no network, bad checksum, disk full...: the cause stays chained
+        _remove(made)
         raise FileNotFoundError(
             f"{spec.title} not found at {lacks} and the download failed ({_one_line(err)}); "
             f"{how}") from err
@@ -86,6 +89,34 @@ def _fetch(spec: CifarSpec, root: str, folder: str, missing: list[str], download
     if still:
         raise FileNotFoundError(
             f"{spec.title} download finished but {folder} still lacks {', '.join(still)}; {how}")
+
+
+def _new_paths(spec: CifarSpec, root: str, folder: str) -> list[str]:
+    """What a download may create that does not exist yet: the topmost missing directory of
+    `root` (everything below it is the download's), else the archive and the extraction folder
+    inside the existing root."""
+    root = os.path.abspath(root)
+    top = None
+    d = root
+    while not os.path.lexists(d):
+        top, d = d, os.path.dirname(d)
+    if top is not None:
+        return [top]
+    archive = os.path.join(root, os.path.basename(spec.url))
+    return [p for p in (archive, folder) if not os.path.lexists(p)]
+
+
+def _remove(paths: list[str]) -> None:
+    """Undo a failed download: an empty (or half-filled) data.root tree is not a dataset, and
+    would hide that nothing was fetched. Only the paths `_new_paths` found missing before."""
+    for path in paths:
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.unlink(path)
+        except OSError:
+            pass  # best effort: the download error is the one to report
 
 
 def _download(spec: CifarSpec, root: str) -> None:

@@ -44,12 +44,13 @@ class TrainLoader:
     Real images only (generated=None): an epoch is one pass over a fresh permutation, in batches
     of `batch_size` (the last one smaller unless drop_last).
 
-    With a generated set (Wang et al. 2023, algorithms.md §5.2): an epoch is ceil(epoch_size /
-    batch_size) batches; each holds exactly batch_size - round(batch_size * fraction) real images,
-    taken without replacement from a permutation that carries over from epoch to epoch (a new one
-    when it runs out), and round(batch_size * fraction) generated images drawn uniformly with
-    replacement. Generated images are read from disk by background threads while earlier batches
-    train, into pinned memory, copied asynchronously and augmented on the device like real ones.
+    With a generated set (Wang et al. 2023, docs/reference.md#generated-data): an epoch is
+    ceil(epoch_size / batch_size) batches; each holds exactly
+    batch_size - round(batch_size * fraction) real images, taken without replacement from a
+    permutation that carries over from epoch to epoch (a new one when it runs out), and
+    round(batch_size * fraction) generated images drawn uniformly with replacement. Generated
+    images are read from disk by background threads while earlier batches train, into pinned
+    memory, copied asynchronously and augmented on the device like real ones.
 
     Distributed (world_size > 1): every rank draws the same global batches and keeps its share of
     each: positions tensor_split(randperm(B), world_size)[rank] of the global batch, so ranks are

@@ -12,12 +12,14 @@ so memory stays at one chunk whatever the set size. All inputs are checked (keys
 sizes against the archive's directory) before anything is written; labels are range-checked as
 they stream. The outputs are built as `*.partial` files with a progress record, so an interrupted
 run continues where it stopped when started again with the same inputs; `meta.json` is written
-last, so a directory with `meta.json` is complete. A corrupt input found while streaming removes
-the partial files.
+last, so a directory with `meta.json` is complete. A corrupt input found while streaming, or a
+failed write (full disk, unwritable --out), removes the partial files and the directories this run
+created (never anything that was there before) and is reported as one line.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import json
 import os
@@ -136,6 +138,32 @@ def _npy_header(shape: tuple, dtype: np.dtype) -> bytes:
     return buf.getvalue()
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise PrepareError(f"{path} is unreadable ({err}); remove it or choose another --out") \
+            from None
+
+
+def _missing_dirs(out: Path) -> list[Path]:
+    """`out` and those of its ancestors that do not exist yet, deepest first: what mkdir(parents)
+    will create, and so what a failed run may remove again."""
+    missing = []
+    for d in (out, *out.parents):
+        if d.exists():
+            break
+        missing.append(d)
+    return missing
+
+
+def _write_error(out: Path, err: OSError) -> PrepareError:
+    why = err.strerror or str(err)
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        why += "; free space or choose another --out"
+    return PrepareError(f"cannot write to --out {out} ({why})")
+
+
 def _write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w") as f:
@@ -152,26 +180,28 @@ def prepare(inputs: list[str | Path], out: str | Path, num_classes: int,
         raise PrepareError(f"--num-classes must be >= 1, got {num_classes}")
     if chunk < 1:
         raise PrepareError(f"--chunk must be >= 1, got {chunk}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"--out {out} is a file, not a directory; choose another --out")
     parts = [inspect(Path(p)) for p in inputs]
     if not parts:
         raise PrepareError("no input files")
-    out = Path(out)
     sources = [p.fingerprint() for p in parts]
     total = sum(p.n for p in parts)
     if (out / "meta.json").exists():
-        meta = json.loads((out / "meta.json").read_text())
+        meta = _read_json(out / "meta.json")
         if meta.get("sources") == sources and meta.get("num_classes") == num_classes:
             log(f"{out} already holds these {total} images; nothing to do")
             return meta
         raise PrepareError(f"{out} already holds a prepared set from other inputs; "
                            f"choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
     partial = {name: out / f"{name}.partial" for name in OUTPUTS}
     progress_path = out / PROGRESS
     job = {"sources": sources, "num_classes": num_classes, "n": total}
     done, counts = 0, np.zeros(num_classes, dtype=np.int64)
+    # Decided before anything is written: files of another preparation are never touched.
     if progress_path.exists():
-        saved = json.loads(progress_path.read_text())
+        saved = _read_json(progress_path)
         if {k: saved.get(k) for k in job} == job and all(p.exists() for p in partial.values()):
             done, counts = saved["done"], np.asarray(saved["class_counts"], dtype=np.int64)
             log(f"resuming: {done} of {total} images already converted")
@@ -179,20 +209,52 @@ def prepare(inputs: list[str | Path], out: str | Path, num_classes: int,
             log("the inputs differ from the interrupted preparation's: starting over")
     elif any(p.exists() for p in partial.values()) or any((out / n).exists() for n in OUTPUTS):
         raise PrepareError(f"{out} holds files of another preparation; choose another --out")
+    created = _missing_dirs(out)
+    made = [out / n for n in OUTPUTS if not (out / n).exists()]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        return _prepare_into(parts, out, num_classes, chunk, log, job, done, counts, partial,
+                             progress_path)
+    except (PrepareError, OSError) as err:
+        # A corrupt input or a failed write (full disk, read-only place): no half-made set and no
+        # empty directory stays behind. An interruption (Ctrl-C, a kill) keeps the partial files so
+        # that the next run continues. Only what this run created is removed: the partial files
+        # (a run that resumed them has just found them unusable), outputs it renamed into place
+        # before meta.json failed, and the new directories.
+        for p in (*partial.values(), progress_path, *made,
+                  *(out / f"{n}.tmp" for n in (PROGRESS, "meta.json"))):
+            try:
+                p.unlink(missing_ok=True)
+            except OSError:
+                pass
+        for d in created:
+            try:
+                d.rmdir()  # only when empty: never anything another process put there
+            except OSError:
+                break
+        if isinstance(err, PrepareError):
+            raise
+        raise _write_error(out, err) from None
 
+
+def _prepare_into(parts: list[Part], out: Path, num_classes: int, chunk: int, log, job: dict,
+                  done: int, counts: np.ndarray, partial: dict[str, Path], progress_path: Path
+                  ) -> dict:
+    """Stream `parts` into `out` from image `done` on (the files of `partial`), then put the
+    outputs and meta.json in place; returns the meta record."""
+    total, sources = job["n"], job["sources"]
     headers = {"images.npy": _npy_header((total, *IMAGE_SHAPE), np.uint8),
                "labels.npy": _npy_header((total,), np.int64)}
     itemsize = {"images.npy": IMAGE_BYTES, "labels.npy": 8}
     files = {}
-    for name in OUTPUTS:
-        mode = "r+b" if done else "wb"
-        f = open(partial[name], mode)
-        f.write(headers[name])
-        # Anything past the last recorded chunk may be half written: cut it off.
-        f.seek(len(headers[name]) + done * itemsize[name])
-        f.truncate()
-        files[name] = f
     try:
+        for name in OUTPUTS:
+            mode = "r+b" if done else "wb"
+            f = files[name] = open(partial[name], mode)
+            f.write(headers[name])
+            # Anything past the last recorded chunk may be half written: cut it off.
+            f.seek(len(headers[name]) + done * itemsize[name])
+            f.truncate()
         start = 0
         for part in parts:
             if start + part.n <= done:
@@ -201,16 +263,15 @@ def prepare(inputs: list[str | Path], out: str | Path, num_classes: int,
             done, counts = _convert_part(part, start, done, files, counts, chunk, num_classes,
                                          progress_path, job, log)
             start += part.n
-    except PrepareError:
         for f in files.values():
-            f.close()
-        for p in (*partial.values(), progress_path):
-            p.unlink(missing_ok=True)
-        raise
-    for f in files.values():
-        f.flush()
-        os.fsync(f.fileno())
-        f.close()
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        for f in files.values():
+            try:
+                f.close()
+            except OSError:  # a failed flush of an already failing run: the first error counts
+                pass
     for name in OUTPUTS:
         os.replace(partial[name], out / name)
     meta = {"n": total, "num_classes": num_classes, "image_shape": list(IMAGE_SHAPE),
@@ -225,6 +286,7 @@ def _convert_part(part: Part, start: int, done: int, files: dict, counts: np.nda
                   chunk: int, num_classes: int, progress_path: Path, job: dict, log):
     """Stream one archive's rows [done - start, n) into the open output files."""
     skip = done - start
+    reading = True  # an OSError while reading the archive is a corrupt input; while writing, not
     with zipfile.ZipFile(part.path) as archive:
         img, _, _, _ = _open_array(archive, archive.getinfo("image.npy"), part.path)
         lab, _, _, _ = _open_array(archive, archive.getinfo("label.npy"), part.path)
@@ -235,16 +297,19 @@ def _convert_part(part: Part, start: int, done: int, files: dict, counts: np.nda
                     lab.seek(skip * part.label_dtype.itemsize, os.SEEK_CUR)
                 row = skip
                 while row < part.n:
+                    reading = True
                     k = min(chunk, part.n - row)
                     images = _read_exact(img, k * IMAGE_BYTES, part.path, "image")
                     labels = np.frombuffer(_read_exact(lab, k * part.label_dtype.itemsize,
                                                        part.path, "label"),
                                            dtype=part.label_dtype)
-                    low, high = int(labels.min()), int(labels.max())
-                    if low < 0 or high >= num_classes:
-                        bad = low if low < 0 else high
-                        raise PrepareError(f"{part.path}: label {bad} at row >= {row} is outside "
-                                           f"[0, {num_classes - 1}] (--num-classes {num_classes})")
+                    outside = (labels < 0) | (labels >= num_classes)
+                    if outside.any():
+                        i = int(np.argmax(outside))  # the first bad row of the chunk
+                        raise PrepareError(f"{part.path}: label {labels[i]} at row {row + i} is "
+                                           f"outside [0, {num_classes - 1}] (--num-classes "
+                                           f"{num_classes})")
+                    reading = False
                     files["images.npy"].write(images)
                     files["labels.npy"].write(labels.astype("<i8").tobytes())
                     counts += np.bincount(labels, minlength=num_classes)
@@ -256,10 +321,15 @@ def _convert_part(part: Part, start: int, done: int, files: dict, counts: np.nda
                     _write_json(progress_path, {**job, "done": done,
                                                 "class_counts": counts.tolist()})
                     log(f"{part.path.name}: {row}/{part.n}")
+                    reading = True
                 # Reading past the end makes zipfile verify the member's CRC-32.
                 img.read(1)
                 lab.read(1)
-        except (zipfile.BadZipFile, OSError, EOFError) as err:
+        except (zipfile.BadZipFile, EOFError) as err:
+            raise PrepareError(f"{part.path}: corrupt data ({err})") from None
+        except OSError as err:
+            if not reading:
+                raise  # a full disk or a lost output directory: reported by prepare()
             raise PrepareError(f"{part.path}: corrupt data ({err})") from None
     return done, counts
 

@@ -6,7 +6,7 @@
 Each attack stage runs on the points that survived the previous stages, in index order and with the
 same batching and seeding as AutoAttack's own `run_standard_evaluation` (one call per stage), which
 gives the robust accuracy after every stage. pyautoattack's own `state_path` resume is broken
-(evaluation.md §1.10) and is not used.
+(docs/evaluation.md#autoattack-resume) and is not used.
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """RobustBench's own architecture classes, for checking that our weights mean the same there.
 
 They are loaded from the installed robustbench package's files by path: importing the package
-itself fails without its optional dependencies (evaluation.md §2.1). robustbench is a test
-requirement (sh/test.sh installs it with --no-deps); without it these functions return None.
+itself fails without its optional dependencies (docs/evaluation.md#robustbench-import).
+robustbench is a test requirement (sh/test.sh installs it with --no-deps); without it these
+functions return None.
 """
 from __future__ import annotations
 

@@ -68,7 +68,7 @@ def _flops(fn) -> int:
 
 @pytest.mark.parametrize("method,awp", [("ikl_at", True), ("trades", False), ("pgd_at", False)])
 def test_floor_passes_match_the_flop_model(method, awp):
-    """The floor runs exactly forward_units forward-equivalents (performance.md §1.2)."""
+    """The floor runs exactly forward_units forward-equivalents (docs/performance.md#step-cost)."""
     torch.manual_seed(0)
     model = models.build_model("wrn-16-1", 10)
     x = torch.rand(4, 3, 32, 32)

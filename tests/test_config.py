@@ -71,6 +71,18 @@ def test_provenance_round_trip(tmp_path):
     assert load_run_config(tmp_path) == cfg
 
 
+@pytest.mark.parametrize("name,listed", [("digits", False), ("cifar10", False),
+                                         ("imagenet", True), ("imagenet_lt", True)])
+def test_config_yaml_lists_image_file_keys_only_for_image_file_data(tmp_path, name, listed):
+    cfg = load_config(None, [f"data.name={name}", "out_dir=" + str(tmp_path)])
+    dump_config(cfg, tmp_path / "config.yaml")
+    data = yaml.safe_load((tmp_path / "config.yaml").read_text())["data"]
+    for key in ("image_size", "resize_size", "workers", "lists", "num_classes"):
+        assert (key in data) == listed, (name, key)
+    assert "root" in data and "generated" in data
+    assert load_run_config(tmp_path) == cfg  # nothing lost on reload
+
+
 @pytest.mark.parametrize("path", CONFIGS,
                          ids=lambda p: str(p.relative_to(BASE_CONFIG.parent)))
 def test_shipped_configs_load(path):

@@ -5,9 +5,12 @@ Everything runs on the CPU without network; a CUDA-only check is skipped when no
 """
 from __future__ import annotations
 
+import functools
+import http.server
 import os
 import pickle
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -126,6 +129,50 @@ def test_failed_download_gives_clear_chained_error(tmp_path, monkeypatch):
     assert str(tmp_path / "cifar-10-batches-py") in msg and "download failed" in msg
     assert "cifar-10-python.tar.gz" in msg and "\n" not in msg
     assert isinstance(info.value.__cause__, OSError)
+
+
+@pytest.fixture()
+def broken_mirror(tmp_path, monkeypatch):
+    """torchvision's own download of CIFAR-10, from a local server that sends a damaged
+    archive (what a dropped connection leaves): the real download code fails on the checksum
+    after writing the archive into data.root."""
+    import torchvision.datasets as tvd
+
+    served = tmp_path / "served"
+    served.mkdir()
+    (served / tvd.CIFAR10.filename).write_bytes(b"\x1f\x8b" + bytes(5000))
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setattr(tvd.CIFAR10, "url",
+                        f"http://127.0.0.1:{server.server_port}/{tvd.CIFAR10.filename}")
+    yield
+    server.shutdown()
+    server.server_close()
+    thread.join()
+
+
+def test_failed_download_removes_only_what_it_created(tmp_path, broken_mirror):
+    # A data.root that did not exist: the whole tree the attempt made goes.
+    root = tmp_path / "new" / "data"
+    with pytest.raises(FileNotFoundError, match="download failed") as info:
+        data.load_dataset("cifar10", "test", root=str(root))
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "new").exists()
+    # An existing data.root keeps everything it held; only the damaged archive goes.
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "mnist.txt").write_text("keep me")
+    with pytest.raises(FileNotFoundError, match="download failed"):
+        data.load_dataset("cifar10", "test", root=str(root))
+    assert sorted(p.name for p in root.iterdir()) == ["mnist.txt"]
+    assert (root / "mnist.txt").read_text() == "keep me"
 
 
 def test_download_path_loads_what_was_fetched(tmp_path, monkeypatch):

@@ -3,6 +3,9 @@ run of this codebase), the teacher receives no gradient and keeps its weights, e
 the robust (adversarial) variant train, and the WKD cost matrix is deterministic."""
 from __future__ import annotations
 
+import errno
+import os
+
 import pytest
 import torch
 from conftest import DIGITS
@@ -85,6 +88,49 @@ def test_cost_matrix_is_deterministic_and_well_formed(learned, cost_file, tmp_pa
     assert torch.allclose(first, first.T) and first.diag().abs().max() < 1e-12
     off = first[~torch.eye(10, dtype=torch.bool)]
     assert (off > 0).all() and (off <= 1).all()
+
+
+def _one_line_error(capsys, needle: str) -> None:
+    err = capsys.readouterr().err
+    assert err.startswith("at.kd_cost_matrix: error: ") and err.count("\n") == 1, err
+    assert needle in err, err
+
+
+@pytest.mark.parametrize("out,needle", [
+    ("file/cost.pt", "file is not a directory"), ("missing/cost.pt", "missing does not exist"),
+    (".", "is a directory")])
+def test_cost_matrix_out_is_checked_before_the_computation(tmp_path, capsys, out, needle):
+    (tmp_path / "file").write_text("keep me")
+    # No such teacher either: the --out error coming first shows that nothing was loaded or
+    # computed before it (ImageNet teachers take hours).
+    assert cost_matrix_main([str(tmp_path / "no_run"), "--out", str(tmp_path / out),
+                             "--device", "cpu"]) == 1
+    _one_line_error(capsys, needle)
+    assert (tmp_path / "file").read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # the probe is gone
+
+
+def test_cost_matrix_failed_save_keeps_the_previous_file(tmp_path, capsys, monkeypatch):
+    # A one-epoch plain-training teacher is enough for the classifier-weight (fc) cost.
+    teacher = tmp_path / "teacher"
+    fit(load_config(DIGITS, [f"out_dir={teacher}", "method.name=standard", "optim.epochs=1",
+                             "data.val_size=0", "eval.final_pgd=false", "log.plot=false"]))
+    out = tmp_path / "costs" / "cost.pt"
+    out.parent.mkdir()
+    args = [str(teacher), "--out", str(out), "--kind", "fc", "--weights", "last",
+            "--device", "cpu"]
+    assert cost_matrix_main(args) == 0
+    before = out.read_bytes()
+    capsys.readouterr()
+
+    def full_disk(obj, f, *a, **kw):
+        f.write(b"half a cost matrix")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert cost_matrix_main(args) == 1
+    _one_line_error(capsys, f"cannot write --out {out} (No space left on device)")
+    assert out.read_bytes() == before and os.listdir(out.parent) == ["cost.pt"]
 
 
 def test_missing_teacher_is_a_one_line_error(tmp_path):

@@ -2,7 +2,9 @@
 (per-batch counts, sampling without / with replacement, per-rank shares, resume)."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import pickle
 import subprocess
 import sys
@@ -14,7 +16,14 @@ import pytest
 import torch
 
 import data
+from data import prepare_generated
+from data.generated import IMAGE_BYTES
 from data.prepare_generated import PrepareError, prepare
+
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -114,10 +123,118 @@ def test_prepare_removes_partial_output_on_corrupt_data(tmp_path):
     raw = bytearray(path.read_bytes())
     raw[info.header_offset + 30 + len(info.filename) + 200 + 3072 * 10] ^= 0xFF  # image 10
     path.write_bytes(bytes(raw))
-    out = tmp_path / "out"
-    with pytest.raises(PrepareError, match="corrupt"):
+    # The directories this run created go too (an empty --out tree is no prepared set) ...
+    out = tmp_path / "new" / "out"
+    with pytest.raises(PrepareError, match="corrupt data.*CRC"):
         prepare([path], out, 10, chunk=4, log=_silent)
-    assert _nothing_written(out)
+    assert not (tmp_path / "new").exists()
+    # ... but never a directory, or a file in it, that was there before.
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "notes.txt").write_text("keep me")
+    with pytest.raises(PrepareError, match="corrupt data.*CRC"):
+        prepare([path], kept / "out", 10, chunk=4, log=_silent)
+    assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
+    (kept / "out").mkdir()
+    with pytest.raises(PrepareError, match="corrupt data.*CRC"):
+        prepare([path], kept / "out", 10, chunk=4, log=_silent)
+    assert (kept / "out").is_dir() and not any((kept / "out").iterdir())
+
+
+def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "data.prepare_generated", *args], cwd=ROOT,
+                          capture_output=True, text=True, **kw)
+
+
+def _one_line_error(proc: subprocess.CompletedProcess, needle: str) -> None:
+    # Progress lines may come first; the error is the last line, alone, and no traceback.
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 1, proc.stderr
+    assert lines[-1].startswith("prepare_generated: error: ") and needle in lines[-1], lines
+    assert "Traceback" not in proc.stderr and sum("error" in line for line in lines) == 1, lines
+
+
+def test_prepare_names_the_exact_row_of_a_bad_label(tmp_path):
+    labels = np.arange(20) % 10
+    labels[13] = 12  # inside the chunk of rows 12..15
+    np.savez(tmp_path / "bad.npz", image=np.zeros((20, 32, 32, 3), np.uint8), label=labels)
+    with pytest.raises(PrepareError, match=r"bad\.npz: label 12 at row 13 is outside \[0, 9\]"):
+        prepare([tmp_path / "bad.npz"], tmp_path / "out", 10, chunk=4, log=_silent)
+    assert not (tmp_path / "out").exists()
+
+
+def test_prepare_out_that_is_a_file_or_unwritable(tmp_path):
+    _part(tmp_path / "a.npz", 8, 0)
+    (tmp_path / "file").write_text("keep me")
+    _one_line_error(_cli(str(tmp_path / "a.npz"), "--out", str(tmp_path / "file"),
+                         "--num-classes", "10"), "is a file, not a directory")
+    assert (tmp_path / "file").read_text() == "keep me"
+    # Below a file no directory can be made (what a read-only place gives too).
+    _one_line_error(_cli(str(tmp_path / "a.npz"), "--out", str(tmp_path / "file" / "out"),
+                         "--num-classes", "10"), "cannot write to --out")
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
+def test_prepare_damaged_records_in_out_are_one_line_errors(tmp_path):
+    _part(tmp_path / "a.npz", 8, 0)
+    for name in ("meta.json", ".prepare_progress.json"):
+        out = tmp_path / name.strip(".")
+        out.mkdir()
+        (out / name).write_text('{"n": 8, "sour')  # cut off mid-write by a full disk
+        with pytest.raises(PrepareError, match=f"{name} is unreadable"):
+            prepare([tmp_path / "a.npz"], out, 10, log=_silent)
+        assert [p.name for p in out.iterdir()] == [name]
+
+
+class _FullDisk:
+    """A file whose writes fail with ENOSPC once `room` bytes are written (a disk filling up)."""
+
+    def __init__(self, f, room: list[int]):
+        self._f, self._room = f, room
+
+    def write(self, data) -> int:
+        self._room[0] -= len(data)
+        if self._room[0] < 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return self._f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._f.close()
+
+
+def test_prepare_full_disk_removes_partial_output(tmp_path, monkeypatch):
+    _part(tmp_path / "a.npz", 20, 0)
+    room = [3 * 4 * IMAGE_BYTES]  # the disk fills up during the second chunk of images
+    monkeypatch.setattr(prepare_generated, "open",
+                        lambda *a, **kw: _FullDisk(open(*a, **kw), room), raising=False)
+    out = tmp_path / "new" / "out"
+    with pytest.raises(PrepareError, match=r"cannot write to --out .*No space left on device"):
+        prepare([tmp_path / "a.npz"], out, 10, chunk=4, log=_silent)
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()
+    assert prepare([tmp_path / "a.npz"], out, 10, chunk=4, log=_silent)["n"] == 20
+
+
+@pytest.mark.skipif(resource is None, reason="needs RLIMIT_FSIZE (POSIX)")
+def test_prepare_cli_failed_write_is_one_line(tmp_path):
+    # A real failed write: the process may not grow a file past 40 kB (EFBIG, as a full disk
+    # fails with ENOSPC); 20 images take 61 kB.
+    _part(tmp_path / "a.npz", 20, 0)
+    limit = 40_000
+
+    def small_files():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = _cli(str(tmp_path / "a.npz"), "--out", str(tmp_path / "new" / "out"),
+                "--num-classes", "10", "--chunk", "4", preexec_fn=small_files)
+    _one_line_error(proc, "cannot write to --out")
+    assert not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("image,label,message", [

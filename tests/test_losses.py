@@ -20,7 +20,8 @@ def _prior_weights(y, c, seed=1):
 
 
 def naive_ikl(adv, clean, w, alpha, beta, gamma, version):
-    """The reference's B x C x C construction, written out literally (algorithms.md §1.3)."""
+    """The reference's B x C x C construction, written out literally
+    (docs/reference.md#wmse-in-obc)."""
     if version == "v2":
         w = w ** gamma
     pair_w = w[:, :, None] * w[:, None, :]

@@ -14,7 +14,8 @@ def _optim(**kw):
 
 def test_cosine_matches_the_dkl_reference_values():
     cfg = _optim(lr=0.2, epochs=200, schedule="cosine")
-    # algorithms.md §1.7: e=1 0.19999, e=50 0.17099, e=100 0.10078, e=150 0.03012, e=200 1.22e-5
+    # docs/reference.md#lr-schedules: e=1 0.19999, e=50 0.17099, e=100 0.10078, e=150 0.03012,
+    # e=200 1.22e-5
     got = [lr_at(cfg, e) for e in (1, 50, 100, 150, 200)]
     assert got == pytest.approx([0.19999, 0.17099, 0.10078, 0.03012, 1.22e-5], abs=6e-6)
 

@@ -1,6 +1,6 @@
 """Knowledge distillation from a frozen teacher: CE(student, y) + a distillation loss by name
 (at/kd_losses.py): kd (Hinton), dkd (Zhao et al. 2022), ikl_kd / gkl_kd (Cui et al. 2024,
-algorithms.md §6) and wkd_l (Lv et al. 2024, algorithms.md §7).
+docs/reference.md#ikl-kd) and wkd_l (Lv et al. 2024, docs/reference.md#wkd-l).
 
 With `inputs: adversarial` it is adversarially robust distillation (Goldblum et al., AAAI 2020,
 "ARD"): PGD finds, within the attack budget, images that maximise the student's distillation loss

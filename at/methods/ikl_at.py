@@ -3,7 +3,7 @@ arXiv 2305.13948).
 
 Outer loss CE(f(x), y) + beta * wMSE + alpha * SCE (`at.losses.ikl_terms`), where wMSE weights the
 pairwise logit differences with a class-wise prior P[y] learned from the model's own clean
-predictions over the previous epoch (algorithms.md §1.2-§1.6).
+predictions over the previous epoch (docs/reference.md#ikl-at).
 """
 from __future__ import annotations
 
@@ -84,7 +84,7 @@ class IKLAT(Method):
 
     def _loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor,
               views: int) -> StepOutput:
-        """Two views (algorithms.md §1.6): one forward of all 2B images per branch, the robust
+        """docs/reference.md#two-views: one forward of all 2B images per branch, the robust
         terms averaged per view and the augmented view's weighted by `aug_weight`; the hard-label
         CE over all rows; the prior accumulates the basic view only (`observe`)."""
         model.train()
