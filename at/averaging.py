@@ -30,6 +30,8 @@ import copy
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
 KINDS = ("none", "step_ema", "epoch_ema")
 # Reference decays: Wang et al.'s --tau default and the DKL scripts' swa.py argument.
 DEFAULT_DECAY = {"step_ema": 0.995, "epoch_ema": 0.9}
@@ -162,20 +164,20 @@ class WeightAverage:
 
 
 def check_config(avg: dict) -> None:
-    """ValueError (one line) for a bad `avg` config section (keys kind, decay, start, warmup)."""
+    """ConfigError (one line) for a bad `avg` config section (keys kind, decay, start, warmup)."""
     kind, decay = avg["kind"], avg["decay"]
     if kind not in KINDS:
-        raise ValueError(f"avg.kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        raise ConfigError(f"avg.kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if decay is not None and (isinstance(decay, bool) or not isinstance(decay, (int, float))
                               or not 0.0 <= decay < 1.0):
-        raise ValueError(f"avg.decay must be null or in [0, 1), got {decay!r}")
+        raise ConfigError(f"avg.decay must be null or in [0, 1), got {decay!r}")
     start = avg["start"]
     if isinstance(start, bool) or not isinstance(start, int) or start < 1:
-        raise ValueError(f"avg.start must be an epoch >= 1, got {avg['start']!r}")
+        raise ConfigError(f"avg.start must be an epoch >= 1, got {avg['start']!r}")
     warmup = avg["warmup"]
     if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) \
             or not 0.0 <= warmup <= 1.0:
-        raise ValueError(f"avg.warmup must be a fraction of the training steps in [0, 1], "
+        raise ConfigError(f"avg.warmup must be a fraction of the training steps in [0, 1], "
                          f"got {warmup!r}")
 
 

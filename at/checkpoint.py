@@ -15,8 +15,10 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 import torch
 
+from .errors import UserError
 
-class CheckpointError(RuntimeError):
+
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that cannot be used; the message is one line."""
 
 

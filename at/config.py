@@ -6,7 +6,6 @@ parsed with `yaml.safe_load`; strings like `8/255` become floats. A config is a 
 from __future__ import annotations
 
 import copy
-import difflib
 import re
 import subprocess
 from fractions import Fraction
@@ -16,6 +15,7 @@ from typing import Any, Iterable
 import yaml
 
 from .checkpoint import atomic_write
+from .errors import ConfigError, did_you_mean  # noqa: F401  (ConfigError: imported from here)
 from .reported import ReportedError, check_reported
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -23,10 +23,6 @@ BASE_CONFIG = REPO_ROOT / "configs" / "base.yaml"
 _FRACTION = re.compile(r"^\s*[-+]?\d+(\.\d*)?\s*/\s*\d+(\.\d*)?\s*$")
 # YAML 1.1 reads `5e-4` (no dot) as a string; accept it as the float everybody means.
 _EXPONENT = re.compile(r"^\s*[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+\s*$")
-
-
-class ConfigError(ValueError):
-    """A configuration problem the user can fix; the message is one line."""
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -75,8 +71,8 @@ def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
 
 
 def _unknown(key: str, base: dict, source: str) -> ConfigError:
-    close = difflib.get_close_matches(key, _flat_keys(base), n=3, cutoff=0.6)
-    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    hint = did_you_mean(key, _flat_keys(base), n=3)
+    hint = f"; {hint}" if hint else ""
     return ConfigError(f"unknown config key {key!r} (from {source}){hint}")
 
 

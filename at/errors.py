@@ -1,8 +1,41 @@
-"""Errors the user can fix. Entry points print their one-line message and exit with code 1."""
+"""Errors the user can fix, and how entry points report them.
+
+Every such error derives from `UserError` (the older names stay, as its subclasses). An entry
+point catches `USER_ERRORS` only and hands them to `report`: one line on stderr, exit status 1.
+Anything else (a ValueError from a bug, say) keeps its traceback. This module imports nothing of
+the project, so every layer (data/, models/, at/, eval/) may raise from it.
+"""
+from __future__ import annotations
+
+import difflib
+import sys
 
 
-class RunError(RuntimeError):
+class UserError(Exception):
+    """A problem the user can fix (a config value, a path, a damaged file); one-line message."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration or argument value that cannot be used (a ValueError, as it always was)."""
+
+
+class RunError(UserError, RuntimeError):
     """A problem with the run's setup or state; the message is one line."""
+
+
+class EvalError(UserError, RuntimeError):
+    """A problem with what the user asked to evaluate (or load as a teacher); one line."""
+
+
+# A missing file the user named (a dataset root, a checkpoint) is theirs to fix as well.
+USER_ERRORS = (UserError, FileNotFoundError)
+
+
+def report(prog: str, err: BaseException, rank: int | None = None) -> int:
+    """Print `prog[ (rank N)]: error: <message>` on stderr; returns the exit status, 1."""
+    where = f" (rank {rank})" if rank is not None else ""
+    print(f"{prog}{where}: error: {err}", file=sys.stderr)
+    return 1
 
 
 class NonFiniteLoss(RunError):
@@ -23,3 +56,10 @@ class Preempted(Exception):
     def __init__(self, message: str, signum: int | None = None):
         super().__init__(message)
         self.signum = signum
+
+
+def did_you_mean(name, valid, n: int = 1) -> str:
+    """'did you mean 'x'?' (or 'x' or 'y' for n > 1) naming the closest of `valid` to an unknown
+    `name`; empty when nothing is close. Every "unknown name" message builds its hint with this."""
+    close = difflib.get_close_matches(str(name), [str(v) for v in valid], n=n, cutoff=0.6)
+    return f"did you mean {' or '.join(repr(c) for c in close)}?" if close else ""

@@ -39,6 +39,7 @@ import models
 
 from . import checkpoint as ckpt
 from .config import load_run_config
+from .errors import USER_ERRORS, ConfigError, report
 
 KINDS = ("cka", "fc")
 FEATURES = ("map", "logits", "penultimate")
@@ -50,7 +51,7 @@ _NOT_STAGES = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.SiLU, nn.Identity, n
 def _last_linear(model: nn.Module) -> nn.Linear:
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not linears:
-        raise ValueError("the teacher has no linear classifier layer")
+        raise ConfigError("the teacher has no linear classifier layer")
     return linears[-1]
 
 
@@ -73,7 +74,7 @@ def feature_rows(model: nn.Module, batches, features: str = "map") -> tuple[Tens
     position: image-major, positions in row-major order. logits: the outputs. penultimate: the
     input of the last linear layer."""
     if features not in FEATURES:
-        raise ValueError(f"unknown --features {features!r}; valid: {', '.join(FEATURES)}")
+        raise ConfigError(f"unknown --features {features!r}; valid: {', '.join(FEATURES)}")
     captured: list[Tensor] = []
     last: dict[str, Tensor] = {}
 
@@ -97,7 +98,7 @@ def feature_rows(model: nn.Module, batches, features: str = "map") -> tuple[Tens
                 captured.append(out.float().cpu())
             elif features == "map":
                 if "map" not in last:
-                    raise ValueError("the teacher has no stage with a spatial feature map; "
+                    raise ConfigError("the teacher has no stage with a spatial feature map; "
                                      "use --features logits or penultimate")
                 fmap = last["map"].float()
                 rows_per_image = fmap.shape[2] * fmap.shape[3]
@@ -151,7 +152,7 @@ def fc_cost(weight: Tensor) -> Tensor:
 def _teacher(target: str, weights: str, device: str | None, dataset: str, data_root: str | None
              ) -> tuple[nn.Module, str, str, str | None, dict]:
     """(model, dataset, data root, checkpoint sha256 or None, the run's data config)."""
-    from eval.common import load_target
+    from .target import load_target
     if target.startswith(models.TORCHVISION_PREFIX):
         model = models.torchvision_model(target)
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -176,7 +177,7 @@ def _class_batches(dataset: str, root: str, data_cfg: dict, per_class: int, batc
     if per_class > 0:
         n = min(n, per_class)
     if n < 2:
-        raise ValueError(f"a class of {dataset} has fewer than 2 training images")
+        raise ConfigError(f"a class of {dataset} has fewer than 2 training images")
     rows = torch.cat([p[:n] for p in picks])
     if dataset in datasets.FOLDER_DATASETS:
         view = datasets.FolderEvalSet(files.train, data_cfg.get("image_size", 224),
@@ -215,7 +216,7 @@ def load_cost_matrix(path: str, num_classes: int, sharpen: float = 1.0) -> Tenso
     cost = saved.get("cost") if isinstance(saved, dict) else None
     if saved.get("format") != FORMAT or cost is None or cost.shape != (num_classes,
                                                                           num_classes):
-        raise ValueError(f"{path} is not a {num_classes}-class cost matrix made by "
+        raise ConfigError(f"{path} is not a {num_classes}-class cost matrix made by "
                          f"python -m at.kd_cost_matrix")
     return (1 - torch.exp(-sharpen * cost)).clamp_min(0.0).float() + 1e-8
 
@@ -225,14 +226,14 @@ def check_writable(out: Path) -> None:
     take hours (ImageNet). The probe is a real file created next to `out` (permission bits alone
     do not tell: read-only mounts, root, ACLs) and removed again."""
     if out.is_dir():
-        raise ValueError(f"--out {out} is a directory; give a file name such as {out / 'cost.pt'}")
+        raise ConfigError(f"--out {out} is a directory; give a file name such as {out / 'cost.pt'}")
     if not out.parent.is_dir():
         what = "is not a directory" if out.parent.exists() else "does not exist"
-        raise ValueError(f"cannot write --out {out}: {out.parent} {what}")
+        raise ConfigError(f"cannot write --out {out}: {out.parent} {what}")
     try:
         fd, probe = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".probe", dir=out.parent)
     except OSError as err:
-        raise ValueError(f"cannot write --out {out} ({err.strerror or err})") from None
+        raise ConfigError(f"cannot write --out {out} ({err.strerror or err})") from None
     os.close(fd)
     os.unlink(probe)
 
@@ -255,7 +256,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", help="dataset directory (default: the run's data.root)")
     p.add_argument("--workers", type=int, default=8, help="image-decoding processes (ImageNet)")
     args = p.parse_args(argv)
-    from eval.common import EvalError
     out = Path(args.out)
     try:
         check_writable(out)
@@ -265,10 +265,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             ckpt.atomic_save(result, out)  # the temporary file goes if this fails
         except OSError as err:  # a full disk, or the place went away during the computation
-            raise ValueError(f"cannot write --out {out} ({err.strerror or err})") from None
-    except (EvalError, ValueError, FileNotFoundError) as err:
-        print(f"at.kd_cost_matrix: error: {err}", file=sys.stderr)
-        return 1
+            raise ConfigError(f"cannot write --out {out} ({err.strerror or err})") from None
+    except USER_ERRORS as err:
+        return report("at.kd_cost_matrix", err)
     c = result["cost"]
     print(f"{args.out}: {result['kind']} cost, {len(c)} classes, off-diagonal mean "
           f"{(c.sum() - c.diag().sum()) / (len(c) ** 2 - len(c)):.4f}")

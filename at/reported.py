@@ -15,11 +15,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from .errors import ConfigError
+
 FIELDS = ("clean", "autoattack", "norm", "eps", "source", "seeds", "runs")
-NORMS = ("linf", "l2")
+NORMS = ("linf", "l2", "l1")
 
 
-class ReportedError(ValueError):
+class ReportedError(ConfigError):
     """A malformed `reported:` block; the message is one line naming the field."""
 
 

@@ -112,3 +112,30 @@ def plot_curves(records: list[dict], path: Path, best_on: str = "model") -> None
     fig = curves_figure(records, best_on)
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
+
+
+def _fmt(value) -> str:
+    return "   -  " if value is None else f"{value:6.2f}"
+
+
+def epoch_line(r: dict, epochs: int) -> str:
+    """One epoch's metrics record as the line at.train prints."""
+    losses = " ".join(f"{k[5:] or 'total'} {v:.4f}" for k, v in r.items() if k.startswith("loss"))
+    train_acc = r.get("train_adv_acc", r.get("train_clean_acc"))
+    return (f"epoch {r['epoch']:>3}/{epochs}  lr {r['lr']:.4f}  eps {r['eps'] * 255:.2f}/255 "
+            f"x{r['attack_steps']}  {losses}  train {'adv' if 'train_adv_acc' in r else 'clean'} "
+            f"{_fmt(train_acc)}  val clean "
+            f"{_fmt(r.get('val_clean_acc'))} pgd {_fmt(r.get('val_robust_acc'))}  test clean "
+            f"{_fmt(r.get('test_clean_acc'))}  {r['train_seconds']:.0f}s+{r['eval_seconds']:.0f}s")
+
+
+def final_table(result: dict, cfg: dict) -> str:
+    """final.json's rows as the table at.train prints at the end."""
+    steps = cfg["eval"]["pgd_steps"]
+    eps = cfg["attack"]["eps"] * 255
+    lines = [f"final test accuracy (%), PGD-{steps} at eps {eps:.4g}/255 ({cfg['attack']['norm']})",
+             f"{'weights':<10}{'epoch':>6}{'clean':>9}{'PGD':>9}"]
+    for name, row in result.items():
+        lines.append(f"{name:<10}{row['epoch']:>6}{_fmt(row['test_clean_acc']):>9}"
+                     f"{_fmt(row.get('test_robust_acc')):>9}")
+    return "\n".join(lines)

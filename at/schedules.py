@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import math
-
-from .methods.base import AttackBudget
+from dataclasses import dataclass
 
 LR_SCHEDULES = ("cosine", "piecewise", "onecycle", "constant")
 ATTACK_SCHEDULES = ("fixed", "dkl_high", "dkl_high_intended")
@@ -64,6 +63,23 @@ def lr_at(optim_cfg: dict, epoch: int) -> float:
     if kind == "piecewise":
         return lr * optim_cfg["lr_decay"] ** sum(epoch >= m for m in optim_cfg["milestones"])
     return lr
+
+
+@dataclass(frozen=True)
+class AttackBudget:
+    """One epoch's inner-maximisation settings (radius and step on the [0,1] scale; `bn`: how
+    BatchNorm normalises during the attack, attacks.BN_MODES)."""
+    eps: float
+    step_size: float
+    steps: int
+    norm: str = "linf"
+    init: str = "normal"
+    clamp_init: bool = True
+    bn: str = "eval"
+
+    def pgd_kwargs(self) -> dict:
+        return dict(eps=self.eps, step_size=self.step_size, steps=self.steps, norm=self.norm,
+                    init=self.init, clamp_init=self.clamp_init)
 
 
 def attack_budget(attack_cfg: dict, epoch: int, epochs: int) -> AttackBudget:

@@ -26,20 +26,23 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .errors import ConfigError
+
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 # torch.compile's modes; "default" passes no mode. The max-autotune ones benchmark alternative GPU
 # kernels while compiling (minutes), reduce-overhead adds CUDA graphs.
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def check(speed: dict) -> list[str]:
-    """Error messages for invalid `speed` settings (empty when valid)."""
-    errors = [f"speed.{key} must be one of {', '.join(PRECISIONS)}, got {speed[key]!r}"
-              for key in ("attack_precision", "update_precision") if speed[key] not in PRECISIONS]
+def check(speed: dict) -> None:
+    """ConfigError (one line) for an invalid `speed` config section."""
+    for key in ("attack_precision", "update_precision"):
+        if speed[key] not in PRECISIONS:
+            raise ConfigError(f"speed.{key} must be one of {', '.join(PRECISIONS)}, "
+                              f"got {speed[key]!r}")
     if speed.get("compile_mode", "default") not in COMPILE_MODES:
-        errors.append(f"speed.compile_mode must be one of {', '.join(COMPILE_MODES)}, "
-                      f"got {speed['compile_mode']!r}")
-    return errors
+        raise ConfigError(f"speed.compile_mode must be one of {', '.join(COMPILE_MODES)}, "
+                          f"got {speed['compile_mode']!r}")
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:

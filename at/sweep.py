@@ -30,7 +30,6 @@ others still ran); 75 / 130 stopped by SIGTERM / Ctrl-C (start it again to conti
 from __future__ import annotations
 
 import argparse
-import difflib
 import hashlib
 import importlib.util
 import itertools
@@ -52,7 +51,7 @@ import yaml
 
 from .checkpoint import atomic_write
 from .config import ConfigError, _read_yaml, load_config, parse_value
-from .errors import EXIT_INTERRUPTED, EXIT_PREEMPTED
+from .errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, USER_ERRORS, did_you_mean, report
 
 SPEC_FIELDS = ("base", "overrides", "grid", "random", "seeds", "out_root", "eval", "slurm")
 RANDOM_FIELDS = ("samples", "seed", "params")
@@ -63,7 +62,7 @@ EVAL_MARKER = "sweep_evals.json"  # in a run directory: the evaluations the swee
 SIGNIFICANT = 4  # digits kept of a random draw (the directory name shows the exact value)
 
 
-class SweepError(ValueError):
+class SweepError(ConfigError):
     """A spec or sweep-root problem the user can fix; the message is one line."""
 
 
@@ -113,8 +112,8 @@ def _check_key(path: Path, key: str, where: str, known: dict[str, Any]) -> None:
     if key == "reported" or key.startswith("reported."):
         return  # the published target (at/reported.py) has its own fields
     if key not in known:
-        close = difflib.get_close_matches(key, list(known), n=2, cutoff=0.6)
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        close = did_you_mean(key, known, n=2)
+        hint = f"; {close}" if close else ""
         raise _fail(path, f"{where} key {key!r} is not in the config{hint}")
 
 
@@ -597,9 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C between two runs: nothing is half-written
         print("at.sweep: interrupted; run the same command again to continue", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (SweepError, ConfigError) as err:
-        print(f"at.sweep: error: {err}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as err:
+        return report("at.sweep", err)
     except OSError as err:
         print(f"at.sweep: error: {err.filename or ''}: {err.strerror or err}", file=sys.stderr)
         return 1

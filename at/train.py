@@ -11,9 +11,8 @@ import signal
 import sys
 
 from . import distributed
-from .checkpoint import CheckpointError
-from .config import ConfigError, load_config
-from .errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, Preempted, RunError
+from .config import load_config
+from .errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, USER_ERRORS, Preempted, report
 from .trainer import fit
 
 
@@ -42,10 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C, or one outside the training loop
         print("at.train: interrupted; nothing saved since the last checkpoint", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except (ConfigError, RunError, CheckpointError, ValueError, FileNotFoundError) as err:
-        rank = f" (rank {distributed.rank()})" if distributed.world_size() > 1 else ""
-        print(f"at.train{rank}: error: {err}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as err:
+        return report("at.train", err, distributed.rank() if distributed.world_size() > 1 else None)
     finally:
         distributed.shutdown()
     return 0

@@ -38,10 +38,9 @@ import torch
 import data as datasets
 import models
 from at import speed
-from at.config import ConfigError, load_config
-from at.errors import RunError
+from at.config import load_config
+from at.errors import USER_ERRORS, RunError, report
 from at.schedules import attack_budget
-from eval.common import EvalError
 
 from .floor import FloorStep, forward_units
 from .reference_step import ReferenceStep, loader
@@ -354,9 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     try:
         result = run(args)
-    except (RunError, ConfigError, EvalError, ValueError, FileNotFoundError) as err:
-        print(f"bench.at_step: error: {err}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as err:
+        return report("bench.at_step", err)
     print(table(result))
     if args.json:
         path = Path(args.json)

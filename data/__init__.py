@@ -7,11 +7,12 @@ images); load_dataset() gives one float split for notebooks and evaluation.
 """
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from at.errors import ConfigError, did_you_mean
 
 from .augment import crop_flip, crop_flip_params, random_crop_flip
 from .autoaugment import cifar10_policy, cutout, random_rotate
@@ -75,7 +76,7 @@ def load_splits(name: str, root: str = "data", val_size: int | None = None,
     val_size = DEFAULT_VAL_SIZE[name] if val_size is None else val_size
     x, y = loader("train", root, download)
     if not 0 <= val_size < len(x):
-        raise ValueError(f"val_size must satisfy 0 <= val_size < {len(x)} (the {name} training "
+        raise ConfigError(f"val_size must satisfy 0 <= val_size < {len(x)} (the {name} training "
                          f"set), got {val_size}")
     test_x, test_y = loader("test", root, download)
     return Splits(x[val_size:], y[val_size:], x[:val_size], y[:val_size], test_x, test_y,
@@ -93,14 +94,14 @@ def load_dataset(name: str, split: str = "test", root: str = "data",
     loader = DATASETS[_check_name(name)]
     valid = ("train", "val", "test") if name == "digits" else ("train", "test")
     if split not in valid:
-        raise ValueError(f"unknown split {split!r} for {name}; valid splits: {', '.join(valid)}")
+        raise ConfigError(f"unknown split {split!r} for {name}; valid splits: {', '.join(valid)}")
     x, y = loader("test" if split == "test" else "train", root, download)
     if split == "val":
         x, y = x[:DEFAULT_VAL_SIZE[name]], y[:DEFAULT_VAL_SIZE[name]]
     if n_examples is not None:
         if not 1 <= n_examples <= len(x):
             # Refused rather than clipped: a silently smaller evaluation set misreports results.
-            raise ValueError(f"n_examples must be in [1, {len(x)}] for {name} {split}, "
+            raise ConfigError(f"n_examples must be in [1, {len(x)}] for {name} {split}, "
                              f"got {n_examples}")
         x, y = x[:n_examples], y[:n_examples]
     return to_float(x), y
@@ -108,13 +109,13 @@ def load_dataset(name: str, split: str = "test", root: str = "data",
 
 def _check_name(name: str) -> str:
     if name in FOLDER_DATASETS:
-        raise ValueError(f"{name} is an image-file dataset, not loaded into memory: its splits "
+        raise ConfigError(f"{name} is an image-file dataset, not loaded into memory: its splits "
                          f"come from load_folder_splits and are evaluated by at.train")
     if name not in DATASETS:
         known = [*DATASETS, *FOLDER_DATASETS]
-        close = difflib.get_close_matches(str(name), known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(f"unknown dataset {name!r}{hint}; valid names: {', '.join(known)}")
+        hint = did_you_mean(name, known)
+        hint = f" ({hint})" if hint else ""
+        raise ConfigError(f"unknown dataset {name!r}{hint}; valid names: {', '.join(known)}")
     return name
 
 

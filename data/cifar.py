@@ -13,8 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from at.errors import UserError
 
-class CorruptDataError(ValueError):
+
+class CorruptDataError(UserError, ValueError):
     """A dataset file exists but cannot be read or holds unexpected contents (one-line message)."""
 
 

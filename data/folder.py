@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from at.errors import UserError
+
 from .loader import to_float
 
 FOLDER_AUGMENTATIONS = ("resized_crop_flip", "none")
@@ -38,7 +40,7 @@ LT_LISTS = {"train": "ImageNet_LT_train.txt", "val": "ImageNet_LT_val.txt",
 CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 
 
-class FolderDataError(ValueError):
+class FolderDataError(UserError, ValueError):
     """A missing or malformed dataset directory, split list or image file."""
 
 

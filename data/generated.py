@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from at.errors import UserError
+
 IMAGE_SHAPE = (32, 32, 3)  # HWC uint8, as the published files
 IMAGE_BYTES = 32 * 32 * 3
 
 
-class GeneratedSetError(ValueError):
+class GeneratedSetError(UserError, ValueError):
     """A generated-set directory that is missing, incomplete or does not fit the dataset."""
 
 

@@ -30,13 +30,15 @@ from pathlib import Path
 
 import numpy as np
 
+from at.errors import USER_ERRORS, UserError, report
+
 from .generated import IMAGE_BYTES, IMAGE_SHAPE
 
 PROGRESS = ".prepare_progress.json"
 OUTPUTS = ("images.npy", "labels.npy")
 
 
-class PrepareError(Exception):
+class PrepareError(UserError):
     """An input or output problem, reported as one line."""
 
 
@@ -346,9 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prepare(args.inputs, args.out, args.num_classes, chunk=args.chunk,
                 log=lambda m: print(m, file=sys.stderr))
-    except PrepareError as err:
-        print(f"prepare_generated: error: {err}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as err:
+        return report("prepare_generated", err)
     return 0
 
 

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from at.errors import USER_ERRORS
+from at.errors import report as report_error
 from at.evaluate import correct
 from attacks import frozen, pgd
 
@@ -431,9 +433,8 @@ def main(argv: list[str] | None = None) -> int:
             report = audit(t, n_ex=args.n_ex, eps=args.eps, norm=args.norm,
                            surrogate=surrogate, sweep=sweep, budget=QUICK if args.quick else FULL,
                            batch_size=resolve_batch_size(args.batch_size, t), seed=args.seed)
-    except (EvalError, FileNotFoundError, ValueError) as err:
-        print(f"eval.audit: error: {err}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as err:
+        return report_error("eval.audit", err)
     print(table(report))
     print(f"-> {report['path']}")
     return 3 if args.strict and report["verdict"] == "warn" else 0

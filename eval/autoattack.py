@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from at import checkpoint as ckpt
+from at.errors import USER_ERRORS, report
 
 from . import aa_flags
 from .common import (
@@ -330,9 +331,8 @@ def main(argv: list[str] | None = None) -> int:
                          chunk_size=args.chunk_size,
                          attacks=args.attacks.split(",") if args.attacks else None,
                          progress=sys.stderr.isatty(), shard=shard, merge=args.merge)
-    except (EvalError, FileNotFoundError, ValueError) as err:
-        print(f"eval.autoattack: error: {err}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as err:
+        return report("eval.autoattack", err)
     if shard is not None:
         print(f"shard {r['shard']}: {r['chunks']} chunks done ({r['chunks_reused']} reused); "
               f"merge with --merge once every shard is done")
@@ -377,17 +377,15 @@ def _shards_then_merge(args: argparse.Namespace, world: int, rank: int, dist) ->
                       chunk_size=args.chunk_size,
                       attacks=args.attacks.split(",") if args.attacks else None, progress=False)
         evaluate(t, **common, shard=(rank, world))
-    except (EvalError, FileNotFoundError, ValueError) as err:
-        print(f"eval.autoattack: error (rank {rank}): {err}", file=sys.stderr)
-        status = 1
+    except USER_ERRORS as err:
+        status = report("eval.autoattack", err, rank)
     failed = torch.tensor([status])
     dist.all_reduce(failed)  # doubles as the barrier
     try:
         if rank == 0 and not int(failed):
             _report(t, evaluate(t, **common, merge=True))
-    except (EvalError, FileNotFoundError, ValueError) as err:
-        print(f"eval.autoattack: error: {err}", file=sys.stderr)
-        status = 1
+    except USER_ERRORS as err:
+        status = report("eval.autoattack", err)
     finally:
         dist.destroy_process_group()
     return status or int(bool(int(failed)))

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import data as datasets
+from at.errors import USER_ERRORS, report
 from at.evaluate import correct
 
 from .common import (
@@ -160,9 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             r = evaluate(t, args.corruptions_root, n_ex=args.n_ex,
                          corruptions=args.corruptions.split(",") if args.corruptions else None,
                          severities=severities, batch_size=resolve_batch_size(batch, t))
-    except (EvalError, FileNotFoundError) as err:
-        print(f"eval.corruptions: error: {err}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as err:
+        return report("eval.corruptions", err)
     for c in r["corruptions"]:
         row = "  ".join(f"{r['accuracy'][c][str(s)]:6.2f}" for s in r["severities"])
         print(f"{c:18s} {row}   mean {r['mean_per_corruption'][c]:6.2f}")

@@ -31,6 +31,7 @@ from torch import nn
 import data as datasets
 import models
 from at import checkpoint as ckpt
+from at.errors import USER_ERRORS, report
 from models import NORMALIZATION
 
 from .common import (
@@ -373,9 +374,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.reported is not None and not 0 <= args.reported <= 100:  # NaN fails too
             raise EvalError(f"--reported must be a percentage in [0, 100], got {args.reported}")
         paths, card, card_source = export(args)
-    except (EvalError, FileNotFoundError, ValueError) as err:
-        print(f"eval.export_robustbench: error: {err}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as err:
+        return report("eval.export_robustbench", err)
     print(f"{args.name}: {card['architecture']} {card['dataset']} eps {card['eps']}: clean "
           f"{card['clean_acc']}%  AutoAttack {card['autoattack_acc']}% (from {card_source}) -> "
           f"{', '.join(str(p) for p in paths.values())}")

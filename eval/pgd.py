@@ -14,6 +14,7 @@ import argparse
 import sys
 import time
 
+from at.errors import USER_ERRORS, report
 from at.evaluate import correct
 
 from .common import (
@@ -91,9 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                          step_size=args.step_size, norm=args.norm,
                          batch_size=resolve_batch_size(args.batch_size, t),
                          seed=args.seed)
-    except (EvalError, FileNotFoundError, ValueError) as err:
-        print(f"eval.pgd: error: {err}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as err:
+        return report("eval.pgd", err)
     print(f"{t.arch} {t.dataset} ({t.weights}): clean {r['clean_acc']:.2f}%  "
           f"{args.attack.upper()}-{r['steps']} {r['norm']} {r['eps']}: {r['robust_acc']:.2f}% "
           f"on {r['n_ex']} images")

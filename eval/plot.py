@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from at.errors import USER_ERRORS, report
+
 from .common import EvalError
 
 
@@ -117,9 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                      for label, run in zip(labels, args.runs)]
         out = args.out or _results_dir(args.runs[0]) / f"robustness_{args.weights}.png"
         path = draw(collected, out, args.norm)
-    except EvalError as err:
-        print(f"eval.plot: error: {err}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as err:
+        return report("eval.plot", err)
     print(f"-> {path}")
     return 0
 

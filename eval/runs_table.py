@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from at.errors import UserError
+
 # Keys that do not change what a run trains: runs differing only in these are seeds of a point.
 NEUTRAL = ("seed", "out_dir", "device", "data.root", "data.download", "data.workers",
            "data.lists", "log.", "checkpoint.", "eval.batch_size", "speed.compile",
@@ -30,7 +32,7 @@ TITLES = {"val_pgd_best": "val PGD best", "val_pgd_last": "val PGD last",
           "autoattack": "AutoAttack"}
 
 
-class RunsError(RuntimeError):
+class RunsError(UserError, RuntimeError):
     """A path that holds no runs, or an unreadable run file; the message is one line."""
 
 

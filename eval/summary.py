@@ -19,10 +19,12 @@ from pathlib import Path
 
 import yaml
 
+from at.errors import USER_ERRORS, UserError, report
+
 from . import runs_table
 
 
-class SummaryError(RuntimeError):
+class SummaryError(UserError, RuntimeError):
     """A run directory or result file that cannot be summarised; the message is one line."""
 
 
@@ -126,9 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         if not rows:
             raise SummaryError(f"no evaluation results in {paths[0]} (final.json or "
                                f"eval/*.json)")
-    except SummaryError as err:
-        print(f"eval.summary: error: {err}", file=sys.stderr)
-        return 1
+    except USER_ERRORS as err:
+        return report("eval.summary", err)
     print(table(rows))
     return 0
 
@@ -148,9 +149,8 @@ def _many(paths: list[Path], args: argparse.Namespace) -> int:
                 g.label["seed"] = g.runs[0].config.get("seed")
         if args.plot:
             runs_table.plot(groups, differing, Path(args.plot))
-    except (runs_table.RunsError, OSError) as err:
-        print(f"eval.summary: error: {err}", file=sys.stderr)
-        return 1
+    except (*USER_ERRORS, OSError) as err:  # an unreadable file of a run, too
+        return report("eval.summary", err)
     warnings = runs_table.eps_warnings(runs)
     for w in warnings:
         print(f"eval.summary: warning: {w}", file=sys.stderr)

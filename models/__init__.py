@@ -6,11 +6,13 @@ All models take N x 3 x H x W inputs in [0, 1] and return N x num_classes logits
 """
 from __future__ import annotations
 
-import difflib
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
+
+from at.errors import ConfigError, did_you_mean
+from data import FOLDER_DATASETS
 
 from .cifar_resnet import CifarResNet, CifarResNet50, cifar_resnet, normalized_builder
 from .imagenet import NETWORKS as _IMAGENET_NETWORKS
@@ -81,7 +83,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 # ImageNet-sized networks, for the image-file datasets (the same name may mean a CIFAR network
 # in MODELS: resnet50).
-IMAGENET_DATASETS = ("imagenet", "imagenet_lt")
+IMAGENET_DATASETS = FOLDER_DATASETS  # the old name, kept for callers
 IMAGENET_MODELS: dict[str, Callable[..., nn.Module]] = {
     name: imagenet_builder(name) for name in _IMAGENET_NETWORKS}
 
@@ -99,16 +101,16 @@ def build_model(name: str, num_classes: int, dataset: str | None = None,
     in-model normalization of the swish models; other/None falls back to CIFAR-100
     stats iff num_classes == 100 (RobustBench's convention). Extra kwargs (e.g.
     `bn_momentum`) go to the constructor."""
-    registry = IMAGENET_MODELS if dataset in IMAGENET_DATASETS else MODELS
+    registry = IMAGENET_MODELS if dataset in FOLDER_DATASETS else MODELS
     if name not in registry:
         valid = sorted(registry)
         msg = f"unknown model {name!r}; valid: {', '.join(valid)}"
-        close = difflib.get_close_matches(name.lower(), valid, n=1)
-        if close:
-            msg += f"; did you mean {close[0]!r}?"
-        raise ValueError(msg)
+        hint = did_you_mean(name.lower(), valid)
+        if hint:
+            msg += f"; {hint}"
+        raise ConfigError(msg)
     if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
     if registry is IMAGENET_MODELS:
         return registry[name](num_classes, **kwargs)
     if name in _DATASET_AWARE:

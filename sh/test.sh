@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Run the test suite on CPU. Creates .venv on first use, installs the requirements, runs pytest.
-# Extra arguments go to pytest (e.g. `bash sh/test.sh -k losses`).
+# Extra arguments go to pytest (e.g. `bash sh/test.sh -k losses`). `--fast` (first argument) leaves
+# out the end-to-end tests marked slow: a check to run while editing (CI runs everything).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+select=()
+if [ "${1:-}" = --fast ]; then select=(-m "not slow"); shift; fi
 source sh/venv.sh
 pip_install -r requirements-test.txt
 # robustbench's wheel declares heavy dependencies and its __init__ imports a module the wheel does not
@@ -10,7 +13,7 @@ pip_install -r requirements-test.txt
 pip_install --no-deps robustbench==1.1.1
 export CUDA_VISIBLE_DEVICES="" WANDB_MODE=disabled MPLBACKEND=Agg
 set +e
-python -m pytest -q -p no:cacheprovider --timeout=900 --durations=15 tests "$@"
+python -m pytest -q -p no:cacheprovider --timeout=900 --durations=15 "${select[@]}" tests "$@"
 rc=$?
 set -e
 # pytest exits 5 when it collected nothing: that is a failure, not a pass.

@@ -1,7 +1,4 @@
 #!/usr/bin/env bash
 # IKL-AT on CIFAR-100, WRN-34-10 (DKL a3 b20 T4; paper: clean 66.51 / AutoAttack 31.43).
 # Extra dotted.key=value arguments override the config, e.g. optim.epochs=1 out_dir=runs/try
-set -euo pipefail
-cd "$(dirname "$0")/.."
-source sh/venv.sh
-exec python -m at.train -c configs/cifar100/ikl_at.yaml "$@"
+exec bash "$(dirname "$0")/train.sh" configs/cifar100/ikl_at.yaml "$@"

@@ -6,13 +6,12 @@
 # wkd_l configs need the teacher's cost matrix first: python -m at.kd_cost_matrix (see the config).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source sh/venv.sh
 name="${1:?usage: sh/train_kd_cifar100.sh teacher MODEL | CONFIG_NAME [key=value ...]}"
 shift
 if [ "$name" = teacher ]; then
   model="${1:?usage: sh/train_kd_cifar100.sh teacher MODEL (e.g. resnet32x4, wrn-40-2)}"
   shift
-  exec python -m at.train -c configs/cifar100/kd/teacher.yaml "model.name=$model" \
+  exec bash sh/train.sh configs/cifar100/kd/teacher.yaml "model.name=$model" \
     "out_dir=runs/cifar100_teacher_$model" "$@"
 fi
 config="configs/cifar100/kd/$name.yaml"
@@ -20,4 +19,4 @@ if [ ! -f "$config" ]; then
   echo "sh/train_kd_cifar100.sh: no $config; choose one of: $(ls configs/cifar100/kd | sed 's/\.yaml$//' | tr '\n' ' ')" >&2
   exit 1
 fi
-exec python -m at.train -c "$config" "$@"
+exec bash sh/train.sh "$config" "$@"

@@ -9,6 +9,18 @@ from at.config import REPO_ROOT, load_config
 from at.trainer import fit
 
 DIGITS = REPO_ROOT / "configs" / "digits" / "ikl_at.yaml"
+# Fixtures that train a run: every test using one is end-to-end, hence `slow` (sh/test.sh --fast
+# leaves it out), wherever it is defined.
+TRAINING_FIXTURES = {"learned", "ikl_run", "cost_file", "trained", "run10", "run100",
+                     "teacher_run"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 # A short IKL-AT schedule on the digits: the demo's recipe, 8 of its 15 epochs.
 LEARN = ["optim.epochs=8", "eval.every=100"]
 

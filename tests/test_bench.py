@@ -18,6 +18,7 @@ from bench.floor import FloorStep, forward_units
 from bench.reference_step import ReferenceStep, naive_ikl
 
 
+@pytest.mark.slow
 def test_harness_smoke_run_writes_every_figure(tmp_path, capsys):
     out = tmp_path / "result.json"
     code = at_step.main(["--model", "wrn-16-1", "--batch", "8", "--attack-steps", "2",
@@ -36,6 +37,7 @@ def test_harness_smoke_run_writes_every_figure(tmp_path, capsys):
     assert "ours" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_harness_refuses_bad_input_in_one_line(capsys):
     assert at_step.main(["--model", "wrn-16-100", "--device", "cpu", "--steps", "1"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
@@ -128,6 +130,7 @@ def test_evaluation_batch_size_auto_and_its_validation():
             _batch_size(bad)
 
 
+@pytest.mark.slow
 def test_imagenet_data_bench_smoke_run(tmp_path):
     from bench import imagenet_data
     out = tmp_path / "data.json"

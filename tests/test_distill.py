@@ -16,6 +16,9 @@ from at.kd_cost_matrix import main as cost_matrix_main
 from at.schedules import attack_budget
 from at.trainer import Trainer, fit
 
+# End-to-end runs: left out of the fast tier (sh/test.sh --fast).
+pytestmark = pytest.mark.slow
+
 STUDENT = ["model.name=resnet20", "method.name=distill", "data.val_size=0",
            "eval.final_pgd=false", "log.plot=false"]
 

@@ -34,6 +34,9 @@ from test_preemption import DRIVER
 import models
 from at import checkpoint as ckpt
 
+# End-to-end runs: left out of the fast tier (sh/test.sh --fast).
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["-c", "configs/digits/ikl_at.yaml", "device=cpu", "optim.batch_size=255",
           "optim.schedule=constant", "optim.lr=0.002", "data.augment=none", "attack.init=none",

@@ -229,6 +229,7 @@ def test_standard_training_on_imagenet_layout_learns(teacher_run):
     assert result["last"]["test_clean_acc"] >= 60.0  # chance: 10 %
 
 
+@pytest.mark.slow
 def test_distillation_from_an_imagenet_layout_run(fake, teacher_run, tmp_path):
     root, _ = fake
     teacher_dir, teacher_result = teacher_run
@@ -242,7 +243,7 @@ def test_distillation_from_an_imagenet_layout_run(fake, teacher_run, tmp_path):
     before = {k: v.clone() for k, v in trainer.method.teacher.state_dict().items()}
     teacher = trainer.method.teacher
     # the teacher is the run's last weights: its test accuracy as the teacher run measured it
-    acc = trainer._acc(trainer.eval_sets["test"], teacher)
+    acc = trainer.evaluator.accuracy(trainer.evaluator.eval_sets["test"], teacher)
     assert acc == pytest.approx(teacher_result["last"]["test_clean_acc"])
     result = trainer.fit()
     assert all(torch.equal(v, teacher.state_dict()[k]) for k, v in before.items())
@@ -341,6 +342,7 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow
 def test_preemption_of_the_process_group_saves_and_resumes_exactly(fake, tmp_path):
     import subprocess
 
@@ -400,13 +402,14 @@ def test_shot_accuracies_average_per_class_accuracy_within_each_group():
     assert out["few_shot"] == pytest.approx(50.0)
 
 
+@pytest.mark.slow
 def test_long_tailed_runs_report_accuracy_per_shot(fake, tmp_path):
     root, written = fake
     cfg = _cfg(root, tmp_path / "lt", "data.name=imagenet_lt", "optim.epochs=1",
                "model.name=mobilenetv1")
     trainer = Trainer(cfg)
     counts = Counter(y for _, y in written["lt_train"])
-    assert trainer.train_counts.tolist() == [counts[c] for c in range(10)]
+    assert trainer.evaluator.class_counts.tolist() == [counts[c] for c in range(10)]
     result = trainer.fit()["last"]
     # every class of the fake set has <= 180 training images: many (> 100), medium, few all occur
     groups = {k: result[f"test_{k}_shot_acc"] for k in ("many", "medium", "few")}
@@ -415,6 +418,7 @@ def test_long_tailed_runs_report_accuracy_per_shot(fake, tmp_path):
                                          .splitlines()[0])  # the official validation list
 
 
+@pytest.mark.slow
 def test_two_processes_see_what_one_sees_on_image_files(fake, tmp_path):
     """torchrun, 2 CPU processes (gloo) vs 1, with the learning rate ~0 so that the weights stay
     put and what is compared is the data path itself: the same global batches and crops

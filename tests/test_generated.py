@@ -95,6 +95,7 @@ def _nothing_written(out: Path) -> bool:
     return not out.exists() or not any(out.iterdir())
 
 
+@pytest.mark.slow
 def test_prepare_rejects_truncated_part_before_writing(tmp_path):
     _part(tmp_path / "good.npz", 20, 0)
     _part(tmp_path / "cut.npz", 20, 20)

@@ -15,10 +15,14 @@ import pytest
 import torch
 from conftest import DIGITS, CodeOnLoad
 
+from at import run_dir
 from at.checkpoint import load
 from at.config import REPO_ROOT, load_config
 from at.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, NonFiniteLoss, RunError
 from at.trainer import Trainer, fit
+
+# End-to-end runs: left out of the fast tier (sh/test.sh --fast).
+pytestmark = pytest.mark.slow
 
 # 5 steps per epoch (400 training images: the rest of the digits set is validation; batch 80), AWP
 # from epoch 1 and a per-step EMA, so that their state has to survive too; checkpoint.every_minutes
@@ -137,11 +141,11 @@ class _PoisonedImages(_PoisonedSteps):
     """The calls in `bad` see NaN images: as with a real NaN batch, the train-mode forward also
     writes NaN into the BatchNorm running statistics."""
 
-    def __call__(self, x, y, x_adv, views):
+    def __call__(self, x, y, x_adv):
         self.calls += 1
         if self.calls in self.bad:
             x, x_adv = x * float("nan"), x_adv * float("nan")
-        return self.objective(x, y, x_adv, views)
+        return self.objective(x, y, x_adv)
 
 
 def _quick(out: Path, *extra: str) -> dict:
@@ -200,8 +204,8 @@ def test_no_checkpoint_is_written_with_a_non_finite_tensor(tmp_path):
     with torch.no_grad():
         weight = next(trainer.model.parameters())
         weight[(0,) * weight.dim()] = float("inf")
-    for save in (lambda: trainer._save({"val_robust_acc": 100.0}),  # best.pt and last.pt
-                 lambda: trainer._save_partial(1, {}, 0, 0, 0.0)):
+    for save in (lambda: run_dir.save(trainer, {"val_robust_acc": 100.0}),  # best and last.pt
+                 lambda: run_dir.save_partial(trainer, 1, {}, 0, 0, 0.0)):
         with pytest.raises(NonFiniteLoss, match=r"model\.\S+ holds NaN/inf .*refusing to write"):
             save()
     assert {name: (out / name).read_bytes() for name in before} == before

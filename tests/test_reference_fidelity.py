@@ -199,7 +199,8 @@ def _reference_awp_diff(model, x, y, x_adv, prior_rows, alpha, beta, gamma):
 
 def _awp_added(method, model, x, y, x_adv):
     awp = AWP(model, gamma=5e-3, warmup=0)
-    awp.perturb(lambda: method.awp_loss(model, x, y, x_adv, views=2))
+    method.views = 2  # [basic; second view] batches, as build_method sets it
+    awp.perturb(lambda: method.awp_loss(model, x, y, x_adv))
     names = [n for n, p in model.named_parameters() if p.ndim > 1 and "weight" in n]
     added = dict(zip(names, awp._added))
     awp.restore()
@@ -318,6 +319,7 @@ def test_train_mode_attack_uses_batch_statistics_and_leaves_buffers_alone():
 
 
 # ---- Wang et al.'s BatchNorm momentum of the first step -----------------------------------------
+@pytest.mark.slow
 def test_first_step_bn_momentum_follows_wang_et_al(tmp_path):
     """watrain.py: momentum 1.0 at global step 0, then 0.01. One full-batch step per epoch of
     plain training, so the batch (as a set) and the update are known exactly."""

@@ -8,7 +8,7 @@ import torch
 from conftest import DIGITS
 
 from at.config import load_config
-from at.errors import RunError
+from at.errors import ConfigError
 from at.schedules import attack_budget
 from at.trainer import Trainer
 
@@ -35,13 +35,14 @@ def _steps(trainer: Trainer, x, y, steps: int = 3) -> list[torch.Tensor]:
     losses = []
     for step in range(steps):
         torch.manual_seed(step)  # the same attack starts in both runs
-        _, loss = trainer._forward_backward(x, y, budget, trainer.awp, 1)
+        _, loss = trainer._forward_backward(x, y, budget, trainer.awp)
         trainer.optimizer.step()
         trainer.awp.restore()
         losses.append(loss.detach())
     return losses
 
 
+@pytest.mark.slow
 def test_default_speed_settings_train_exactly_like_the_straightforward_step(tmp_path):
     """channels_last + fused SGD vs NCHW + a loop over tensors, in float64: attack, AWP,
     outer loss and update of three IKL-AT steps agree to rounding (1e-9 of the weights' motion)."""
@@ -64,6 +65,7 @@ def test_default_speed_settings_train_exactly_like_the_straightforward_step(tmp_
     assert motion > 1e-3 and gap <= 1e-9 * motion, (float(gap), float(motion))
 
 
+@pytest.mark.slow
 def test_bf16_autocast_stays_close_to_float32(tmp_path):
     """Opt-in bf16 for the attack and the update: float32 logits, a valid perturbation, and
     the first step's loss within a few percent of float32's."""
@@ -92,7 +94,7 @@ def test_bf16_autocast_stays_close_to_float32(tmp_path):
 
 
 def test_unknown_precision_is_refused(tmp_path):
-    with pytest.raises(RunError, match="speed.attack_precision must be one of float32, bfloat16"):
+    with pytest.raises(ConfigError, match="speed.attack_precision must be one of float32, bfloat"):
         _trainer(tmp_path, "bad", "speed.attack_precision=fp16")
 
 
@@ -112,6 +114,7 @@ def _count_host_reads(monkeypatch) -> list[str]:
     return calls
 
 
+@pytest.mark.slow
 def test_training_steps_read_nothing_back_from_the_device(tmp_path, monkeypatch):
     """Metrics stay on the device until the log interval: an epoch of 8 steps reads the device
     exactly as often as an epoch of 2 (on a GPU each read would stall the pipeline)."""
@@ -131,6 +134,7 @@ def test_training_steps_read_nothing_back_from_the_device(tmp_path, monkeypatch)
 
 
 @pytest.mark.cuda
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_training_steps_never_synchronise(tmp_path):
     t = _trainer(tmp_path, "cuda", "device=cuda", "optim.batch_size=16", "log.interval=1000",

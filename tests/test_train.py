@@ -19,6 +19,9 @@ from at.config import REPO_ROOT, load_config
 from at.trainer import fit
 from models import build_model
 
+# End-to-end runs: left out of the fast tier (sh/test.sh --fast).
+pytestmark = pytest.mark.slow
+
 # A fast configuration for plumbing tests: one attack step, no per-epoch validation.
 QUICK = ["attack.schedule=fixed", "attack.steps=1", "attack.step_size=8/255", "eval.every=100",
          "eval.final_pgd=false", "log.plot=false"]

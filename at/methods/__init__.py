@@ -2,8 +2,7 @@
 section of the same name (configs/base.yaml declares them)."""
 from __future__ import annotations
 
-import difflib
-
+from ..errors import ConfigError, did_you_mean
 from .base import AttackBudget, Method, StepOutput
 from .distill import Distill
 from .ikl_at import IKLAT
@@ -22,20 +21,23 @@ METHODS: dict[str, type[Method]] = {
 }
 
 
-def unknown_name(kind: str, name: str, valid) -> ValueError:
+def unknown_name(kind: str, name: str, valid) -> ConfigError:
     """One-line error for a name that is not in a registry, with a close-match suggestion."""
-    close = difflib.get_close_matches(str(name), list(valid), n=1)
-    hint = f" (did you mean {close[0]!r}?)" if close else ""
-    return ValueError(f"unknown {kind} {name!r}{hint}; valid: {', '.join(sorted(valid))}")
+    hint = did_you_mean(name, valid)
+    hint = f" ({hint})" if hint else ""
+    return ConfigError(f"unknown {kind} {name!r}{hint}; valid: {', '.join(sorted(valid))}")
 
 
-def build_method(method_cfg: dict, num_classes: int) -> Method:
-    """Instantiate `method_cfg['name']` with the parameters in `method_cfg[name]`."""
+def build_method(method_cfg: dict, num_classes: int, views: int = 1) -> Method:
+    """Instantiate `method_cfg['name']` with the parameters in `method_cfg[name]`; `views`: views
+    per training batch (2 with data.second_view), fixed for the run."""
     name = method_cfg["name"]
     if name not in METHODS:
         raise unknown_name("method", name, METHODS)
-    return METHODS[name](num_classes, label_smoothing=method_cfg.get("label_smoothing", 0.0),
-                         **(method_cfg.get(name) or {}))
+    method = METHODS[name](num_classes, label_smoothing=method_cfg.get("label_smoothing", 0.0),
+                           **(method_cfg.get(name) or {}))
+    method.views = views
+    return method
 
 
 __all__ = ["METHODS", "build_method", "Method", "StepOutput", "AttackBudget", "unknown_name"]

@@ -12,23 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import distributed
-
-
-@dataclass(frozen=True)
-class AttackBudget:
-    """One epoch's inner-maximisation settings (radius and step on the [0,1] scale; `bn`: how
-    BatchNorm normalises during the attack, attacks.BN_MODES)."""
-    eps: float
-    step_size: float
-    steps: int
-    norm: str = "linf"
-    init: str = "normal"
-    clamp_init: bool = True
-    bn: str = "eval"
-
-    def pgd_kwargs(self) -> dict:
-        return dict(eps=self.eps, step_size=self.step_size, steps=self.steps, norm=self.norm,
-                    init=self.init, clamp_init=self.clamp_init)
+from ..errors import ConfigError
+from ..schedules import AttackBudget  # noqa: F401  (re-exported: methods take it)
 
 
 @dataclass
@@ -39,7 +24,6 @@ class StepOutput:
     logits_adv: Tensor | None = None
     logits_clean: Tensor | None = None
     extra: dict[str, Tensor] = field(default_factory=dict)
-    n_basic: int | None = None  # rows of the basic view when the batch holds two views
 
     def total(self) -> Tensor:
         return torch.stack(list(self.terms.values())).sum()
@@ -54,11 +38,14 @@ class Method(nn.Module):
     accumulators: tuple[str, ...] = ()
     # Methods that weight a second, augmented view of the batch separately (data.second_view).
     supports_views = False
+    # Views per batch, fixed for a run and set once by build_method: with 2 every batch is
+    # [basic view; augmented view] of the same images.
+    views = 1
 
     def __init__(self, num_classes: int, label_smoothing: float = 0.0):
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
-            raise ValueError(f"method.label_smoothing must be in [0, 1), got {label_smoothing}")
+            raise ConfigError(f"method.label_smoothing must be in [0, 1), got {label_smoothing}")
         self.num_classes, self.label_smoothing = num_classes, label_smoothing
 
     def cross_entropy(self, logits: Tensor, y: Tensor) -> Tensor:
@@ -70,18 +57,16 @@ class Method(nn.Module):
         """Inner maximisation: adversarial images for the batch (model left as it was found)."""
         raise NotImplementedError
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor,
-             views: int = 1) -> StepOutput:
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor) -> StepOutput:
         """Outer loss at the current weights. Must not change method state, so that a wrapper
         (e.g. adversarial weight perturbation) may call it more than once per step. With
-        views = 2 the batch is [basic view; augmented view] of the same images."""
+        self.views = 2 the batch is [basic view; augmented view] of the same images."""
         raise NotImplementedError
 
-    def awp_loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor,
-                 views: int = 1) -> Tensor:
+    def awp_loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor) -> Tensor:
         """The scalar adversarial weight perturbation climbs (at/awp.py); by default the outer
         loss. Must not change method state (like `loss`)."""
-        return self.loss(model, x, y, x_adv, views).total()
+        return self.loss(model, x, y, x_adv).total()
 
     def observe(self, y: Tensor, out: StepOutput) -> None:
         """Called once per optimisation step with the outer pass's outputs (statistics)."""

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from attacks import frozen, pgd
 
+from ..errors import ConfigError
 from ..kd_losses import dkd_loss, ikl_kd_terms, kd_loss, wkd_logit_terms
 from .base import AttackBudget, Method, StepOutput, update_class_prior
 
@@ -31,33 +32,35 @@ def load_teacher(path: str, weights: str, arch: str | None, num_classes: int) ->
     model, or torchvision's ImageNet weights (`torchvision:resnet34`), frozen: eval mode, no
     parameter gradients."""
     import models
-    from eval.common import EvalError, load_target
+
+    from ..errors import EvalError
+    from ..target import load_target
     dataset = None
     if path.startswith(models.TORCHVISION_PREFIX):
         if num_classes != 1000:
-            raise ValueError(f"method.distill.teacher {path}: torchvision's weights predict "
+            raise ConfigError(f"method.distill.teacher {path}: torchvision's weights predict "
                              f"1000 ImageNet classes, the data has {num_classes}")
         teacher = models.torchvision_model(path)
     else:
         if not Path(path).exists():
-            raise ValueError(f"method.distill.teacher: {path} does not exist (a run directory, "
+            raise ConfigError(f"method.distill.teacher: {path} does not exist (a run directory, "
                              f"a checkpoint file or torchvision:NAME)")
         if not Path(path).is_dir():
             if arch is None:
-                raise ValueError(f"method.distill.teacher {path} is a checkpoint file: set "
+                raise ConfigError(f"method.distill.teacher {path} is a checkpoint file: set "
                                  f"method.distill.teacher_arch")
             # Which family of networks `arch` names: ImageNet ones for 1000 classes.
             dataset = {1000: "imagenet", 100: "cifar100"}.get(num_classes, "cifar10")
         try:
             teacher = load_target(path, weights, arch, dataset, device="cpu").model
         except EvalError as err:
-            raise ValueError(f"method.distill.teacher: {err}") from None
+            raise ConfigError(f"method.distill.teacher: {err}") from None
     for p in teacher.parameters():
         p.requires_grad_(False)
     with torch.no_grad():
         out = teacher.eval()(torch.zeros(1, 3, 32, 32)).shape[1]
     if out != num_classes:
-        raise ValueError(f"method.distill.teacher {path} predicts {out} classes, the data has "
+        raise ConfigError(f"method.distill.teacher {path} predicts {out} classes, the data has "
                          f"{num_classes}")
     return teacher
 
@@ -89,14 +92,14 @@ class Distill(Method):
         for value, valid, key in ((loss, LOSSES, "loss"), (weights, WEIGHTS, "weights"),
                                   (inputs, INPUTS, "inputs")):
             if value not in valid:
-                raise ValueError(f"method.distill.{key} must be one of {', '.join(valid)}, "
+                raise ConfigError(f"method.distill.{key} must be one of {', '.join(valid)}, "
                                  f"got {value!r}")
         if teacher is None:
-            raise ValueError("method.distill.teacher is required: a run directory or checkpoint")
+            raise ConfigError("method.distill.teacher is required: a run directory or checkpoint")
         if warmup < 1 or temperature <= 0 or prior_temperature <= 0:
-            raise ValueError("method.distill.warmup must be >= 1 and the temperatures > 0")
+            raise ConfigError("method.distill.warmup must be >= 1 and the temperatures > 0")
         if loss == "wkd_l" and cost_matrix is None:
-            raise ValueError("method.distill.loss=wkd_l needs method.distill.cost_matrix "
+            raise ConfigError("method.distill.loss=wkd_l needs method.distill.cost_matrix "
                              "(python -m at.kd_cost_matrix)")
         self.uses_attack = inputs == "adversarial"
         self.loss_name, self.ce_weight, self.kd_weight = loss, ce_weight, kd_weight
@@ -162,8 +165,7 @@ class Distill(Method):
                 return sum(self.distill_terms(model(z), z_t, y).values())
             return pgd(objective, x, **budget.pgd_kwargs())
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor,
-             views: int = 1) -> StepOutput:
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor) -> StepOutput:
         model.train()
         z_t = self._teacher_logits(x)
         inputs = x_adv if self.uses_attack else x

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from attacks import frozen, pgd
 
+from ..errors import ConfigError
 from ..losses import ikl_loss, ikl_terms
 from .base import AttackBudget, Method, StepOutput, update_class_prior
 
@@ -42,17 +43,17 @@ class IKLAT(Method):
                  label_smoothing: float = 0.0):
         super().__init__(num_classes, label_smoothing)
         if version not in ("v1", "v2"):
-            raise ValueError(f"unknown IKL version {version!r}; valid: v1, v2")
+            raise ConfigError(f"unknown IKL version {version!r}; valid: v1, v2")
         if version == "v1" and (gamma != 1.0 or (attack_gamma or 1.0) != 1.0):
-            raise ValueError("method.ikl_at.gamma / attack_gamma apply to version v2 only; "
+            raise ConfigError("method.ikl_at.gamma / attack_gamma apply to version v2 only; "
                              "set them to 1.0 or use version=v2")
         if temperature <= 0:
-            raise ValueError(f"method.ikl_at.temperature must be > 0, got {temperature}")
+            raise ConfigError(f"method.ikl_at.temperature must be > 0, got {temperature}")
         if awp_views not in AWP_VIEWS:
-            raise ValueError(f"method.ikl_at.awp_views must be one of {', '.join(AWP_VIEWS)}, "
+            raise ConfigError(f"method.ikl_at.awp_views must be one of {', '.join(AWP_VIEWS)}, "
                              f"got {awp_views!r}")
         if not 0.0 < prior_momentum <= 1.0:
-            raise ValueError(f"method.ikl_at.prior_momentum must be in (0, 1], "
+            raise ConfigError(f"method.ikl_at.prior_momentum must be in (0, 1], "
                              f"got {prior_momentum}")
         self.alpha, self.beta, self.version, self.gamma = alpha, beta, version, gamma
         self.temperature, self.prior_momentum = temperature, prior_momentum
@@ -78,8 +79,11 @@ class IKLAT(Method):
 
             return pgd(objective, x, **budget.pgd_kwargs())
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor,
-             views: int = 1) -> StepOutput:
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor) -> StepOutput:
+        return self._loss(model, x, y, x_adv, self.views)
+
+    def _loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor,
+              views: int) -> StepOutput:
         """docs/reference.md#two-views: one forward of all 2B images per branch, the robust
         terms averaged per view and the augmented view's weighted by `aug_weight`; the hard-label
         CE over all rows; the prior accumulates the basic view only (`observe`)."""
@@ -95,17 +99,16 @@ class IKLAT(Method):
             wmse, sce = wmse + scale * ikl["wmse"], sce + scale * ikl["sce"]
         terms = {"ce": self.cross_entropy(logits_clean, y), "wmse": self.beta * wmse,
                  "sce": self.alpha * sce}
-        return StepOutput(terms, logits_adv=logits_adv, logits_clean=logits_clean, n_basic=n)
+        return StepOutput(terms, logits_adv=logits_adv, logits_clean=logits_clean)
 
-    def awp_loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor,
-                 views: int = 1) -> Tensor:
-        if views > 1 and self.awp_views == "joint":
-            return self.loss(model, x, y, x_adv, views=1).total()  # all rows as one view
-        return super().awp_loss(model, x, y, x_adv, views)
+    def awp_loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor) -> Tensor:
+        if self.views > 1 and self.awp_views == "joint":
+            return self._loss(model, x, y, x_adv, views=1).total()  # all rows as one view
+        return super().awp_loss(model, x, y, x_adv)
 
     @torch.no_grad()
     def observe(self, y: Tensor, out: StepOutput) -> None:
-        n = len(y) if out.n_basic is None else out.n_basic
+        n = len(y) // self.views  # the basic view
         probs = F.softmax(out.logits_clean[:n].detach().float() / self.temperature, dim=1)
         self.prior_sum.index_add_(0, y[:n], probs.to(self.prior_sum.dtype))
 

@@ -37,8 +37,7 @@ class LBGAT(TRADES):
     def required_forwards(self, beta: float) -> tuple[str, ...]:
         return ("adv", "clean") if beta != 0 else ("adv",)
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor,
-             views: int = 1) -> StepOutput:
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor) -> StepOutput:
         self.natural.train()
         logits = self.run_forwards(model, x, x_adv, grad={"clean": self.beta != 0})
         logits_adv = logits["adv"]

@@ -20,8 +20,7 @@ class PGDAT(Method):
             return pgd(lambda z: F.cross_entropy(model(z), y, reduction="sum"), x,
                        **budget.pgd_kwargs())
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor,
-             views: int = 1) -> StepOutput:
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor) -> StepOutput:
         model.train()
         logits_adv = model(x_adv)
         return StepOutput({"ce_adv": self.cross_entropy(logits_adv, y)}, logits_adv=logits_adv)

@@ -14,8 +14,7 @@ class Standard(Method):
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, budget: AttackBudget) -> Tensor:
         return x
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor,
-             views: int = 1) -> StepOutput:
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor) -> StepOutput:
         model.train()
         logits = model(x)
         return StepOutput({"ce": self.cross_entropy(logits, y)}, logits_clean=logits)

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from attacks import frozen, pgd
 
 from ..bn_stats import BNUpdate
+from ..errors import ConfigError
 from ..losses import trades_kl
 from .base import AttackBudget, Method, StepOutput
 
@@ -19,7 +20,7 @@ def parse_forwards(spec: str, key: str, required: tuple[str, ...] = BRANCHES) ->
     """'clean,adv,clean' -> ('clean', 'adv', 'clean'); ValueError (one line) for a bad spec."""
     order = tuple(part.strip() for part in str(spec).split(","))
     if any(b not in BRANCHES for b in order) or any(b not in order for b in required):
-        raise ValueError(f"{key} must be a comma-separated order of the train-mode forwards "
+        raise ConfigError(f"{key} must be a comma-separated order of the train-mode forwards "
                          f"'clean' and 'adv' (each of {', '.join(required)} at least once), "
                          f"e.g. 'clean,adv,clean'; got {spec!r}")
     return order
@@ -83,8 +84,7 @@ class TRADES(Method):
                 updates[branch] = update
         return logits
 
-    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor,
-             views: int = 1) -> StepOutput:
+    def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor) -> StepOutput:
         logits = self.run_forwards(model, x, x_adv)
         logits_clean, logits_adv = logits["clean"], logits["adv"]
         terms = {"ce": self.cross_entropy(logits_clean, y),
