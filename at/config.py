@@ -174,11 +174,16 @@ def _with_reported(cfg: dict, layer: dict, source: str) -> dict:
 
 
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> dict:
-    """Resolve base.yaml <- experiment YAML at `path` <- overrides (later wins)."""
+    """Resolve base.yaml <- experiment YAML at `path` <- overrides (later wins), then check the
+    values (at/config_check.py: each section by the module that owns it), so that a bad value
+    stops the command here, before any data is read or any directory written."""
     cfg = _read_yaml(BASE_CONFIG)
     if path is not None:
         cfg = _with_reported(cfg, _read_yaml(Path(path)), str(path))
-    return _with_reported(cfg, parse_overrides(overrides), "command line")
+    cfg = _with_reported(cfg, parse_overrides(overrides), "command line")
+    from .config_check import check_config  # imports the sections' owners, which import this
+    check_config(cfg)
+    return cfg
 
 
 def git_state() -> dict:

@@ -8,6 +8,7 @@ from attacks.pgd import INITS, NORMS, eps_problem
 from attacks.utils import BN_MODES
 
 from . import averaging, speed
+from .early_stop import EarlyStop
 from .errors import RunError
 from .schedules import ATTACK_SCHEDULES, LR_SCHEDULES
 
@@ -91,6 +92,7 @@ def check_config(cfg: dict) -> None:
     # The sections whose modules check them (ConfigError).
     speed.check(cfg["speed"])
     averaging.check_config(cfg["avg"])
+    EarlyStop.from_config(cfg)  # train.early_stop
 
 
 def _cycle_ok(cycle, schedule: str) -> bool:

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from at.config import load_config
-from at.errors import RunError
-from at.trainer import RESUMABLE_CHANGES, check_config
+from at.errors import ConfigError
+from at.trainer import RESUMABLE_CHANGES
 from bench import device_sections
 from bench.device_check import SECTIONS
 from eval.precision import evaluation_precision, tf32_enabled
@@ -205,9 +205,8 @@ def test_eval_clis_run_under_the_chosen_tf32_setting_and_record_it(
 
 def test_compile_mode_is_checked_and_passed_to_torch_compile(monkeypatch):
     from at import speed
-    cfg = load_config(None, ["speed.compile_mode=fastest"])
-    with pytest.raises(RunError, match="speed.compile_mode must be one of default, "):
-        check_config(cfg)
+    with pytest.raises(ConfigError, match="speed.compile_mode must be one of default, "):
+        load_config(None, ["speed.compile_mode=fastest"])  # checked when the config is loaded
     modes = []
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: modes.append(kw["mode"]))
     base = load_config(None, ["speed.compile=true"])["speed"]

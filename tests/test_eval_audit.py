@@ -76,6 +76,11 @@ def test_honest_model_passes_and_masked_models_warn_on_the_right_checks(models, 
     assert saved["sweep"]["robust_acc"][0] == saved["clean_acc"]
     assert (t.out_dir / "robustness_best.png").stat().st_size > 1000
 
+    # The masked models' surrogate is the same network unmasked: its adversarial examples carry
+    # over exactly (masking leaves the argmax alone), so transfer must beat the failing white-box
+    # attack by a wide margin. A standard-trained surrogate transfers weakly to an adversarially
+    # trained network, and on 24 images its margin over the threshold is a matter of chance.
+    kwargs["surrogate"] = t
     scaled = audit.audit(masked(t, ScaledLogits, tmp_path), **kwargs)
     print(audit.table(scaled))
     status = _statuses(scaled)
