@@ -12,7 +12,7 @@ DIGITS = REPO_ROOT / "configs" / "digits" / "ikl_at.yaml"
 # Fixtures that train a run: every test using one is end-to-end, hence `slow` (sh/test.sh --fast
 # leaves it out), wherever it is defined.
 TRAINING_FIXTURES = {"learned", "ikl_run", "cost_file", "trained", "run10", "run100",
-                     "teacher_run"}
+                     "teacher_run", "sweeps"}
 
 
 def pytest_collection_modifyitems(config, items):

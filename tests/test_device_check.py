@@ -53,6 +53,7 @@ def _results(out: Path) -> dict[str, dict]:
     return {p.stem.split("_", 1)[1]: json.loads(p.read_text()) for p in out.glob("*.json")}
 
 
+@pytest.mark.slow
 def test_cpu_quick_check_runs_every_quick_section_and_writes_the_table(tmp_path):
     proc = _check("--device", "cpu", "--quick", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -86,6 +87,7 @@ def test_cpu_quick_check_runs_every_quick_section_and_writes_the_table(tmp_path)
     assert "| section | status | key figures | time |" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_hung_or_failing_section_stops_nothing_else(tmp_path):
     # (a) cannot start Python and import torch in 0.5 s: it is killed; the next section still
     # runs. Asking for CUDA where there is none fails (a) instead: the exit status reports it.

@@ -262,6 +262,7 @@ def test_ranges_random_search_and_names_are_stable(tmp_path):
     assert all(r.config["attack"]["steps"] == r.overrides["attack.steps"] for r in runs)
 
 
+@pytest.mark.slow
 def test_early_stop_counts_validations_and_restores_from_the_records(tmp_path):
     es = EarlyStop("val_robust_acc", patience=2)
     seen = [es.observe({"epoch": e, "val_robust_acc": v})
