@@ -11,7 +11,8 @@ stage timings extrapolated to 10,000 images, (f) the generated-data loader again
 only; --quick runs (a)-(c) without max-autotune. Each section runs in its own process group under
 its own timeout (and within what is left of --budget), so a failure or a hang stops nothing else;
 each writes <out>/<device>_<section>.json, and the summary table is printed at the end and written
-to <out>/<device>_summary.md. On a CPU the sizes are tiny (the form the test suite runs).
+to <out>/<device>_summary.txt (a Markdown table). On a CPU the sizes are tiny (the form the
+test suite runs).
 """
 from __future__ import annotations
 
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"Device check on {args.slug} ({args.device}, {args.size} sizes"
               f"{', quick' if args.quick else ''}), {when}, {total:.0f} s in all")
     text = table(rows, header)
-    (args.out / f"{args.slug}_summary.md").write_text(text)
+    (args.out / f"{args.slug}_summary.txt").write_text(text)
     print("\n" + text)
     bad = [r for r in rows if r["status"] not in ("ok", "skipped")]
     return 1 if bad else 0

@@ -1,6 +1,7 @@
-"""AutoAttack's own warnings ("flags", Croce & Hein, ICML 2020, arXiv 2003.01690, and the
-`flags_doc.md` of their repository), computed the way pyautoattack's `checks` module computes
-them, but from the whole evaluation rather than from one `run_standard_evaluation` call.
+"""AutoAttack's own warnings ("flags", Croce & Hein, ICML 2020, arXiv 2003.01690, and the flags
+documentation of the fra31/auto-attack repository), computed the way pyautoattack's `checks`
+module computes them, but from the whole evaluation rather than from one
+`run_standard_evaluation` call.
 
 eval.autoattack runs one attack stage per call, so AutoAttack only ever sees {clean, <stage>} and
 its Square check (which needs more than two entries) can never fire; its other checks see only

@@ -46,7 +46,7 @@ from .common import (
     target_from_arguments,
     write_json,
 )
-from .precision import add_tf32_argument, evaluation_precision, tf32_enabled
+from .precision import add_tf32_argument, evaluation_precision
 
 NORMS = {"Linf": "linf", "L2": "l2", "L1": "l1"}
 SWEEP_FACTORS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # x eps; 8 x 8/255 = 64/255 under Linf
@@ -108,7 +108,7 @@ CHECKS = {
         "repeated forward passes, or the same image in another batch, give outputs that differ "
         "by more than {t}: randomised or batch-dependent defence (use EOT / version 'rand')"),
     "autoattack_flags": (
-        0, "flags", "Croce & Hein 2020, flags_doc.md of their repository",
+        0, "flags", "Croce & Hein 2020 (arXiv 2003.01690) and AutoAttack's flags documentation",
         "AutoAttack's own checks raised: {value}"),
 }
 
@@ -362,7 +362,7 @@ def audit(t: Target, *, n_ex: int | None = 1000, eps: str | None = None, norm: s
             "checkpoint_sha256": surrogate.checkpoint_sha256},
         "budget": {k: v for k, v in budget.__dict__.items()},
         "quick": budget != FULL, "seed": seed, "batch_size": batch_size,
-        "timings": timings, "seconds": round(time.time() - started, 1), "tf32": tf32_enabled(),
+        "timings": timings, "seconds": round(time.time() - started, 1),
         **provenance(t, device),
     }
     path = t.out_dir / f"audit_{t.weights}.json"

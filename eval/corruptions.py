@@ -33,7 +33,7 @@ from .common import (
     target_from_arguments,
     write_json,
 )
-from .precision import add_tf32_argument, evaluation_precision, tf32_enabled
+from .precision import add_tf32_argument, evaluation_precision
 
 # RobustBench's list (robustbench.data.CORRUPTIONS): the 15 of the benchmark.
 CORRUPTIONS = ("shot_noise", "motion_blur", "snow", "pixelate", "gaussian_noise", "defocus_blur",
@@ -126,7 +126,7 @@ def evaluate(t: Target, root: str | Path, *, n_ex: int | None = None,
         "corruptions": corruptions, "severities": severities, "n_ex": n,
         "full_benchmark": corruptions == list(CORRUPTIONS) and n == PER_SEVERITY
         and severities == list(range(1, SEVERITIES + 1)),
-        "root": str(folder), "batch_size": batch_size, "tf32": tf32_enabled(),
+        "root": str(folder), "batch_size": batch_size,
         "seconds": round(time.time() - started, 1),
         **provenance(t, next(t.model.parameters()).device),
     }

@@ -81,7 +81,7 @@ def test_cpu_quick_check_runs_every_quick_section_and_writes_the_table(tmp_path)
     setup = results["c-at-step"]["at_step"]["setup"]
     assert (setup["model"], setup["awp"], setup["method"]) == ("wrn-16-1", True, "ikl_at")
     # The summary: printed and written, one row per section after the set-up row.
-    summary = next(tmp_path.glob("*_summary.md")).read_text()
+    summary = next(tmp_path.glob("*_summary.txt")).read_text()
     lines = [line for line in summary.splitlines() if line.startswith("| ")]
     assert [line.split(" | ")[0][2:] for line in lines[2:]] == QUICK
     assert "| section | status | key figures | time |" in proc.stdout
@@ -109,7 +109,7 @@ def test_a_spent_budget_runs_nothing_more_but_still_writes_the_summary(tmp_path)
                   "--sections", "a-env,b-cuda-tests", env=env)
     assert proc.returncode == 1
     assert {r["status"] for r in _results(tmp_path).values()} == {"not run"}
-    assert "budget" in next(tmp_path.glob("*_summary.md")).read_text()
+    assert "budget" in next(tmp_path.glob("*_summary.txt")).read_text()
 
 
 @pytest.mark.parametrize("args, problem", [
