@@ -30,7 +30,7 @@ import copy
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from errors import ConfigError
 
 KINDS = ("none", "step_ema", "epoch_ema")
 # Reference decays: Wang et al.'s --tau default and the DKL scripts' swa.py argument.

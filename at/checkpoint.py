@@ -15,7 +15,7 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 import torch
 
-from .errors import UserError
+from errors import UserError
 
 
 class CheckpointError(UserError, RuntimeError):

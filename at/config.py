@@ -14,9 +14,10 @@ from typing import Any, Iterable
 
 import yaml
 
+from errors import ConfigError, unknown
+
 from .checkpoint import atomic_write
-from .errors import ConfigError, did_you_mean  # noqa: F401  (ConfigError: imported from here)
-from .reported import ReportedError, check_reported
+from .reported import check_reported
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASE_CONFIG = REPO_ROOT / "configs" / "base.yaml"
@@ -70,12 +71,6 @@ def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown(key: str, base: dict, source: str) -> ConfigError:
-    hint = did_you_mean(key, _flat_keys(base), n=3)
-    hint = f"; {hint}" if hint else ""
-    return ConfigError(f"unknown config key {key!r} (from {source}){hint}")
-
-
 def _check_type(key: str, default: Any, value: Any, source: str) -> Any:
     """Values must keep the type declared in base.yaml (ints may widen to floats; null is free)."""
     if default is None or value is None:
@@ -103,7 +98,7 @@ def merge(base: dict, diff: dict, source: str, prefix: str = "", root: dict | No
     for k, v in diff.items():
         key = prefix + str(k)
         if k not in base:
-            raise _unknown(key, root, source)
+            raise unknown("config key", key, _flat_keys(root), listed=None, n=3, source=source)
         if isinstance(base[k], dict):
             if not isinstance(v, dict):
                 raise ConfigError(f"config key {key!r} is a section; set its entries instead "
@@ -166,10 +161,7 @@ def _with_reported(cfg: dict, layer: dict, source: str) -> dict:
     if block is not _ABSENT:
         if isinstance(block, dict) and isinstance(cfg.get("reported"), dict):
             block = {**{k: v for k, v in cfg["reported"].items() if v is not None}, **block}
-        try:
-            cfg["reported"] = check_reported(block, source)
-        except ReportedError as err:
-            raise ConfigError(str(err)) from None
+        cfg["reported"] = check_reported(block, source)
     return cfg
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import data as datasets
 from attacks.pgd import INITS, NORMS, eps_problem
 from attacks.utils import BN_MODES
+from errors import RunError
 
 from . import averaging, speed
 from .early_stop import EarlyStop
-from .errors import RunError
 from .schedules import ATTACK_SCHEDULES, LR_SCHEDULES
 
 # Keys that may change when a run is resumed; anything else would silently change the experiment.

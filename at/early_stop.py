@@ -12,8 +12,9 @@ import json
 import math
 from pathlib import Path
 
+from errors import ConfigError
+
 from .checkpoint import atomic_write
-from .config import ConfigError
 
 METRICS = ("val_robust_acc", "avg_val_robust_acc")
 

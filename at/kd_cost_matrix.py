@@ -36,10 +36,10 @@ from torch import Tensor, nn
 
 import data as datasets
 import models
+from errors import USER_ERRORS, ConfigError, report
 
 from . import checkpoint as ckpt
 from .config import load_run_config
-from .errors import USER_ERRORS, ConfigError, report
 
 KINDS = ("cka", "fc")
 FEATURES = ("map", "logits", "penultimate")

@@ -15,19 +15,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import ConfigError
+from errors import ConfigError
 
 FIELDS = ("clean", "autoattack", "norm", "eps", "source", "seeds", "runs")
 NORMS = ("linf", "l2", "l1")
 
 
-class ReportedError(ConfigError):
-    """A malformed `reported:` block; the message is one line naming the field."""
-
-
 def _percent(name: str, value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
-        raise ReportedError(f"reported.{name} must be a percentage in [0, 100], got {value!r}"
+        raise ConfigError(f"reported.{name} must be a percentage in [0, 100], got {value!r}"
                             f"{where}")
     return float(value)
 
@@ -39,39 +35,39 @@ def check_reported(block: Any, source: str = "") -> dict | None:
     if block is None:
         return None
     if not isinstance(block, dict):
-        raise ReportedError(f"reported must be a mapping of {', '.join(FIELDS)}, got "
+        raise ConfigError(f"reported must be a mapping of {', '.join(FIELDS)}, got "
                             f"{block!r}{where}")
     unknown = [str(k) for k in block if k not in FIELDS]
     if unknown:
-        raise ReportedError(f"reported: unknown field {unknown[0]!r}{where}; known fields: "
+        raise ConfigError(f"reported: unknown field {unknown[0]!r}{where}; known fields: "
                             f"{', '.join(FIELDS)}")
     out: dict = {k: block.get(k) for k in FIELDS}
     if out["clean"] is None:
-        raise ReportedError(f"reported.clean is required (the published clean accuracy){where}")
+        raise ConfigError(f"reported.clean is required (the published clean accuracy){where}")
     out["clean"] = _percent("clean", out["clean"], where)
     if not isinstance(out["source"], str) or not out["source"].strip():
-        raise ReportedError(f"reported.source is required (where the numbers come from){where}")
+        raise ConfigError(f"reported.source is required (where the numbers come from){where}")
     if out["autoattack"] is not None:
         out["autoattack"] = _percent("autoattack", out["autoattack"], where)
         # A robust number means nothing without its threat model.
         if out["norm"] not in NORMS:
-            raise ReportedError(f"reported.norm must be one of {', '.join(NORMS)} when "
+            raise ConfigError(f"reported.norm must be one of {', '.join(NORMS)} when "
                                 f"reported.autoattack is given, got {out['norm']!r}{where}")
         eps = out["eps"]
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
-            raise ReportedError(f"reported.eps must be a radius in (0, 1) on the [0,1] scale "
+            raise ConfigError(f"reported.eps must be a radius in (0, 1) on the [0,1] scale "
                                 f"(e.g. 8/255) when reported.autoattack is given, got "
                                 f"{eps!r}{where}")
         out["eps"] = float(eps)
     elif out["norm"] is not None or out["eps"] is not None:
-        raise ReportedError(f"reported.norm / reported.eps describe the AutoAttack number; give "
+        raise ConfigError(f"reported.norm / reported.eps describe the AutoAttack number; give "
                             f"reported.autoattack too{where}")
     seeds = out["seeds"]
     if seeds is not None and (not isinstance(seeds, list) or not seeds or not all(
             isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
-        raise ReportedError(f"reported.seeds must be a non-empty list of integers, got "
+        raise ConfigError(f"reported.seeds must be a non-empty list of integers, got "
                             f"{seeds!r}{where}")
     runs = out["runs"]
     if runs is not None and (isinstance(runs, bool) or not isinstance(runs, int) or runs < 1):
-        raise ReportedError(f"reported.runs must be an integer >= 1, got {runs!r}{where}")
+        raise ConfigError(f"reported.runs must be an integer >= 1, got {runs!r}{where}")
     return out

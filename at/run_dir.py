@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 import data as datasets
+from errors import NonFiniteLoss, RunError
 
 from . import checkpoint as ckpt
 from . import distributed
 from .config import dump_config, git_state
 from .config_check import config_changes
-from .errors import NonFiniteLoss, RunError
 from .optim import match_state_layout
 
 CHECKPOINT_FORMAT = 2  # 2: loader state with epoch and real-image permutation; no rng state

@@ -6,8 +6,9 @@ import math
 import os
 from pathlib import Path
 
+from errors import RunError
+
 from .checkpoint import atomic_write
-from .errors import RunError
 
 ACCURACY_KEYS = ("train_adv_acc", "train_clean_acc", "val_clean_acc", "val_robust_acc",
                  "test_clean_acc", "avg_val_clean_acc", "avg_val_robust_acc", "avg_test_clean_acc")

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from .errors import ConfigError
+from errors import ConfigError
 
 PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
 # torch.compile's modes; "default" passes no mode. The max-autotune ones benchmark alternative GPU

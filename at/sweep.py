@@ -49,9 +49,10 @@ from typing import Any
 
 import yaml
 
+from errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, USER_ERRORS, ConfigError, report, unknown
+
 from .checkpoint import atomic_write
-from .config import ConfigError, _read_yaml, load_config, parse_value
-from .errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, USER_ERRORS, did_you_mean, report
+from .config import _read_yaml, load_config, parse_value
 
 SPEC_FIELDS = ("base", "overrides", "grid", "random", "seeds", "out_root", "eval", "slurm")
 RANDOM_FIELDS = ("samples", "seed", "params")
@@ -61,9 +62,6 @@ STATE_FILE = "sweep.json"
 EVAL_MARKER = "sweep_evals.json"  # in a run directory: the evaluations the sweep finished there
 SIGNIFICANT = 4  # digits kept of a random draw (the directory name shows the exact value)
 
-
-class SweepError(ConfigError):
-    """A spec or sweep-root problem the user can fix; the message is one line."""
 
 
 @dataclass
@@ -91,8 +89,8 @@ class Spec:
 
 
 # ---- the spec ---------------------------------------------------------------------------------
-def _fail(spec: Path, message: str) -> SweepError:
-    return SweepError(f"{spec}: {message}")
+def _fail(spec: Path, message: str) -> ConfigError:
+    return ConfigError(f"{spec}: {message}")
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -112,9 +110,7 @@ def _check_key(path: Path, key: str, where: str, known: dict[str, Any]) -> None:
     if key == "reported" or key.startswith("reported."):
         return  # the published target (at/reported.py) has its own fields
     if key not in known:
-        close = did_you_mean(key, known, n=2)
-        hint = f"; {close}" if close else ""
-        raise _fail(path, f"{where} key {key!r} is not in the config{hint}")
+        raise _fail(path, str(unknown(f"{where} key", key, known, listed=None, n=2)))
 
 
 def _grid_values(path: Path, key: str, spec: Any) -> list:
@@ -180,7 +176,7 @@ def load_spec(path: str | Path, out_root: str | None = None) -> Spec:
     try:
         raw = _read_yaml(path)
     except ConfigError as err:
-        raise SweepError(str(err)) from None
+        raise ConfigError(str(err)) from None
     unknown = [str(k) for k in raw if k not in SPEC_FIELDS]
     if unknown:
         raise _fail(path, f"unknown spec field {unknown[0]!r}; fields: {', '.join(SPEC_FIELDS)}")
@@ -373,20 +369,20 @@ def check_root(spec: Spec, runs: list[Run], resume: bool) -> None:
     root, digest = spec.out_root, spec_hash(runs)
     state_path = root / STATE_FILE
     if root.exists() and not root.is_dir():
-        raise SweepError(f"out_root {root} is a file, not a directory")
+        raise ConfigError(f"out_root {root} is a file, not a directory")
     previous = None
     if state_path.is_file():
         try:
             previous = json.loads(state_path.read_text())["hash"]
         except (OSError, ValueError, KeyError, TypeError):
-            raise SweepError(f"{state_path} is unreadable; remove it to start the sweep "
+            raise ConfigError(f"{state_path} is unreadable; remove it to start the sweep "
                              f"again there (the runs are kept)") from None
     elif root.is_dir():
         strangers = sorted(p.name for p in root.iterdir() if (p / "config.yaml").is_file())
         if strangers:
             previous = f"no spec (runs {', '.join(strangers[:3])})"
     if previous is not None and previous != digest and not resume:
-        raise SweepError(f"out_root {root} holds runs of another spec ({previous}, this spec: "
+        raise ConfigError(f"out_root {root} holds runs of another spec ({previous}, this spec: "
                          f"{digest}); pass --resume to continue there anyway, or choose "
                          f"another out_root")
     root.mkdir(parents=True, exist_ok=True)
@@ -411,11 +407,11 @@ def _check_done_run(spec: Spec, run: Run) -> None:
     try:
         saved = _flat(yaml.safe_load((run.out_dir / "config.yaml").read_text()) or {})
     except (OSError, yaml.YAMLError):
-        raise SweepError(f"{run.out_dir}/config.yaml is unreadable") from None
+        raise ConfigError(f"{run.out_dir}/config.yaml is unreadable") from None
     want = _flat(run.config)
     for key in [*spec.overrides, *run.overrides, "seed"]:
         if key in want and saved.get(key) != want[key]:
-            raise SweepError(f"{run.out_dir} holds a run with {key}={saved.get(key)!r}, not "
+            raise ConfigError(f"{run.out_dir} holds a run with {key}={saved.get(key)!r}, not "
                              f"{want[key]!r}: another spec's run; remove it or choose another "
                              f"out_root")
 
@@ -460,7 +456,7 @@ class _Child:
 def run_local(spec: Spec, runs: list[Run]) -> int:
     missing = [n for n, _ in spec.evals if importlib.util.find_spec(EVALS[n]) is None]
     if missing:
-        raise SweepError(f"eval {missing[0]!r} needs python -m {EVALS[missing[0]]}, which "
+        raise ConfigError(f"eval {missing[0]!r} needs python -m {EVALS[missing[0]]}, which "
                          f"this checkout does not have")
     child = _Child()
     previous = signal.signal(signal.SIGTERM, child)
@@ -579,9 +575,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.eval_only:
             chosen = [r for r in runs if r.name == args.eval_only]
             if not chosen:
-                raise SweepError(f"no run named {args.eval_only!r} in {spec.path}")
+                raise ConfigError(f"no run named {args.eval_only!r} in {spec.path}")
             if run_state(chosen[0]) != "done":
-                raise SweepError(f"{chosen[0].out_dir} has not finished (no final.json)")
+                raise ConfigError(f"{chosen[0].out_dir} has not finished (no final.json)")
             return run_local(spec, chosen)
         check_root(spec, runs, args.resume)
         if args.slurm:

@@ -17,10 +17,10 @@ from torch import nn
 
 import data as datasets
 import models
+from errors import ConfigError, EvalError
 
 from . import checkpoint as ckpt
-from .config import ConfigError, load_run_config
-from .errors import EvalError
+from .config import load_run_config
 
 WEIGHTS = ("best", "last", "avg")
 PREFIXES = ("module.", "_orig_mod.")  # DataParallel / DistributedDataParallel, torch.compile

@@ -10,9 +10,10 @@ import argparse
 import signal
 import sys
 
+from errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, USER_ERRORS, Preempted, report
+
 from . import distributed
 from .config import load_config
-from .errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, USER_ERRORS, Preempted, report
 from .trainer import fit
 
 

@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 import data as datasets
 import models
 from data.training import build_training_data
+from errors import NonFiniteLoss, Preempted, RunError
 from models.bn import set_bn_groups, set_bn_momentum
 
 from . import averaging, distributed, run_dir, speed, sync_bn
@@ -33,7 +34,6 @@ from .awp import AWP
 from .config_check import RESUMABLE_CHANGES, check_config  # noqa: F401  (old import place)
 from .early_stop import EarlyStop
 from .epoch_stats import EpochStats
-from .errors import NonFiniteLoss, Preempted, RunError
 from .evaluate import Evaluator
 from .methods import Method, build_method
 from .optim import build_optimizer

@@ -39,8 +39,8 @@ import data as datasets
 import models
 from at import speed
 from at.config import load_config
-from at.errors import USER_ERRORS, RunError, report
 from at.schedules import attack_budget
+from errors import USER_ERRORS, RunError, report
 
 from .floor import FloorStep, forward_units
 from .reference_step import ReferenceStep, loader

@@ -99,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
               "--images >= 2 * --batch", file=sys.stderr)
         return 1
     import data
+    from errors import DataError
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.root) if args.root else Path(tmp)
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             write_images(root, args.images)
         try:
             files, _ = data.folder.scan_folder(root / "train")
-        except data.FolderDataError as err:
+        except DataError as err:
             print(f"bench.imagenet_data: error: {err}", file=sys.stderr)
             return 1
         rounds = []

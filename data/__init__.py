@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from at.errors import ConfigError, did_you_mean
+from errors import ConfigError, unknown
 
 from .augment import crop_flip, crop_flip_params, random_crop_flip
 from .autoaugment import cifar10_policy, cutout, random_rotate
@@ -21,13 +21,12 @@ from .digits import DIGITS_VAL_SIZE, load_digits
 from .folder import (
     FOLDER_AUGMENTATIONS,
     FileList,
-    FolderDataError,
     FolderEvalSet,
     FolderSplits,
     FolderTrainLoader,
     load_folder_splits,
 )
-from .generated import GeneratedSet, GeneratedSetError
+from .generated import GeneratedSet
 from .loader import (
     AUGMENTATIONS,
     SECOND_VIEWS,
@@ -112,17 +111,14 @@ def _check_name(name: str) -> str:
         raise ConfigError(f"{name} is an image-file dataset, not loaded into memory: its splits "
                          f"come from load_folder_splits and are evaluated by at.train")
     if name not in DATASETS:
-        known = [*DATASETS, *FOLDER_DATASETS]
-        hint = did_you_mean(name, known)
-        hint = f" ({hint})" if hint else ""
-        raise ConfigError(f"unknown dataset {name!r}{hint}; valid names: {', '.join(known)}")
+        raise unknown("dataset", name, [*DATASETS, *FOLDER_DATASETS], listed="valid names")
     return name
 
 
 __all__ = [
     "AUGMENTATIONS", "DATASETS", "DEFAULT_VAL_SIZE", "FOLDER_AUGMENTATIONS", "FOLDER_DATASETS",
-    "FileList", "FolderDataError", "FolderEvalSet", "FolderSplits", "FolderTrainLoader",
-    "GeneratedSet", "GeneratedSetError", "NUM_CLASSES", "SECOND_VIEWS", "Splits",
+    "FileList", "FolderEvalSet", "FolderSplits", "FolderTrainLoader",
+    "GeneratedSet", "NUM_CLASSES", "SECOND_VIEWS", "Splits",
     "TensorEvalSet", "TrainLoader", "cifar10_policy", "crop_flip", "load_folder_splits",
     "crop_flip_params", "cutout", "derived_seed", "iterate_batches", "load_dataset", "load_splits",
     "random_crop_flip", "random_rotate", "to_float",

@@ -13,11 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from at.errors import UserError
-
-
-class CorruptDataError(UserError, ValueError):
-    """A dataset file exists but cannot be read or holds unexpected contents (one-line message)."""
+from errors import DataError
 
 
 @dataclass(frozen=True)
@@ -141,15 +137,15 @@ def _read_batch(path: str, spec: CifarSpec) -> tuple[np.ndarray, np.ndarray]:
         data = np.asarray(entry["data"])
         labels = np.asarray(entry[spec.label_key], dtype=np.int64)
     except Exception as err:  # truncated/corrupt pickles raise many types (EOFError, KeyError...)
-        raise CorruptDataError(f"cannot read {spec.title} file {path} ({_one_line(err)}); "
+        raise DataError(f"cannot read {spec.title} file {path} ({_one_line(err)}); "
                                f"it is truncated or corrupt: delete {os.path.dirname(path)} "
                                f"and get it again from {spec.url}") from err
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 \
             or labels.shape != (data.shape[0],):
-        raise CorruptDataError(f"unexpected contents in {path}: data {data.dtype} {data.shape} "
+        raise DataError(f"unexpected contents in {path}: data {data.dtype} {data.shape} "
                                f"with {labels.size} labels, expected uint8 (N, 3072) with N labels")
     if labels.size and (labels.min() < 0 or labels.max() >= spec.num_classes):
-        raise CorruptDataError(f"labels in {path} lie outside [0, {spec.num_classes})")
+        raise DataError(f"labels in {path} lie outside [0, {spec.num_classes})")
     return data, labels
 
 

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from at.errors import UserError
+from errors import DataError
 
 from .loader import to_float
 
@@ -39,9 +39,6 @@ LT_LISTS = {"train": "ImageNet_LT_train.txt", "val": "ImageNet_LT_val.txt",
 # RandomResizedCrop's area and aspect-ratio ranges (Szegedy et al. 2015; torchvision defaults).
 CROP_SCALE, CROP_RATIO = (0.08, 1.0), (3 / 4, 4 / 3)
 
-
-class FolderDataError(UserError, ValueError):
-    """A missing or malformed dataset directory, split list or image file."""
 
 
 @dataclass
@@ -71,14 +68,14 @@ def scan_folder(directory: Path, classes: list[str] | None = None) -> tuple[File
     """An ImageFolder directory (one sub-directory per class) in sorted order; `classes` (from
     the training folder) must match its sub-directories when given."""
     if not directory.is_dir():
-        raise FolderDataError(f"{directory} is not a directory (expected one folder per class)")
+        raise DataError(f"{directory} is not a directory (expected one folder per class)")
     found = sorted(p.name for p in directory.iterdir() if p.is_dir())
     if not found:
-        raise FolderDataError(f"{directory} has no class folders")
+        raise DataError(f"{directory} has no class folders")
     if classes is not None and found != classes:
         missing = sorted(set(classes) - set(found))[:3]
         extra = sorted(set(found) - set(classes))[:3]
-        raise FolderDataError(f"{directory} has other class folders than the training set "
+        raise DataError(f"{directory} has other class folders than the training set "
                               f"(missing {missing}, extra {extra}); sort the validation images "
                               f"into the training set's class folders")
     paths, labels = [], []
@@ -88,14 +85,14 @@ def scan_folder(directory: Path, classes: list[str] | None = None) -> tuple[File
         paths += files
         labels += [label] * len(files)
     if not paths:
-        raise FolderDataError(f"{directory} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(f"{directory} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return FileList(paths, torch.tensor(labels, dtype=torch.int64)), found
 
 
 def read_split_list(path: Path, root: Path, num_classes: int) -> FileList:
     """A split list ("relative/path label" per line, relative to `root`)."""
     if not path.is_file():
-        raise FolderDataError(f"split list {path} not found (data.lists: the directory holding "
+        raise DataError(f"split list {path} not found (data.lists: the directory holding "
                               f"{', '.join(LT_LISTS.values())})")
     paths, labels = [], []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
@@ -103,20 +100,20 @@ def read_split_list(path: Path, root: Path, num_classes: int) -> FileList:
             continue
         parts = line.split()
         if len(parts) != 2 or not parts[1].lstrip("-").isdigit():
-            raise FolderDataError(f"{path}:{number}: expected 'relative/path label', got "
+            raise DataError(f"{path}:{number}: expected 'relative/path label', got "
                                   f"{line.strip()!r}")
         label = int(parts[1])
         if not 0 <= label < num_classes:
-            raise FolderDataError(f"{path}:{number}: label {label} outside [0, {num_classes})")
+            raise DataError(f"{path}:{number}: label {label} outside [0, {num_classes})")
         paths.append(str(root / parts[0]))
         labels.append(label)
     if not paths:
-        raise FolderDataError(f"split list {path} is empty")
+        raise DataError(f"split list {path} is empty")
     # Stat'ing a million files on a network file system takes minutes: the first and last
     # are checked here (a wrong data.root), a missing one later is an error naming it.
     for p in {paths[0], paths[-1]}:
         if not Path(p).is_file():
-            raise FolderDataError(f"{p} (listed in {path}) does not exist; is data.root the "
+            raise DataError(f"{p} (listed in {path}) does not exist; is data.root the "
                                   f"ImageNet directory the list is relative to?")
     return FileList(paths, torch.tensor(labels, dtype=torch.int64))
 
@@ -133,13 +130,13 @@ def load_folder_splits(name: str, root: str, lists: str | None, val_size: int | 
     if name == "imagenet":
         train, classes = scan_folder(base / "train")
         if len(classes) != num_classes:
-            raise FolderDataError(f"{base / 'train'} has {len(classes)} class folders, "
+            raise DataError(f"{base / 'train'} has {len(classes)} class folders, "
                                   f"{name} has {num_classes}")
         test, _ = scan_folder(base / "val", classes)
         val = None
         if val_size:
             if not 0 < val_size < len(train):
-                raise FolderDataError(f"data.val_size must be in [0, {len(train)}), got "
+                raise DataError(f"data.val_size must be in [0, {len(train)}), got "
                                       f"{val_size}")
             order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
             val = train.subset(order[:val_size].sort().values)
@@ -148,12 +145,12 @@ def load_folder_splits(name: str, root: str, lists: str | None, val_size: int | 
     if name == "imagenet_lt":
         where = Path(lists) if lists else base
         if val_size not in (None, 0):
-            raise FolderDataError(f"data.val_size for {name} must be null (the official "
+            raise DataError(f"data.val_size for {name} must be null (the official "
                                   f"validation list) or 0 (none), got {val_size}")
         split = {k: read_split_list(where / f, base, num_classes) for k, f in LT_LISTS.items()
                  if k != "val" or val_size is None}
         return FolderSplits(split["train"], split.get("val"), split["test"], num_classes, name)
-    raise FolderDataError(f"{name} is not an image-file dataset")
+    raise DataError(f"{name} is not an image-file dataset")
 
 
 # ---- decoding and augmentation (run in the DataLoader workers) ----------------------------------
@@ -162,7 +159,7 @@ def _open_rgb(path: str) -> Image.Image:
         with Image.open(path) as img:
             return img.convert("RGB")
     except (OSError, ValueError) as err:
-        raise FolderDataError(f"cannot read image {path}: {err}") from None
+        raise DataError(f"cannot read image {path}: {err}") from None
 
 
 def resized_crop_box(width: int, height: int, rng: np.random.Generator
@@ -211,7 +208,7 @@ def eval_view(img: Image.Image, size: int, resize: int) -> torch.Tensor:
         new = (int(resize * w / h), resize)
     img = img.resize(new, Image.BILINEAR)
     if min(new) < size:
-        raise FolderDataError(f"data.resize_size {resize} is smaller than data.image_size {size}")
+        raise DataError(f"data.resize_size {resize} is smaller than data.image_size {size}")
     left, top = int(round((new[0] - size) / 2.0)), int(round((new[1] - size) / 2.0))
     return _to_uint8(img.crop((left, top, left + size, top + size)))
 
@@ -223,7 +220,7 @@ class FolderDataset(torch.utils.data.Dataset):
     def __init__(self, files: FileList, image_size: int, resize_size: int,
                  augment: str = "none"):
         if augment not in FOLDER_AUGMENTATIONS:
-            raise FolderDataError(f"unknown augment {augment!r} for image-file datasets; valid: "
+            raise DataError(f"unknown augment {augment!r} for image-file datasets; valid: "
                                   f"{', '.join(FOLDER_AUGMENTATIONS)}")
         # One numpy byte-string array instead of a list of 1.28M Python strings: forked workers
         # touching list items (reference counts) would copy those pages, each worker its own.
@@ -266,11 +263,10 @@ def _batches(dataset: FolderDataset, keys: list[list], workers: int, pin: bool
     batches = iter(loader)
     try:
         yield from batches
-    except FolderDataError as err:
+    except DataError as err:
         # A worker's error arrives wrapped in its traceback: keep the one line that names the
         # file and the problem.
-        raise FolderDataError(str(err).strip().splitlines()[-1].split("FolderDataError: ")[-1]
-                              ) from None
+        raise DataError(str(err).strip().splitlines()[-1].split("DataError: ")[-1]) from None
     finally:
         # Workers stop now, not when the iterator is garbage-collected: after an error or an
         # early stop (preemption) a live iterator would be inherited by the next loader's

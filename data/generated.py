@@ -17,14 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from at.errors import UserError
+from errors import DataError
 
 IMAGE_SHAPE = (32, 32, 3)  # HWC uint8, as the published files
 IMAGE_BYTES = 32 * 32 * 3
 
-
-class GeneratedSetError(UserError, ValueError):
-    """A generated-set directory that is missing, incomplete or does not fit the dataset."""
 
 
 def _open(path: Path) -> np.ndarray:
@@ -33,9 +30,9 @@ def _open(path: Path) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r")
     except FileNotFoundError:
-        raise GeneratedSetError(f"{path} is missing (prepare the set again)") from None
+        raise DataError(f"{path} is missing (prepare the set again)") from None
     except (OSError, ValueError) as err:
-        raise GeneratedSetError(f"{path} is not a complete .npy file ({err}); truncated? "
+        raise DataError(f"{path} is not a complete .npy file ({err}); truncated? "
                                 f"prepare the set again") from None
 
 
@@ -49,10 +46,10 @@ class GeneratedSet:
             hint = " (preparation unfinished: run it again to complete)" \
                 if (self.path / "images.npy.partial").exists() else \
                 " (create it with python -m data.prepare_generated)"
-            raise GeneratedSetError(f"data.generated.path={self.path}: no meta.json{hint}")
+            raise DataError(f"data.generated.path={self.path}: no meta.json{hint}")
         meta = json.loads(meta_path.read_text())
         if meta.get("num_classes") != num_classes:
-            raise GeneratedSetError(f"data.generated.path={self.path} holds "
+            raise DataError(f"data.generated.path={self.path} holds "
                                     f"{meta.get('num_classes')}-class images; the dataset has "
                                     f"{num_classes} classes")
         images = self.path / "images.npy"
@@ -62,14 +59,14 @@ class GeneratedSet:
         del mapped
         n = int(meta["n"])
         if tuple(shape) != (n, *IMAGE_SHAPE) or dtype != np.uint8:
-            raise GeneratedSetError(f"{images}: {dtype} {shape}, meta.json says uint8 "
+            raise DataError(f"{images}: {dtype} {shape}, meta.json says uint8 "
                                     f"({n}, 32, 32, 3)")
         if images.stat().st_size != self.offset + n * IMAGE_BYTES:
-            raise GeneratedSetError(f"{images}: {images.stat().st_size} bytes, expected "
+            raise DataError(f"{images}: {images.stat().st_size} bytes, expected "
                                     f"{self.offset + n * IMAGE_BYTES} (truncated?)")
         labels = _open(self.path / "labels.npy")
         if labels.shape != (n,):
-            raise GeneratedSetError(f"{self.path / 'labels.npy'}: shape {labels.shape}, "
+            raise DataError(f"{self.path / 'labels.npy'}: shape {labels.shape}, "
                                     f"expected ({n},)")
         small = np.uint8 if num_classes <= 256 else np.int32
         # Converted in slices: the int64 file is never resident as a whole.
@@ -81,7 +78,7 @@ class GeneratedSet:
             # narrow type or fail deep inside a method's loss.
             bad = np.flatnonzero((part < 0) | (part >= num_classes))
             if len(bad):
-                raise GeneratedSetError(
+                raise DataError(
                     f"{self.path / 'labels.npy'}: label {part[bad[0]]} at row "
                     f"{start + int(bad[0])} is outside [0, {num_classes}) (meta.json: "
                     f"{num_classes} classes)")

@@ -30,16 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
-from at.errors import USER_ERRORS, UserError, report
+from errors import USER_ERRORS, DataError, report
 
 from .generated import IMAGE_BYTES, IMAGE_SHAPE
 
 PROGRESS = ".prepare_progress.json"
 OUTPUTS = ("images.npy", "labels.npy")
 
-
-class PrepareError(UserError):
-    """An input or output problem, reported as one line."""
 
 
 @dataclass
@@ -59,7 +56,7 @@ def _member(archive: zipfile.ZipFile, key: str, path: Path) -> zipfile.ZipInfo:
         return archive.getinfo(f"{key}.npy")
     except KeyError:
         keys = ", ".join(n.removesuffix(".npy") for n in archive.namelist())
-        raise PrepareError(f"{path}: no '{key}' array (has: {keys})") from None
+        raise DataError(f"{path}: no '{key}' array (has: {keys})") from None
 
 
 def _open_array(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path):
@@ -72,30 +69,30 @@ def _open_array(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path):
         elif version == (2, 0):
             shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
         else:
-            raise PrepareError(f"{path}: {info.filename} has .npy format {version}, "
+            raise DataError(f"{path}: {info.filename} has .npy format {version}, "
                                f"expected 1.0 or 2.0")
-    except PrepareError:
+    except DataError:
         stream.close()
         raise
     except (ValueError, OSError, zipfile.BadZipFile) as err:
         stream.close()
-        raise PrepareError(f"{path}: {info.filename} is not a readable .npy array ({err})") \
+        raise DataError(f"{path}: {info.filename} is not a readable .npy array ({err})") \
             from None
     if fortran:
         stream.close()
-        raise PrepareError(f"{path}: {info.filename} is Fortran-ordered; expected C order")
+        raise DataError(f"{path}: {info.filename} is Fortran-ordered; expected C order")
     return stream, shape, dtype, stream.tell()
 
 
 def inspect(path: Path) -> Part:
     """Check one archive without reading its data: keys, shapes, dtypes and member sizes."""
     if not path.is_file():
-        raise PrepareError(f"{path}: no such file")
+        raise DataError(f"{path}: no such file")
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as err:
         # A truncated archive loses its central directory (at the end of the file) and lands here.
-        raise PrepareError(f"{path}: not a readable .npz archive (truncated or corrupt: {err})") \
+        raise DataError(f"{path}: not a readable .npz archive (truncated or corrupt: {err})") \
             from None
     with archive:
         size = path.stat().st_size
@@ -103,30 +100,30 @@ def inspect(path: Path) -> Part:
         for key in ("image", "label"):
             info = _member(archive, key, path)
             if info.header_offset + info.compress_size > size:
-                raise PrepareError(f"{path}: truncated ({key} data runs past the end of the file)")
+                raise DataError(f"{path}: truncated ({key} data runs past the end of the file)")
             stream, shape, dtype, header = _open_array(archive, info, path)
             stream.close()
             expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
             if info.file_size != expected:
-                raise PrepareError(f"{path}: {key} holds {info.file_size - header} data bytes, "
+                raise DataError(f"{path}: {key} holds {info.file_size - header} data bytes, "
                                    f"its header promises {expected - header} (truncated)")
             shapes[key] = (shape, dtype)
     (ishape, idtype), (lshape, ldtype) = shapes["image"], shapes["label"]
     if len(ishape) != 4 or tuple(ishape[1:]) != IMAGE_SHAPE or idtype != np.uint8:
-        raise PrepareError(f"{path}: image is {idtype} {ishape}, expected uint8 (N, 32, 32, 3)")
+        raise DataError(f"{path}: image is {idtype} {ishape}, expected uint8 (N, 32, 32, 3)")
     if len(lshape) != 1 or ldtype.kind not in "iu":
-        raise PrepareError(f"{path}: label is {ldtype} {lshape}, expected an integer vector")
+        raise DataError(f"{path}: label is {ldtype} {lshape}, expected an integer vector")
     if lshape[0] != ishape[0]:
-        raise PrepareError(f"{path}: {ishape[0]} images but {lshape[0]} labels")
+        raise DataError(f"{path}: {ishape[0]} images but {lshape[0]} labels")
     if ishape[0] == 0:
-        raise PrepareError(f"{path}: holds no images")
+        raise DataError(f"{path}: holds no images")
     return Part(path, int(ishape[0]), ldtype)
 
 
 def _read_exact(stream, nbytes: int, path: Path, key: str) -> bytes:
     data = stream.read(nbytes)
     if len(data) != nbytes:
-        raise PrepareError(f"{path}: {key} ends early (truncated)")
+        raise DataError(f"{path}: {key} ends early (truncated)")
     return data
 
 
@@ -142,7 +139,7 @@ def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise PrepareError(f"{path} is unreadable ({err}); remove it or choose another --out") \
+        raise DataError(f"{path} is unreadable ({err}); remove it or choose another --out") \
             from None
 
 
@@ -157,11 +154,11 @@ def _missing_dirs(out: Path) -> list[Path]:
     return missing
 
 
-def _write_error(out: Path, err: OSError) -> PrepareError:
+def _write_error(out: Path, err: OSError) -> DataError:
     why = err.strerror or str(err)
     if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         why += "; free space or choose another --out"
-    return PrepareError(f"cannot write to --out {out} ({why})")
+    return DataError(f"cannot write to --out {out} ({why})")
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -177,15 +174,15 @@ def prepare(inputs: list[str | Path], out: str | Path, num_classes: int,
             chunk: int = 1 << 16, log=print) -> dict:
     """Convert `inputs` into `out` (see the module docstring); returns the meta record."""
     if num_classes < 1:
-        raise PrepareError(f"--num-classes must be >= 1, got {num_classes}")
+        raise DataError(f"--num-classes must be >= 1, got {num_classes}")
     if chunk < 1:
-        raise PrepareError(f"--chunk must be >= 1, got {chunk}")
+        raise DataError(f"--chunk must be >= 1, got {chunk}")
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise PrepareError(f"--out {out} is a file, not a directory; choose another --out")
+        raise DataError(f"--out {out} is a file, not a directory; choose another --out")
     parts = [inspect(Path(p)) for p in inputs]
     if not parts:
-        raise PrepareError("no input files")
+        raise DataError("no input files")
     sources = [p.fingerprint() for p in parts]
     total = sum(p.n for p in parts)
     if (out / "meta.json").exists():
@@ -193,7 +190,7 @@ def prepare(inputs: list[str | Path], out: str | Path, num_classes: int,
         if meta.get("sources") == sources and meta.get("num_classes") == num_classes:
             log(f"{out} already holds these {total} images; nothing to do")
             return meta
-        raise PrepareError(f"{out} already holds a prepared set from other inputs; "
+        raise DataError(f"{out} already holds a prepared set from other inputs; "
                            f"choose another --out")
     partial = {name: out / f"{name}.partial" for name in OUTPUTS}
     progress_path = out / PROGRESS
@@ -208,14 +205,14 @@ def prepare(inputs: list[str | Path], out: str | Path, num_classes: int,
         else:
             log("the inputs differ from the interrupted preparation's: starting over")
     elif any(p.exists() for p in partial.values()) or any((out / n).exists() for n in OUTPUTS):
-        raise PrepareError(f"{out} holds files of another preparation; choose another --out")
+        raise DataError(f"{out} holds files of another preparation; choose another --out")
     created = _missing_dirs(out)
     made = [out / n for n in OUTPUTS if not (out / n).exists()]
     try:
         out.mkdir(parents=True, exist_ok=True)
         return _prepare_into(parts, out, num_classes, chunk, log, job, done, counts, partial,
                              progress_path)
-    except (PrepareError, OSError) as err:
+    except (DataError, OSError) as err:
         # A corrupt input or a failed write (full disk, read-only place): no half-made set and no
         # empty directory stays behind. An interruption (Ctrl-C, a kill) keeps the partial files so
         # that the next run continues. Only what this run created is removed: the partial files
@@ -232,7 +229,7 @@ def prepare(inputs: list[str | Path], out: str | Path, num_classes: int,
                 d.rmdir()  # only when empty: never anything another process put there
             except OSError:
                 break
-        if isinstance(err, PrepareError):
+        if isinstance(err, DataError):
             raise
         raise _write_error(out, err) from None
 
@@ -306,7 +303,7 @@ def _convert_part(part: Part, start: int, done: int, files: dict, counts: np.nda
                     outside = (labels < 0) | (labels >= num_classes)
                     if outside.any():
                         i = int(np.argmax(outside))  # the first bad row of the chunk
-                        raise PrepareError(f"{part.path}: label {labels[i]} at row {row + i} is "
+                        raise DataError(f"{part.path}: label {labels[i]} at row {row + i} is "
                                            f"outside [0, {num_classes - 1}] (--num-classes "
                                            f"{num_classes})")
                     reading = False
@@ -326,11 +323,11 @@ def _convert_part(part: Part, start: int, done: int, files: dict, counts: np.nda
                 img.read(1)
                 lab.read(1)
         except (zipfile.BadZipFile, EOFError) as err:
-            raise PrepareError(f"{part.path}: corrupt data ({err})") from None
+            raise DataError(f"{part.path}: corrupt data ({err})") from None
         except OSError as err:
             if not reading:
                 raise  # a full disk or a lost output directory: reported by prepare()
-            raise PrepareError(f"{part.path}: corrupt data ({err})") from None
+            raise DataError(f"{part.path}: corrupt data ({err})") from None
     return done, counts
 
 

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from at.errors import USER_ERRORS
-from at.errors import report as report_error
 from at.evaluate import correct
 from attacks import frozen, pgd
+from errors import USER_ERRORS
+from errors import report as report_error
 
 from . import aa_flags
 from . import autoattack as aa_eval

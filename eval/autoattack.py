@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from at import checkpoint as ckpt
-from at.errors import USER_ERRORS, report
+from errors import USER_ERRORS, report
 
 from . import aa_flags
 from .common import (

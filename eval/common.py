@@ -19,7 +19,6 @@ from torch import nn
 import data as datasets
 from at import checkpoint as ckpt
 from at.config import git_state
-from at.errors import EvalError
 
 # Loading a run or checkpoint lives below eval/ (a distillation teacher needs it too); the names
 # stay importable from here.
@@ -34,6 +33,7 @@ from at.target import (  # noqa: F401
     strip_prefixes,
 )
 from attacks.pgd import eps_problem
+from errors import EvalError
 
 from .precision import tf32_enabled
 

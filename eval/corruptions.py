@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 import data as datasets
-from at.errors import USER_ERRORS, report
 from at.evaluate import correct
+from errors import USER_ERRORS, report
 
 from .common import (
     EvalError,

@@ -31,7 +31,7 @@ from torch import nn
 import data as datasets
 import models
 from at import checkpoint as ckpt
-from at.errors import USER_ERRORS, report
+from errors import USER_ERRORS, report
 from models import NORMALIZATION
 
 from .common import (

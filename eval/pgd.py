@@ -14,8 +14,8 @@ import argparse
 import sys
 import time
 
-from at.errors import USER_ERRORS, report
 from at.evaluate import correct
+from errors import USER_ERRORS, report
 
 from .common import (
     DEFAULT_EPS,

@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from at.errors import USER_ERRORS, report
+from errors import USER_ERRORS, report
 
 from .common import EvalError
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from at.errors import UserError
+from errors import EvalError
 
 # Keys that do not change what a run trains: runs differing only in these are seeds of a point.
 NEUTRAL = ("seed", "out_dir", "device", "data.root", "data.download", "data.workers",
@@ -31,9 +31,6 @@ TITLES = {"val_pgd_best": "val PGD best", "val_pgd_last": "val PGD last",
           "val_pgd_avg": "val PGD avg", "test_clean": "test clean", "test_pgd": "test PGD",
           "autoattack": "AutoAttack"}
 
-
-class RunsError(UserError, RuntimeError):
-    """A path that holds no runs, or an unreadable run file; the message is one line."""
 
 
 @dataclass
@@ -60,7 +57,7 @@ def _json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise RunsError(f"{path} is unreadable ({err}); re-create or remove it") from None
+        raise EvalError(f"{path} is unreadable ({err}); re-create or remove it") from None
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -68,12 +65,12 @@ def find_runs(paths: list[Path]) -> list[Path]:
     runs: list[Path] = []
     for path in paths:
         if not path.is_dir():
-            raise RunsError(f"{path} is not a directory (expected a run directory or a sweep "
+            raise EvalError(f"{path} is not a directory (expected a run directory or a sweep "
                             f"root)")
         found = [path] if (path / "config.yaml").is_file() else sorted(
             p.parent for p in path.rglob("config.yaml"))
         if not found:
-            raise RunsError(f"no runs in {path} (no config.yaml in it or below it)")
+            raise EvalError(f"no runs in {path} (no config.yaml in it or below it)")
         runs += [p for p in found if p not in runs]
     return runs
 
@@ -90,7 +87,7 @@ def read_run(path: Path) -> RunResult:
     try:
         raw = yaml.safe_load((path / "config.yaml").read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
-        raise RunsError(f"{path / 'config.yaml'} is unreadable ({err})") from None
+        raise EvalError(f"{path / 'config.yaml'} is unreadable ({err})") from None
     # Fractions such as 8/255 in hand-written files. Imported here: at.config brings in torch,
     # which a summary otherwise never needs.
     from at.config import parse_value
@@ -101,7 +98,7 @@ def read_run(path: Path) -> RunResult:
             records = [json.loads(x) for x in (path / "metrics.jsonl").read_text().splitlines()
                        if x.strip()]
         except (OSError, json.JSONDecodeError) as err:
-            raise RunsError(f"{path / 'metrics.jsonl'} is unreadable ({err})") from None
+            raise EvalError(f"{path / 'metrics.jsonl'} is unreadable ({err})") from None
     val = [r["val_robust_acc"] for r in records if r.get("val_robust_acc") is not None]
     avg = [r["avg_val_robust_acc"] for r in records if r.get("avg_val_robust_acc") is not None]
     m: dict[str, float | None] = dict.fromkeys(METRICS)

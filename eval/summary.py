@@ -19,22 +19,18 @@ from pathlib import Path
 
 import yaml
 
-from at.errors import USER_ERRORS, UserError, report
+from errors import USER_ERRORS, EvalError, report
 
 from . import runs_table
-
-
-class SummaryError(UserError, RuntimeError):
-    """A run directory or result file that cannot be summarised; the message is one line."""
 
 
 def _read(path: Path) -> dict:
     try:
         result = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise SummaryError(f"{path} is unreadable ({err}); re-create or remove it") from None
+        raise EvalError(f"{path} is unreadable ({err}); re-create or remove it") from None
     if not isinstance(result, dict):
-        raise SummaryError(f"{path} holds no result object; re-create or remove it")
+        raise EvalError(f"{path} holds no result object; re-create or remove it")
     return result
 
 
@@ -70,7 +66,7 @@ def collect(run_dir: Path) -> list[dict]:
     """The eval/*.json results of a run (PGD / CW / AutoAttack; every eps, number of images and
     weights, each in its own file), sorted by file name, after final.json's rows."""
     if not run_dir.is_dir():
-        raise SummaryError(f"{run_dir} is not a directory (expected a run directory)")
+        raise EvalError(f"{run_dir} is not a directory (expected a run directory)")
     rows = _final_rows(run_dir)
     for path in sorted((run_dir / "eval").glob("*.json")):
         result = _read(path)
@@ -79,7 +75,7 @@ def collect(run_dir: Path) -> list[dict]:
         try:
             rows.append(_row(result))
         except (KeyError, TypeError) as err:
-            raise SummaryError(f"{path} is not an eval result (no {err}); re-create or "
+            raise EvalError(f"{path} is not an eval result (no {err}); re-create or "
                                f"remove it") from None
     return rows
 
@@ -126,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = collect(paths[0])
         if not rows:
-            raise SummaryError(f"no evaluation results in {paths[0]} (final.json or "
+            raise EvalError(f"no evaluation results in {paths[0]} (final.json or "
                                f"eval/*.json)")
     except USER_ERRORS as err:
         return report("eval.summary", err)

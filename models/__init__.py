@@ -11,8 +11,8 @@ from typing import Any
 
 from torch import nn
 
-from at.errors import ConfigError, did_you_mean
 from data import FOLDER_DATASETS
+from errors import ConfigError, unknown
 
 from .cifar_resnet import CifarResNet, CifarResNet50, cifar_resnet, normalized_builder
 from .imagenet import NETWORKS as _IMAGENET_NETWORKS
@@ -103,12 +103,7 @@ def build_model(name: str, num_classes: int, dataset: str | None = None,
     `bn_momentum`) go to the constructor."""
     registry = IMAGENET_MODELS if dataset in FOLDER_DATASETS else MODELS
     if name not in registry:
-        valid = sorted(registry)
-        msg = f"unknown model {name!r}; valid: {', '.join(valid)}"
-        hint = did_you_mean(name.lower(), valid)
-        if hint:
-            msg += f"; {hint}"
-        raise ConfigError(msg)
+        raise unknown("model", name, sorted(registry), match=name.lower())
     if num_classes < 1:
         raise ConfigError(f"num_classes must be >= 1, got {num_classes}")
     if registry is IMAGENET_MODELS:

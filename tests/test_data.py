@@ -21,6 +21,7 @@ import data
 from data import cifar
 from data.augment import crop_flip, crop_flip_params, random_crop_flip
 from data.digits import DIGITS_TEST_SIZE, DIGITS_VAL_SIZE, split_indices
+from errors import DataError
 
 # Imported by path, not as tests.fake_cifar: robustbench's wheel installs a top-level `tests`
 # package into site-packages that would shadow this folder.
@@ -188,7 +189,7 @@ def test_corrupt_cifar_file_names_the_file(tmp_path):
     write_fake_cifar(str(tmp_path), "cifar10", n_train=10, n_test=4)
     path = tmp_path / "cifar-10-batches-py" / "data_batch_3"
     path.write_bytes(path.read_bytes()[:100])  # truncated mid-pickle
-    with pytest.raises(cifar.CorruptDataError) as info:
+    with pytest.raises(DataError) as info:
         data.load_splits("cifar10", root=str(tmp_path), val_size=2, download=False)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
 

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from at.config import load_config
-from at.errors import ConfigError
 from at.trainer import RESUMABLE_CHANGES
 from bench import device_sections
 from bench.device_check import SECTIONS
+from errors import ConfigError
 from eval.precision import evaluation_precision, tf32_enabled
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,17 +6,20 @@ import pytest
 
 import at.train
 from at.checkpoint import CheckpointError
-from at.config import ConfigError, load_config
-from at.errors import USER_ERRORS, EvalError, NonFiniteLoss, RunError, UserError
-from data import FolderDataError, GeneratedSetError
-from data.cifar import CorruptDataError
-from data.prepare_generated import PrepareError
-from eval.summary import SummaryError
+from at.config import load_config
+from errors import (
+    USER_ERRORS,
+    ConfigError,
+    DataError,
+    EvalError,
+    NonFiniteLoss,
+    RunError,
+    UserError,
+)
 
 
 @pytest.mark.parametrize("cls", [ConfigError, RunError, NonFiniteLoss, EvalError, CheckpointError,
-                                 CorruptDataError, FolderDataError, GeneratedSetError,
-                                 PrepareError, SummaryError])
+                                 DataError])
 def test_every_error_class_is_a_user_error(cls):
     assert issubclass(cls, UserError)
 

@@ -18,9 +18,9 @@ from torchvision.transforms.v2 import functional as TF
 import data
 import models
 from at.config import load_config
-from at.errors import RunError
 from at.trainer import Trainer, fit
 from data.folder import eval_view, resized_crop_box, train_view
+from errors import DataError, RunError
 
 # By path, as in test_data.py (robustbench's wheel installs a top-level `tests` package).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -77,21 +77,21 @@ def test_malformed_split_list_names_file_and_line(fake, tmp_path, line, match):
     root, written = fake
     good = f"{written['lt_train'][0][0]} 0\n"
     (tmp_path / "ImageNet_LT_train.txt").write_text(good + line + "\n")
-    with pytest.raises(data.FolderDataError, match=f"ImageNet_LT_train.txt:2: {match}"):
+    with pytest.raises(DataError, match=f"ImageNet_LT_train.txt:2: {match}"):
         data.load_folder_splits("imagenet_lt", str(root), str(tmp_path), 0, 10)
 
 
 def test_missing_or_mismatched_folders_are_one_line_errors(fake, tmp_path):
     root, _ = fake
-    with pytest.raises(data.FolderDataError, match="is not a directory"):
+    with pytest.raises(DataError, match="is not a directory"):
         data.load_folder_splits("imagenet", str(tmp_path), None, None, 10)
-    with pytest.raises(data.FolderDataError, match="has 10 class folders, imagenet has 1000"):
+    with pytest.raises(DataError, match="has 10 class folders, imagenet has 1000"):
         data.load_folder_splits("imagenet", str(root), None, None, 1000)
     (tmp_path / "train" / "n1").mkdir(parents=True)
     (tmp_path / "train" / "n2").mkdir()
     (tmp_path / "val" / "n1").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "train" / "n1" / "a.JPEG")
-    with pytest.raises(data.FolderDataError, match="other class folders than the training set"):
+    with pytest.raises(DataError, match="other class folders than the training set"):
         data.load_folder_splits("imagenet", str(tmp_path), None, None, 2)
 
 
@@ -469,7 +469,7 @@ def test_an_unreadable_image_is_a_one_line_error_naming_it(tmp_path, workers):
     files, _ = data.folder.scan_folder(tmp_path / "train")
     loader = _loader(files, workers=workers)
     loader.batch_size = 4
-    with pytest.raises(data.FolderDataError) as err:
+    with pytest.raises(DataError) as err:
         _epoch(loader)
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"cannot read image {bad}")

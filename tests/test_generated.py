@@ -18,7 +18,8 @@ import torch
 import data
 from data import prepare_generated
 from data.generated import IMAGE_BYTES
-from data.prepare_generated import PrepareError, prepare
+from data.prepare_generated import prepare
+from errors import DataError
 
 try:
     import resource
@@ -60,7 +61,7 @@ def test_prepare_concatenates_parts_in_chunks(tmp_path):
     # Running it again with the same inputs does nothing; other inputs are refused.
     assert prepare([tmp_path / "a.npz", tmp_path / "b.npz"], tmp_path / "out", 10,
                    log=_silent) == meta
-    with pytest.raises(PrepareError, match="other inputs"):
+    with pytest.raises(DataError, match="other inputs"):
         prepare([tmp_path / "a.npz"], tmp_path / "out", 10, log=_silent)
 
 
@@ -102,7 +103,7 @@ def test_prepare_rejects_truncated_part_before_writing(tmp_path):
     raw = (tmp_path / "cut.npz").read_bytes()
     (tmp_path / "cut.npz").write_bytes(raw[:len(raw) // 2])
     out = tmp_path / "out"
-    with pytest.raises(PrepareError, match=r"cut\.npz.*(truncated|corrupt)"):
+    with pytest.raises(DataError, match=r"cut\.npz.*(truncated|corrupt)"):
         prepare([tmp_path / "good.npz", tmp_path / "cut.npz"], out, 10, log=_silent)
     assert _nothing_written(out)
     # The command line: one line on stderr, exit status 1, nothing written.
@@ -125,18 +126,18 @@ def test_prepare_removes_partial_output_on_corrupt_data(tmp_path):
     path.write_bytes(bytes(raw))
     # The directories this run created go too (an empty --out tree is no prepared set) ...
     out = tmp_path / "new" / "out"
-    with pytest.raises(PrepareError, match="corrupt data.*CRC"):
+    with pytest.raises(DataError, match="corrupt data.*CRC"):
         prepare([path], out, 10, chunk=4, log=_silent)
     assert not (tmp_path / "new").exists()
     # ... but never a directory, or a file in it, that was there before.
     kept = tmp_path / "kept"
     kept.mkdir()
     (kept / "notes.txt").write_text("keep me")
-    with pytest.raises(PrepareError, match="corrupt data.*CRC"):
+    with pytest.raises(DataError, match="corrupt data.*CRC"):
         prepare([path], kept / "out", 10, chunk=4, log=_silent)
     assert sorted(p.name for p in kept.iterdir()) == ["notes.txt"]
     (kept / "out").mkdir()
-    with pytest.raises(PrepareError, match="corrupt data.*CRC"):
+    with pytest.raises(DataError, match="corrupt data.*CRC"):
         prepare([path], kept / "out", 10, chunk=4, log=_silent)
     assert (kept / "out").is_dir() and not any((kept / "out").iterdir())
 
@@ -158,7 +159,7 @@ def test_prepare_names_the_exact_row_of_a_bad_label(tmp_path):
     labels = np.arange(20) % 10
     labels[13] = 12  # inside the chunk of rows 12..15
     np.savez(tmp_path / "bad.npz", image=np.zeros((20, 32, 32, 3), np.uint8), label=labels)
-    with pytest.raises(PrepareError, match=r"bad\.npz: label 12 at row 13 is outside \[0, 9\]"):
+    with pytest.raises(DataError, match=r"bad\.npz: label 12 at row 13 is outside \[0, 9\]"):
         prepare([tmp_path / "bad.npz"], tmp_path / "out", 10, chunk=4, log=_silent)
     assert not (tmp_path / "out").exists()
 
@@ -181,7 +182,7 @@ def test_prepare_damaged_records_in_out_are_one_line_errors(tmp_path):
         out = tmp_path / name.strip(".")
         out.mkdir()
         (out / name).write_text('{"n": 8, "sour')  # cut off mid-write by a full disk
-        with pytest.raises(PrepareError, match=f"{name} is unreadable"):
+        with pytest.raises(DataError, match=f"{name} is unreadable"):
             prepare([tmp_path / "a.npz"], out, 10, log=_silent)
         assert [p.name for p in out.iterdir()] == [name]
 
@@ -214,7 +215,7 @@ def test_prepare_full_disk_removes_partial_output(tmp_path, monkeypatch):
     monkeypatch.setattr(prepare_generated, "open",
                         lambda *a, **kw: _FullDisk(open(*a, **kw), room), raising=False)
     out = tmp_path / "new" / "out"
-    with pytest.raises(PrepareError, match=r"cannot write to --out .*No space left on device"):
+    with pytest.raises(DataError, match=r"cannot write to --out .*No space left on device"):
         prepare([tmp_path / "a.npz"], out, 10, chunk=4, log=_silent)
     assert not (tmp_path / "new").exists()
     monkeypatch.undo()
@@ -247,7 +248,7 @@ def test_prepare_cli_failed_write_is_one_line(tmp_path):
 ])
 def test_prepare_rejects_bad_arrays(tmp_path, image, label, message):
     np.savez(tmp_path / "bad.npz", image=image, label=label)
-    with pytest.raises(PrepareError, match=message):
+    with pytest.raises(DataError, match=message):
         prepare([tmp_path / "bad.npz"], tmp_path / "out", 10, chunk=2, log=_silent)
     assert _nothing_written(tmp_path / "out")
 
@@ -255,9 +256,9 @@ def test_prepare_rejects_bad_arrays(tmp_path, image, label, message):
 def test_prepare_rejects_missing_key_and_file(tmp_path):
     np.savez(tmp_path / "x.npz", images=np.zeros((2, 32, 32, 3), np.uint8),
              label=np.zeros(2, np.int64))
-    with pytest.raises(PrepareError, match="no 'image' array"):
+    with pytest.raises(DataError, match="no 'image' array"):
         prepare([tmp_path / "x.npz"], tmp_path / "out", 10, log=_silent)
-    with pytest.raises(PrepareError, match="no such file"):
+    with pytest.raises(DataError, match="no such file"):
         prepare([tmp_path / "missing.npz"], tmp_path / "out", 10, log=_silent)
 
 
@@ -302,9 +303,9 @@ def test_generated_set_reads_images_and_labels(tmp_path):
     assert images.shape == (5, 32, 32, 3) and images[:, 0, 0, 1].tolist() == [7, 3, 7, 49, 0]
     assert (images[..., 0] == 255).all() and labels.tolist() == [7, 3, 7, 9, 0]
     assert gen.labels.dtype == torch.uint8  # 1 byte per label in memory
-    with pytest.raises(data.GeneratedSetError, match="10-class images; the dataset has 100"):
+    with pytest.raises(DataError, match="10-class images; the dataset has 100"):
         data.GeneratedSet(tmp_path / "gen", 100)
-    with pytest.raises(data.GeneratedSetError, match="no meta.json"):
+    with pytest.raises(DataError, match="no meta.json"):
         data.GeneratedSet(tmp_path / "nothing", 10)
     gen.close()
 
@@ -314,12 +315,12 @@ def test_damaged_generated_sets_are_one_line_errors_naming_the_file(tmp_path):
     labels = np.load(path / "labels.npy")
     labels[17] = 12  # another set's labels: 12 is no class of a 10-class set
     np.save(path / "labels.npy", labels)
-    with pytest.raises(data.GeneratedSetError,
+    with pytest.raises(DataError,
                        match=r"labels.npy: label 12 at row 17 is outside \[0, 10\)"):
         data.GeneratedSet(path, 10)
     images = path / "images.npy"
     images.write_bytes(images.read_bytes()[:1000])
-    with pytest.raises(data.GeneratedSetError, match=r"images.npy is not a complete .npy file"):
+    with pytest.raises(DataError, match=r"images.npy is not a complete .npy file"):
         data.GeneratedSet(path, 10)
 
 

@@ -18,8 +18,8 @@ from conftest import DIGITS, CodeOnLoad
 from at import run_dir
 from at.checkpoint import load
 from at.config import REPO_ROOT, load_config
-from at.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, NonFiniteLoss, RunError
 from at.trainer import Trainer, fit
+from errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, NonFiniteLoss, RunError
 
 # End-to-end runs: left out of the fast tier (sh/test.sh --fast).
 pytestmark = pytest.mark.slow

@@ -8,9 +8,9 @@ import torch
 from conftest import DIGITS
 
 from at.config import load_config
-from at.errors import ConfigError
 from at.schedules import attack_budget
 from at.trainer import Trainer
+from errors import ConfigError
 
 STRAIGHTFORWARD = ["speed.channels_last=false", "speed.fused_optimizer=false"]
 

@@ -220,7 +220,7 @@ def test_a_root_of_another_spec_is_refused_unless_resume(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("fields, needles", [
-    ({"grid": {"optim.lrr": [0.1]}}, ["'optim.lrr'", "not in the config", "'optim.lr'"]),
+    ({"grid": {"optim.lrr": [0.1]}}, ["'optim.lrr'", "unknown grid key", "'optim.lr'"]),
     ({"grid": {}}, ["empty grid"]),
     ({"grid": {"optim.lr": []}}, ["'optim.lr'", "empty grid"]),
     ({"grid": {"optim.lr": {"range": [0.3, 0.1, 0.1]}}}, ["'optim.lr'", "empty grid"]),

@@ -2,7 +2,8 @@
 section of the same name (configs/base.yaml declares them)."""
 from __future__ import annotations
 
-from ..errors import ConfigError, did_you_mean
+from errors import unknown
+
 from .base import AttackBudget, Method, StepOutput
 from .distill import Distill
 from .ikl_at import IKLAT
@@ -21,23 +22,16 @@ METHODS: dict[str, type[Method]] = {
 }
 
 
-def unknown_name(kind: str, name: str, valid) -> ConfigError:
-    """One-line error for a name that is not in a registry, with a close-match suggestion."""
-    hint = did_you_mean(name, valid)
-    hint = f" ({hint})" if hint else ""
-    return ConfigError(f"unknown {kind} {name!r}{hint}; valid: {', '.join(sorted(valid))}")
-
-
 def build_method(method_cfg: dict, num_classes: int, views: int = 1) -> Method:
     """Instantiate `method_cfg['name']` with the parameters in `method_cfg[name]`; `views`: views
     per training batch (2 with data.second_view), fixed for the run."""
     name = method_cfg["name"]
     if name not in METHODS:
-        raise unknown_name("method", name, METHODS)
+        raise unknown("method", name, sorted(METHODS))
     method = METHODS[name](num_classes, label_smoothing=method_cfg.get("label_smoothing", 0.0),
                            **(method_cfg.get(name) or {}))
     method.views = views
     return method
 
 
-__all__ = ["METHODS", "build_method", "Method", "StepOutput", "AttackBudget", "unknown_name"]
+__all__ = ["METHODS", "build_method", "Method", "StepOutput", "AttackBudget"]

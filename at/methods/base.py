@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from errors import ConfigError
+
 from .. import distributed
-from ..errors import ConfigError
 from ..schedules import AttackBudget  # noqa: F401  (re-exported: methods take it)
 
 

@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attacks import frozen, pgd
+from errors import ConfigError
 
-from ..errors import ConfigError
 from ..kd_losses import dkd_loss, ikl_kd_terms, kd_loss, wkd_logit_terms
 from .base import AttackBudget, Method, StepOutput, update_class_prior
 
@@ -32,8 +32,8 @@ def load_teacher(path: str, weights: str, arch: str | None, num_classes: int) ->
     model, or torchvision's ImageNet weights (`torchvision:resnet34`), frozen: eval mode, no
     parameter gradients."""
     import models
+    from errors import EvalError
 
-    from ..errors import EvalError
     from ..target import load_target
     dataset = None
     if path.startswith(models.TORCHVISION_PREFIX):

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from attacks import frozen, pgd
+from errors import ConfigError
 
-from ..errors import ConfigError
 from ..losses import ikl_loss, ikl_terms
 from .base import AttackBudget, Method, StepOutput, update_class_prior
 

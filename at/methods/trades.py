@@ -7,9 +7,9 @@ import torch
 from torch import Tensor, nn
 
 from attacks import frozen, pgd
+from errors import ConfigError
 
 from ..bn_stats import BNUpdate
-from ..errors import ConfigError
 from ..losses import trades_kl
 from .base import AttackBudget, Method, StepOutput
 
