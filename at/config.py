@@ -17,6 +17,7 @@ import yaml
 from errors import ConfigError, unknown
 
 from .checkpoint import atomic_write
+from .config_check import check_config
 from .reported import check_reported
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -62,13 +63,27 @@ def parse_value(value: Any, key: str = "") -> Any:
     return value
 
 
-def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
-    keys = []
+def flatten(tree: dict, keep: tuple[str, ...] = (), prefix: str = "") -> dict[str, Any]:
+    """{'optim': {'lr': 0.1}} -> {'optim.lr': 0.1}: the leaves under their dotted keys. An empty
+    mapping is a leaf, and so is a section named (by its dotted key) in `keep`."""
+    flat: dict[str, Any] = {}
     for k, v in tree.items():
-        keys.append(prefix + k)
-        if isinstance(v, dict):
-            keys += _flat_keys(v, prefix + k + ".")
-    return keys
+        key = prefix + str(k)
+        if isinstance(v, dict) and v and key not in keep:
+            flat.update(flatten(v, keep, key + "."))
+        else:
+            flat[key] = v
+    return flat
+
+
+def sections(flat: dict[str, Any]) -> set[str]:
+    """The dotted keys of the sections of a flattened tree: the mappings holding other keys, and
+    the empty ones."""
+    out = {k for k, v in flat.items() if isinstance(v, dict) and not v}
+    for key in flat:
+        parts = key.split(".")
+        out.update(".".join(parts[:i]) for i in range(1, len(parts)))
+    return out
 
 
 def _check_type(key: str, default: Any, value: Any, source: str) -> Any:
@@ -98,7 +113,8 @@ def merge(base: dict, diff: dict, source: str, prefix: str = "", root: dict | No
     for k, v in diff.items():
         key = prefix + str(k)
         if k not in base:
-            raise unknown("config key", key, _flat_keys(root), listed=None, n=3, source=source)
+            known = sorted({*flatten(root), *sections(flatten(root))})
+            raise unknown("config key", key, known, listed=None, n=3, source=source)
         if isinstance(base[k], dict):
             if not isinstance(v, dict):
                 raise ConfigError(f"config key {key!r} is a section; set its entries instead "
@@ -109,7 +125,8 @@ def merge(base: dict, diff: dict, source: str, prefix: str = "", root: dict | No
     return out
 
 
-def _read_yaml(path: Path) -> dict:
+def read_yaml(path: Path) -> dict:
+    """A YAML file holding a mapping (no key given twice), fractions parsed (`parse_value`)."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -169,11 +186,10 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
     """Resolve base.yaml <- experiment YAML at `path` <- overrides (later wins), then check the
     values (at/config_check.py: each section by the module that owns it), so that a bad value
     stops the command here, before any data is read or any directory written."""
-    cfg = _read_yaml(BASE_CONFIG)
+    cfg = read_yaml(BASE_CONFIG)
     if path is not None:
-        cfg = _with_reported(cfg, _read_yaml(Path(path)), str(path))
+        cfg = _with_reported(cfg, read_yaml(Path(path)), str(path))
     cfg = _with_reported(cfg, parse_overrides(overrides), "command line")
-    from .config_check import check_config  # imports the sections' owners, which import this
     check_config(cfg)
     return cfg
 
@@ -212,5 +228,5 @@ def dump_config(cfg: dict, path: Path, **provenance: Any) -> None:
 def load_run_config(run_dir: str | Path) -> dict:
     """The resolved config a run was started with (provenance dropped, unknown keys rejected)."""
     path = Path(run_dir) / "config.yaml"
-    data = {k: v for k, v in _read_yaml(path).items() if not str(k).startswith("_")}
-    return _with_reported(_read_yaml(BASE_CONFIG), data, str(path))
+    data = {k: v for k, v in read_yaml(path).items() if not str(k).startswith("_")}
+    return _with_reported(read_yaml(BASE_CONFIG), data, str(path))

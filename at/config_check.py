@@ -1,6 +1,6 @@
 """Checks of a resolved training config as a whole (values that would fail late, after hours,
-or silently mean something else), and which keys a resumed run may change. Keys and types are
-checked when the config is loaded (at/config.py)."""
+or silently mean something else), run once, when the config is loaded (at/config.py), after its
+keys and types."""
 from __future__ import annotations
 
 import data as datasets
@@ -8,18 +8,8 @@ from attacks.pgd import INITS, NORMS, eps_problem
 from attacks.utils import BN_MODES
 from errors import RunError
 
-from . import averaging, speed
-from .early_stop import EarlyStop
+from . import averaging, early_stop, speed
 from .schedules import ATTACK_SCHEDULES, LR_SCHEDULES
-
-# Keys that may change when a run is resumed; anything else would silently change the experiment.
-RESUMABLE_CHANGES = ("out_dir", "optim.epochs", "device", "data.root", "data.download",
-                     "data.workers", "data.lists", "log.",
-                     "eval.every", "eval.batch_size", "eval.n_test", "eval.final_pgd",
-                     "checkpoint.", "train.skip_nonfinite", "speed.channels_last",
-                     "speed.fused_optimizer", "speed.compile", "train.early_stop.", "reported")
-# A generated set may move (another path), but not appear or disappear.
-MOVABLE_PATHS = ("data.generated.path",)
 
 
 def check_config(cfg: dict) -> None:
@@ -92,7 +82,7 @@ def check_config(cfg: dict) -> None:
     # The sections whose modules check them (ConfigError).
     speed.check(cfg["speed"])
     averaging.check_config(cfg["avg"])
-    EarlyStop.from_config(cfg)  # train.early_stop
+    early_stop.check_config(cfg)
 
 
 def _cycle_ok(cycle, schedule: str) -> bool:
@@ -101,21 +91,3 @@ def _cycle_ok(cycle, schedule: str) -> bool:
     return (schedule == "onecycle" and isinstance(cycle, list) and len(cycle) == 2
             and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in cycle)
             and 0 <= cycle[0] <= cycle[1] < 1)
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            flat[prefix + k] = v
-    return flat
-
-
-def config_changes(saved: dict, cfg: dict) -> list[str]:
-    """The dotted keys in which `cfg` differs from a run's saved config and may not (--resume)."""
-    old, new = _flatten(saved), _flatten(cfg)
-    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)
-                  and not k.startswith(RESUMABLE_CHANGES)
-                  and not (k in MOVABLE_PATHS and old.get(k) and new.get(k)))

@@ -30,23 +30,9 @@ class EarlyStop:
 
     @classmethod
     def from_config(cls, cfg: dict) -> EarlyStop:
-        """The train.early_stop section, checked against the rest of the config."""
+        """The train.early_stop section (checked when the config was loaded: check_config)."""
         es = cfg["train"]["early_stop"]
-        metric, patience = es["metric"], es["patience"]
-        if metric not in METRICS:
-            raise ConfigError(f"train.early_stop.metric must be one of {', '.join(METRICS)}, "
-                              f"got {metric!r}")
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
-            raise ConfigError(f"train.early_stop.patience must be an integer >= 0 (0 = off), "
-                              f"got {patience!r}")
-        if patience > 0:
-            if cfg["data"]["val_size"] == 0 or (cfg["data"]["val_size"] is None
-                                                and cfg["data"]["name"] == "imagenet"):
-                raise ConfigError("train.early_stop needs a validation split (data.val_size > 0)")
-            if metric.startswith("avg_") and cfg["avg"]["kind"] == "none":
-                raise ConfigError(f"train.early_stop.metric={metric} needs weight averaging "
-                                  f"(avg.kind)")
-        return cls(metric, patience)
+        return cls(es["metric"], es["patience"])
 
     @property
     def enabled(self) -> bool:
@@ -108,3 +94,22 @@ class EarlyStop:
         return (f"at.train: early stop after epoch {self.stopped_epoch}: {self.metric} has not "
                 f"improved for {self.bad} validation(s) since epoch {self.best_epoch} "
                 f"({self.best:.2f})")
+
+
+def check_config(cfg: dict) -> None:
+    """The train.early_stop section, checked against the rest of the config."""
+    es = cfg["train"]["early_stop"]
+    metric, patience = es["metric"], es["patience"]
+    if metric not in METRICS:
+        raise ConfigError(f"train.early_stop.metric must be one of {', '.join(METRICS)}, "
+                          f"got {metric!r}")
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+        raise ConfigError(f"train.early_stop.patience must be an integer >= 0 (0 = off), "
+                          f"got {patience!r}")
+    if patience > 0:
+        if cfg["data"]["val_size"] == 0 or (cfg["data"]["val_size"] is None
+                                            and cfg["data"]["name"] == "imagenet"):
+            raise ConfigError("train.early_stop needs a validation split (data.val_size > 0)")
+        if metric.startswith("avg_") and cfg["avg"]["kind"] == "none":
+            raise ConfigError(f"train.early_stop.metric={metric} needs weight averaging "
+                              f"(avg.kind)")

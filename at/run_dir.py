@@ -21,8 +21,7 @@ from errors import NonFiniteLoss, RunError
 
 from . import checkpoint as ckpt
 from . import distributed
-from .config import dump_config, git_state
-from .config_check import config_changes
+from .config import dump_config, flatten, git_state
 from .optim import match_state_layout
 
 CHECKPOINT_FORMAT = 2  # 2: loader state with epoch and real-image permutation; no rng state
@@ -31,6 +30,14 @@ CHECKPOINT_FORMAT = 2  # 2: loader state with epoch and real-image permutation; 
 PRE_CHECKPOINT_FILES = {"config.yaml", "metrics.jsonl", "curves.png", "wandb"}
 PREVIOUS_CHECKPOINT = "last_prev.pt"  # the epoch before last.pt, used if last.pt is unreadable
 PREEMPTED_MARKER = "preempted.json"  # written when a signal stopped the run after saving
+# Keys that may change when a run is resumed; anything else would silently change the experiment.
+RESUMABLE_CHANGES = ("out_dir", "optim.epochs", "device", "data.root", "data.download",
+                     "data.workers", "data.lists", "log.",
+                     "eval.every", "eval.batch_size", "eval.n_test", "eval.final_pgd",
+                     "checkpoint.", "train.skip_nonfinite", "speed.channels_last",
+                     "speed.fused_optimizer", "speed.compile", "train.early_stop.", "reported")
+# A generated set may move (another path), but not appear or disappear.
+MOVABLE_PATHS = ("data.generated.path",)
 
 
 def check_out_dir(out: Path, resume: bool) -> bool:
@@ -74,6 +81,14 @@ def mark_preempted(out: Path, signum: int | None, message: str) -> None:
     would fail forever); --resume removes it."""
     text = json.dumps({"signal": signum, "message": message}) + "\n"
     ckpt.atomic_write(out / PREEMPTED_MARKER, lambda f: f.write(text.encode()))
+
+
+def config_changes(saved: dict, cfg: dict) -> list[str]:
+    """The dotted keys in which `cfg` differs from a run's saved config and may not (--resume)."""
+    old, new = flatten(saved), flatten(cfg)
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k)
+                  and not k.startswith(RESUMABLE_CHANGES)
+                  and not (k in MOVABLE_PATHS and old.get(k) and new.get(k)))
 
 
 def _load_last(tr) -> tuple[dict, Path]:

@@ -52,7 +52,7 @@ import yaml
 from errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, USER_ERRORS, ConfigError, report, unknown
 
 from .checkpoint import atomic_write
-from .config import _read_yaml, load_config, parse_value
+from .config import flatten, load_config, parse_value, read_yaml, sections
 
 SPEC_FIELDS = ("base", "overrides", "grid", "random", "seeds", "out_root", "eval", "slurm")
 RANDOM_FIELDS = ("samples", "seed", "params")
@@ -91,16 +91,6 @@ class Spec:
 # ---- the spec ---------------------------------------------------------------------------------
 def _fail(spec: Path, message: str) -> ConfigError:
     return ConfigError(f"{spec}: {message}")
-
-
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + str(k)] = v
-    return out
 
 
 def _check_key(path: Path, key: str, where: str, known: dict[str, Any]) -> None:
@@ -174,7 +164,7 @@ def _draw(path: Path, key: str, spec: Any, rng: random.Random) -> Any:
 def load_spec(path: str | Path, out_root: str | None = None) -> Spec:
     path = Path(path)
     try:
-        raw = _read_yaml(path)
+        raw = read_yaml(path)
     except ConfigError as err:
         raise ConfigError(str(err)) from None
     unknown = [str(k) for k in raw if k not in SPEC_FIELDS]
@@ -186,7 +176,8 @@ def load_spec(path: str | Path, out_root: str | None = None) -> Spec:
     if not base.is_file():
         raise _fail(path, f"base config not found: {base}")
     base_cfg = load_config(base)
-    known, sections = _flat(base_cfg), set(_flat_sections(base_cfg))
+    known = flatten(base_cfg)
+    known_sections = sections(known)
 
     def mapping(name: str) -> dict:
         value = raw.get(name) or {}
@@ -202,7 +193,7 @@ def load_spec(path: str | Path, out_root: str | None = None) -> Spec:
         raise _fail(path, "empty grid (`grid:` names no keys)")
     grid = {}
     for key, values in grid_raw.items():
-        if key in sections:
+        if key in known_sections:
             raise _fail(path, f"grid key {key!r} is a section; sweep its entries")
         _check_key(path, key, "grid", known)
         grid[key] = [parse_value(v, key) for v in _grid_values(path, key, values)]
@@ -258,14 +249,6 @@ def load_spec(path: str | Path, out_root: str | None = None) -> Spec:
         raise _fail(path, "`slurm:` must be a mapping of sbatch options (e.g. time: 48:00:00)")
     return Spec(path, base, {k: parse_value(v, k) for k, v in overrides.items()}, grid, rnd,
                 seeds, Path(root), evals, slurm)
-
-
-def _flat_sections(tree: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out += [prefix + str(k)] + _flat_sections(v, f"{prefix}{k}.")
-    return out
 
 
 # ---- points, names, configs -------------------------------------------------------------------
@@ -405,10 +388,10 @@ def run_state(run: Run) -> str:
 def _check_done_run(spec: Spec, run: Run) -> None:
     """A finished run in place of one of ours must have trained what the spec says."""
     try:
-        saved = _flat(yaml.safe_load((run.out_dir / "config.yaml").read_text()) or {})
+        saved = flatten(yaml.safe_load((run.out_dir / "config.yaml").read_text()) or {})
     except (OSError, yaml.YAMLError):
         raise ConfigError(f"{run.out_dir}/config.yaml is unreadable") from None
-    want = _flat(run.config)
+    want = flatten(run.config)
     for key in [*spec.overrides, *run.overrides, "seed"]:
         if key in want and saved.get(key) != want[key]:
             raise ConfigError(f"{run.out_dir} holds a run with {key}={saved.get(key)!r}, not "

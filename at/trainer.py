@@ -31,14 +31,12 @@ from models.bn import set_bn_groups, set_bn_momentum
 from . import averaging, distributed, run_dir, speed, sync_bn
 from . import checkpoint as ckpt
 from .awp import AWP
-from .config_check import RESUMABLE_CHANGES, check_config  # noqa: F401  (old import place)
 from .early_stop import EarlyStop
 from .epoch_stats import EpochStats
 from .evaluate import Evaluator
 from .methods import Method, build_method
 from .optim import build_optimizer
 from .progress import Progress
-from .run_dir import CHECKPOINT_FORMAT, PREEMPTED_MARKER  # noqa: F401  (old import place)
 from .run_log import RunLog, epoch_line, final_table, require_wandb
 from .schedules import attack_budget, lr_at, momentum_at
 
@@ -68,10 +66,9 @@ class _Objective(nn.Module):
 class Trainer:
     def __init__(self, cfg: dict, *, resume: bool = False,
                  splits: datasets.Splits | None = None):
-        """`splits`: data to train on instead of loading `data.name` (benchmarks); the config
-        still decides everything else."""
-        check_config(cfg)
-        self.early_stop = EarlyStop.from_config(cfg)  # train.early_stop (at/early_stop.py)
+        """`cfg`: a config from load_config (which checked it); `splits`: data to train on
+        instead of loading `data.name` (benchmarks); the config still decides everything else."""
+        self.early_stop = EarlyStop.from_config(cfg)
         self.cfg, self.out = cfg, Path(cfg["out_dir"])
         if distributed.launched():
             self.device = distributed.init(cfg["device"])

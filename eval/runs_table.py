@@ -43,16 +43,6 @@ class RunResult:
     stopped_epoch: int | None = None
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict) and v and str(k) != "reported":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + str(k)] = v
-    return out
-
-
 def _json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -90,8 +80,9 @@ def read_run(path: Path) -> RunResult:
         raise EvalError(f"{path / 'config.yaml'} is unreadable ({err})") from None
     # Fractions such as 8/255 in hand-written files. Imported here: at.config brings in torch,
     # which a summary otherwise never needs.
-    from at.config import parse_value
-    config = parse_value(_flat({k: v for k, v in raw.items() if not str(k).startswith("_")}))
+    from at.config import flatten, parse_value
+    config = parse_value(flatten({k: v for k, v in raw.items() if not str(k).startswith("_")},
+                                 keep=("reported",)))
     records = []
     if (path / "metrics.jsonl").is_file():
         try:

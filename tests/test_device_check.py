@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from at.config import load_config
-from at.trainer import RESUMABLE_CHANGES
+from at.run_dir import RESUMABLE_CHANGES
 from bench import device_sections
 from bench.device_check import SECTIONS
 from errors import ConfigError

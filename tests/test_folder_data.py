@@ -305,7 +305,7 @@ def test_cost_matrix_from_an_imagenet_layout_run_is_deterministic(teacher_run, t
     str(p) for d in ("imagenet", "imagenet_lt")
     for p in (Path(__file__).parents[1] / "configs" / d / "kd").glob("*.yaml")))
 def test_imagenet_configs_name_real_networks_and_teachers(config):
-    from at.trainer import check_config
+    from at.config_check import check_config
     cfg = load_config(config)
     check_config(cfg)
     assert cfg["data"]["augment"] == "resized_crop_flip"
