@@ -5,6 +5,7 @@ Checkpoints hold only tensors, numbers, strings, lists and dicts, so they load w
 """
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -62,6 +63,18 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def write_text(text: str, path: Path) -> None:
+    """Atomic (`atomic_write`), creating the parent directories: the file is either absent, the
+    previous version or the complete new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def write_json(obj: Any, path: Path, indent: int | None = 2) -> None:
+    """`obj` as JSON through `write_text` (one line with indent=None), ending in a newline."""
+    write_text(json.dumps(obj, indent=indent) + "\n", path)
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

@@ -4,7 +4,8 @@ accuracy has peaked, more epochs only cost time. best.pt is still the best valid
 only decides when to stop.
 
 Every epoch record in metrics.jsonl gets an `early_stop` entry (the counter after that epoch), so
-a resumed run continues the count from its own records, and final.json gets the outcome.
+a resumed run continues the count from its own records, and final.json gets the outcome
+(`state`).
 """
 from __future__ import annotations
 
@@ -13,8 +14,6 @@ import math
 from pathlib import Path
 
 from errors import ConfigError
-
-from .checkpoint import atomic_write
 
 METRICS = ("val_robust_acc", "avg_val_robust_acc")
 
@@ -81,14 +80,6 @@ class EarlyStop:
             self.best_epoch, self.bad = saved["best_epoch"], saved["bad"]
             if self.bad >= self.patience:  # under the patience now configured
                 self.stopped_epoch = saved["stopped_epoch"] or last["epoch"]
-
-    def record_final(self, result: dict, final_json: Path) -> None:
-        """Add the outcome to final.json (written by the trainer just before) and to `result`."""
-        if not self.enabled:
-            return
-        result["early_stop"] = self.state()
-        text = json.dumps(result, indent=2) + "\n"
-        atomic_write(final_json, lambda f: f.write(text.encode()))
 
     def message(self) -> str:
         return (f"at.train: early stop after epoch {self.stopped_epoch}: {self.metric} has not "

@@ -3,15 +3,16 @@ the checkpoints (last.pt with its fallback last_prev.pt, best.pt, a mid-epoch la
 a run from them on --resume, and the marker a preempted run leaves for its job script.
 
 Functions take the Trainer (`tr`: its cfg, out, device, rank, world, model, method, optimizer,
-loader, avg, epoch, best); only rank 0 writes.
+loader, avg) and its `RunState`, which they save and `restore` returns; only rank 0 writes.
 """
 from __future__ import annotations
 
 import copy
 import errno
-import json
+import math
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -38,6 +39,16 @@ RESUMABLE_CHANGES = ("out_dir", "optim.epochs", "device", "data.root", "data.dow
                      "speed.fused_optimizer", "speed.compile", "train.early_stop.", "reported")
 # A generated set may move (another path), but not appear or disappear.
 MOVABLE_PATHS = ("data.generated.path",)
+
+
+@dataclass
+class RunState:
+    """Where a run stands, saved in last.pt: the completed epochs, the best validation so far
+    (best.pt's: {"val_robust_acc", "epoch"}) and, restored from a mid-epoch last.pt, the
+    unfinished epoch (`partial`: its step, statistics and this rank's generators)."""
+    epoch: int = 0
+    best: dict = field(default_factory=lambda: {"val_robust_acc": -math.inf, "epoch": 0})
+    partial: dict | None = None
 
 
 def check_out_dir(out: Path, resume: bool) -> bool:
@@ -79,8 +90,8 @@ def open_run_dir(out: Path, cfg: dict, world: int) -> None:
 def mark_preempted(out: Path, signum: int | None, message: str) -> None:
     """PREEMPTED_MARKER tells a job script to requeue (and only this stop: a requeued error
     would fail forever); --resume removes it."""
-    text = json.dumps({"signal": signum, "message": message}) + "\n"
-    ckpt.atomic_write(out / PREEMPTED_MARKER, lambda f: f.write(text.encode()))
+    # One line: the job script prints it.
+    ckpt.write_json({"signal": signum, "message": message}, out / PREEMPTED_MARKER, indent=None)
 
 
 def config_changes(saved: dict, cfg: dict) -> list[str]:
@@ -115,9 +126,9 @@ def _load_last(tr) -> tuple[dict, Path]:
         return state, previous
 
 
-def restore(tr) -> None:
-    """--resume: the trainer's state from last.pt (or last_prev.pt); inside an epoch, the
-    partial epoch goes to tr._partial."""
+def restore(tr) -> RunState:
+    """--resume: the networks, optimizer, averages and loader of `tr` from last.pt (or
+    last_prev.pt), and the run's state (inside an epoch, with the unfinished part)."""
     state, path = _load_last(tr)
     if state.get("format") != CHECKPOINT_FORMAT:
         raise RunError(f"{path} has format {state.get('format')}, "
@@ -136,11 +147,11 @@ def restore(tr) -> None:
     match_state_layout(tr.optimizer)  # a checkpoint of another speed.channels_last
     if tr.avg is not None:
         tr.avg.load_state_dict(state["avg"])
-    tr.epoch, tr.best = state["epoch"], state["best"]
+    run = RunState(state["epoch"], state["best"])
     partial = state.get("partial")
     if partial is None:
         tr.loader.load_state_dict(state["loader"])
-        return
+        return run
     # Inside an epoch: this rank's generators as they were, or, on another number of
     # ranks, fresh streams (then augmentation and attack starts differ from an uninterrupted
     # run from here on; data order, weights, optimizer and statistics do not).
@@ -151,7 +162,7 @@ def restore(tr) -> None:
         # within an epoch (the attack uses them) and method accumulators hold its share.
         _load_buffers(tr, mine["buffers"])
     else:
-        epoch, step = tr.epoch + 1, partial["step"]
+        epoch, step = run.epoch + 1, partial["step"]
         fresh = torch.Generator().manual_seed(
             datasets.derived_seed(tr.cfg["seed"], epoch, tr.rank, 2, step))
         mine = {"augmenter": fresh.get_state(), "rng": None, "sums": {}, "seen": 0}
@@ -173,7 +184,8 @@ def restore(tr) -> None:
               f"(saved on {len(partial['ranks'])}): the rest of this epoch's {reseeded} "
               f"are freshly seeded", file=sys.stderr)
     tr.loader.load_state_dict(state["loader"], augmenter=mine["augmenter"])
-    tr._partial = {**partial, **mine}
+    run.partial = {**partial, **mine}
+    return run
 
 
 def _load_buffers(tr, buffers: dict) -> None:
@@ -185,10 +197,10 @@ def _load_buffers(tr, buffers: dict) -> None:
 
 def _state(tr) -> dict:
     """Everything --resume needs (at an epoch end, or with `partial` added inside one)."""
-    state = {"format": CHECKPOINT_FORMAT, "epoch": tr.epoch, "config": tr.cfg,
+    state = {"format": CHECKPOINT_FORMAT, "epoch": tr.state.epoch, "config": tr.cfg,
              "model": tr.model.state_dict(), "method": tr.method.state_dict(),
              "optimizer": tr.optimizer.state_dict(), "loader": tr.loader.state_dict(),
-             "best": tr.best, "world_size": tr.world}
+             "best": tr.state.best, "world_size": tr.world}
     if tr.avg is not None:
         state["avg"] = tr.avg.state_dict()
     return state
@@ -200,7 +212,7 @@ def _write(tr, obj: dict, name: str) -> None:
     path = tr.out / name
     bad = ckpt.first_nonfinite(obj)
     if bad is not None:  # a checkpoint of a diverged run would resume or evaluate garbage
-        raise NonFiniteLoss(f"{bad} holds NaN/inf at epoch {tr.epoch}: refusing to write "
+        raise NonFiniteLoss(f"{bad} holds NaN/inf at epoch {tr.state.epoch}: refusing to write "
                             f"{path}; the previous {name} is intact")
     try:
         if name == "last.pt" and path.exists():
@@ -211,13 +223,11 @@ def _write(tr, obj: dict, name: str) -> None:
         why = "disk full" if err.errno == errno.ENOSPC else err.strerror or str(err)
         raise RunError(f"could not write {path} ({why}); the previous {name} is intact"
                        ) from None
-    if name == "last.pt":
-        tr._last_save = time.time()
 
 
 def save_partial(tr, step: int, sums: dict[str, float], seen: int, skipped: int,
                  seconds: float) -> None:
-    """last.pt inside epoch tr.epoch, after its `step`-th batch (every rank calls this);
+    """last.pt inside epoch tr.state.epoch, after its `step`-th batch (every rank calls this);
     `sums`, `seen`: this rank's epoch statistics so far (EpochStats.host_sums)."""
     loader = tr.loader.state_dict()
     mine = {"augmenter": loader.get("augmenter"), "rng": ckpt.rng_state(tr.device),
@@ -228,30 +238,25 @@ def save_partial(tr, step: int, sums: dict[str, float], seen: int, skipped: int,
     ranks = distributed.gather_objects(mine)
     if tr.main:
         state = _state(tr)
-        state["epoch"] = tr.epoch - 1  # completed epochs
+        state["epoch"] = tr.state.epoch - 1  # completed epochs
         state["loader"] = loader
         state["partial"] = {"step": step, "skipped": skipped, "seconds": seconds,
                             "ranks": ranks}
         _write(tr, state, "last.pt")
     distributed.barrier()
-    tr._last_save = time.time()
 
 
-def save(tr, record: dict) -> None:
-    """The epoch end: last.pt, and best.pt when validation improved (rank 0)."""
+def save(tr, record: dict, best: bool) -> None:
+    """The epoch end: last.pt, and best.pt when `best` (the trainer's rule chose this epoch;
+    rank 0)."""
     state = _state(tr)
     state["metrics"] = record
-    # eval.best_on=avg selects on the averaged weights' validation accuracy (Wang et al.).
-    key = "avg_val_robust_acc" if tr.cfg["eval"]["best_on"] == "avg" else "val_robust_acc"
-    improved = record.get(key) is not None and record[key] > tr.best["val_robust_acc"]
-    if improved:
-        tr.best = {"val_robust_acc": record[key], "epoch": tr.epoch}
-        state["best"] = tr.best
-        best = {"format": CHECKPOINT_FORMAT, "epoch": tr.epoch, "config": tr.cfg,
-                "model": state["model"], "metrics": record}
+    if best:
+        chosen = {"format": CHECKPOINT_FORMAT, "epoch": tr.state.epoch, "config": tr.cfg,
+                  "model": state["model"], "metrics": record}
         if tr.avg is not None:
-            best["avg"] = state["avg"]
-        _write(tr, best, "best.pt")
+            chosen["avg"] = state["avg"]
+        _write(tr, chosen, "best.pt")
     _write(tr, state, "last.pt")
 
 

@@ -10,8 +10,6 @@ are summed over ranks, and only rank 0 writes the run directory (at/distributed.
 """
 from __future__ import annotations
 
-import json
-import math
 import signal
 import sys
 import threading
@@ -130,16 +128,22 @@ class Trainer:
                        protect=[self.method]) if a["enabled"] else None
         self.avg = averaging.from_config(self.model, cfg["avg"], epochs=cfg["optim"]["epochs"],
                                          steps_per_epoch=len(self.loader))
-        self.epoch, self.best = 0, {"val_robust_acc": -math.inf, "epoch": 0}
-        self._partial: dict | None = None  # the unfinished epoch of a mid-epoch last.pt
         self._stop_signal: int | None = None  # SIGTERM / SIGUSR1 received (see fit)
         self._last_save = time.time()
-        if resume:
-            run_dir.restore(self)
+        self.state = run_dir.restore(self) if resume else run_dir.RunState()
         self.log = None
         if self.main:
             run_dir.open_run_dir(self.out, cfg, self.world)
             self.log = RunLog(self.out, cfg, resume_epoch=self.epoch)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch in progress (the completed ones between epochs)."""
+        return self.state.epoch
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self.state.epoch = value
 
     # ---- one epoch ----------------------------------------------------------------------------
     def _start_epoch(self, partial: dict | None):
@@ -163,7 +167,7 @@ class Trainer:
 
     def train_epoch(self) -> dict:
         cfg, model, method, steps = self.cfg, self.model, self.method, len(self.loader)
-        partial, self._partial = self._partial, None
+        partial, self.state.partial = self.state.partial, None
         budget = self._start_epoch(partial)
         stats = EpochStats(self.device)  # running sums on the device; partial: those so far
         skipped, first, before = 0, 0, 0.0
@@ -217,6 +221,7 @@ class Trainer:
                 self._check_finite(stats)  # never checkpoint a diverged model
                 run_dir.save_partial(self, step, stats.host_sums(), stats.seen, skipped,
                                      before + time.time() - start)
+                self._last_save = time.time()
                 if due == 2:
                     self._preempted(f"saved {self.out / 'last.pt'} at epoch {self.epoch}, "
                                     f"step {step} of {steps}")
@@ -317,7 +322,7 @@ class Trainer:
                 stop = self.early_stop.observe(record)  # notes its counter in the record
                 if self.main:
                     self.log.append(record)
-                    run_dir.save(self, record)
+                    run_dir.save(self, record, best=self._improved(record))
                     print(epoch_line(record, epochs), flush=True)
                 distributed.barrier()  # best.pt is on disk before any rank reads it
                 self._last_save = time.time()
@@ -328,15 +333,21 @@ class Trainer:
                     if self.main:
                         print(self.early_stop.message(), flush=True)
                     break
-            result = self.finish()
-            if self.main:
-                self.early_stop.record_final(result, self.out / "final.json")
-            return result
+            return self.finish()
         finally:
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
             if self.log is not None:
                 self.log.close()
+
+    def _improved(self, record: dict) -> bool:
+        """Whether this epoch's weights become best.pt: a higher validation PGD accuracy than
+        every epoch before (of the averaged weights with eval.best_on=avg, Wang et al.)."""
+        key = "avg_val_robust_acc" if self.cfg["eval"]["best_on"] == "avg" else "val_robust_acc"
+        if record.get(key) is None or record[key] <= self.state.best["val_robust_acc"]:
+            return False
+        self.state.best = {"val_robust_acc": record[key], "epoch": self.epoch}
+        return True
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
@@ -355,17 +366,19 @@ class Trainer:
         raise Preempted(message, self._stop_signal)
 
     def finish(self) -> dict:
-        """Test clean and PGD accuracy of the last, best and averaged weights -> final.json."""
+        """Test clean and PGD accuracy of the last, best and averaged weights, and the early
+        stop's outcome when it was on -> final.json."""
         candidates = [("last", self.epoch, self.model)]
         if (self.out / "best.pt").exists():
             candidates.append(("best", *run_dir.load_best(self)))
         if self.avg is not None and self.avg.ready:
             candidates.append(("avg", self.epoch, self.avg.module))
-        result = self.evaluator.final(candidates)
+        rows = self.evaluator.final(candidates)
+        result = {**rows, "early_stop": self.early_stop.state()} if self.early_stop.enabled \
+            else rows
         if self.main:
-            text = json.dumps(result, indent=2) + "\n"
-            ckpt.atomic_write(self.out / "final.json", lambda f: f.write(text.encode()))
-            print(final_table(result, self.cfg), flush=True)
+            ckpt.write_json(result, self.out / "final.json")
+            print(final_table(rows, self.cfg), flush=True)
         return result
 
 

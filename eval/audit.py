@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from at.checkpoint import write_json
 from at.evaluate import correct
 from attacks import frozen, pgd
 from errors import USER_ERRORS
@@ -44,7 +45,6 @@ from .common import (
     provenance,
     resolve_batch_size,
     target_from_arguments,
-    write_json,
 )
 from .precision import add_tf32_argument, evaluation_precision
 

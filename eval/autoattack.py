@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from at import checkpoint as ckpt
+from at.checkpoint import write_json
 from errors import USER_ERRORS, report
 
 from . import aa_flags
@@ -46,7 +47,6 @@ from .common import (
     resolve_batch_size,
     result_name,
     target_from_arguments,
-    write_json,
 )
 from .precision import add_tf32_argument, evaluation_precision, tf32_enabled
 

@@ -7,7 +7,6 @@ made by somebody else never executes code from it.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from fractions import Fraction
@@ -17,7 +16,6 @@ import torch
 from torch import nn
 
 import data as datasets
-from at import checkpoint as ckpt
 from at.config import git_state
 
 # Loading a run or checkpoint lives below eval/ (a distillation teacher needs it too); the names
@@ -173,13 +171,3 @@ def provenance(t: Target, device: torch.device | str) -> dict:
         "tf32": tf32_enabled(),  # the flags in force (eval/precision.py)
         "command": " ".join(sys.argv),
     }
-
-
-def write_text(text: str, path: Path) -> None:
-    """Atomic: the file is either absent, the previous version or the complete new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write(path, lambda f: f.write(text.encode()))
-
-
-def write_json(obj: dict, path: Path) -> None:
-    write_text(json.dumps(obj, indent=2) + "\n", path)

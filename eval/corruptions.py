@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 import data as datasets
+from at.checkpoint import write_json
 from at.evaluate import correct
 from errors import USER_ERRORS, report
 
@@ -31,7 +32,6 @@ from .common import (
     provenance,
     resolve_batch_size,
     target_from_arguments,
-    write_json,
 )
 from .precision import add_tf32_argument, evaluation_precision
 

@@ -31,6 +31,7 @@ from torch import nn
 import data as datasets
 import models
 from at import checkpoint as ckpt
+from at.checkpoint import write_json, write_text
 from errors import USER_ERRORS, report
 from models import NORMALIZATION
 
@@ -40,8 +41,6 @@ from .common import (
     add_target_arguments,
     load_target,
     parse_eps,
-    write_json,
-    write_text,
 )
 from .robustbench_arch import zoo_namespace
 

@@ -14,6 +14,7 @@ import argparse
 import sys
 import time
 
+from at.checkpoint import write_json
 from at.evaluate import correct
 from errors import USER_ERRORS, report
 
@@ -29,7 +30,6 @@ from .common import (
     resolve_batch_size,
     result_name,
     target_from_arguments,
-    write_json,
 )
 from .precision import add_tf32_argument, evaluation_precision
 

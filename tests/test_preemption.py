@@ -204,7 +204,7 @@ def test_no_checkpoint_is_written_with_a_non_finite_tensor(tmp_path):
     with torch.no_grad():
         weight = next(trainer.model.parameters())
         weight[(0,) * weight.dim()] = float("inf")
-    for save in (lambda: run_dir.save(trainer, {"val_robust_acc": 100.0}),  # best and last.pt
+    for save in (lambda: run_dir.save(trainer, {"val_robust_acc": 100.0}, best=True),
                  lambda: run_dir.save_partial(trainer, 1, {}, 0, 0, 0.0)):
         with pytest.raises(NonFiniteLoss, match=r"model\.\S+ holds NaN/inf .*refusing to write"):
             save()
