@@ -14,8 +14,9 @@ import time
 import torch
 from torch import nn
 
+from at.target import load_target
 from eval.autoattack import stage_names
-from eval.common import auto_batch_size, load_target, load_test_data
+from eval.common import auto_batch_size, load_test_data
 
 
 def time_stages(model: nn.Module, n: int, device: torch.device, target: str | None = None,

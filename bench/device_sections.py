@@ -283,7 +283,7 @@ def train(args: argparse.Namespace) -> dict:
     records = _epochs(out / "metrics.jsonl")
     checks["resume_continues_at_epoch_3"] = [r.get("epoch") for r in records] == [1, 2, 3]
     # The checkpoint loads back for evaluation (on the device the run used).
-    from eval.common import load_target
+    from at.target import load_target
     target = load_target(out, "last", device=args.device)
     checks["checkpoint_loads_for_evaluation"] = target.model is not None
     last = records[-1]

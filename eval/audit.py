@@ -27,6 +27,7 @@ from torch import Tensor
 
 from at.checkpoint import write_json
 from at.evaluate import correct
+from at.target import Target, load_target
 from attacks import frozen, pgd
 from errors import USER_ERRORS
 from errors import report as report_error
@@ -36,10 +37,8 @@ from . import autoattack as aa_eval
 from .common import (
     DEFAULT_EPS,
     EvalError,
-    Target,
     add_target_arguments,
     check_eps,
-    load_target,
     load_test_data,
     parse_eps,
     provenance,

@@ -32,13 +32,13 @@ from tqdm import tqdm
 
 from at import checkpoint as ckpt
 from at.checkpoint import write_json
+from at.target import Target
 from errors import USER_ERRORS, report
 
 from . import aa_flags
 from .common import (
     DEFAULT_EPS,
     EvalError,
-    Target,
     add_target_arguments,
     check_eps,
     load_test_data,

@@ -17,19 +17,7 @@ from torch import nn
 
 import data as datasets
 from at.config import git_state
-
-# Loading a run or checkpoint lives below eval/ (a distillation teacher needs it too); the names
-# stay importable from here.
-from at.target import (  # noqa: F401
-    PREFIXES,
-    WEIGHTS,
-    Target,
-    _run_checkpoint,
-    _state_dict_of,
-    load_target,
-    sha256,
-    strip_prefixes,
-)
+from at.target import Target, load_target
 from attacks.pgd import eps_problem
 from errors import EvalError
 

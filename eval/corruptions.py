@@ -23,11 +23,11 @@ import torch
 import data as datasets
 from at.checkpoint import write_json
 from at.evaluate import correct
+from at.target import Target
 from errors import USER_ERRORS, report
 
 from .common import (
     EvalError,
-    Target,
     add_target_arguments,
     provenance,
     resolve_batch_size,

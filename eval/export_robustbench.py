@@ -32,16 +32,11 @@ import data as datasets
 import models
 from at import checkpoint as ckpt
 from at.checkpoint import write_json, write_text
+from at.target import Target, load_target
 from errors import USER_ERRORS, report
 from models import NORMALIZATION
 
-from .common import (
-    EvalError,
-    Target,
-    add_target_arguments,
-    load_target,
-    parse_eps,
-)
+from .common import EvalError, add_target_arguments, parse_eps
 from .robustbench_arch import zoo_namespace
 
 # Leaderboards RobustBench keeps for the CIFAR datasets: (dataset, norm) -> eps. CIFAR-100 has

@@ -16,12 +16,12 @@ import time
 
 from at.checkpoint import write_json
 from at.evaluate import correct
+from at.target import Target
 from errors import USER_ERRORS, report
 
 from .common import (
     DEFAULT_EPS,
     EvalError,
-    Target,
     add_target_arguments,
     check_eps,
     load_test_data,

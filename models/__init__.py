@@ -31,7 +31,7 @@ from .vgg_cifar import CifarVGG, cifar_vgg
 from .wideresnet import WideResNet
 from .wideresnet_dm import NORMALIZATION, DMWideResNet, normalization_for
 
-__all__ = ["IMAGENET_DATASETS", "IMAGENET_MODELS", "MODELS", "NORMALIZATION", "build_model",
+__all__ = ["IMAGENET_MODELS", "MODELS", "NORMALIZATION", "build_model",
            "normalization_for", "ImageNetModel", "MobileNetV1", "load_pretrained",
            "TORCHVISION_PREFIX", "torchvision_model",
            "WideResNet", "DMWideResNet", "PreActResNet", "preact_resnet18", "CifarResNet",
@@ -83,7 +83,6 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 
 # ImageNet-sized networks, for the image-file datasets (the same name may mean a CIFAR network
 # in MODELS: resnet50).
-IMAGENET_DATASETS = FOLDER_DATASETS  # the old name, kept for callers
 IMAGENET_MODELS: dict[str, Callable[..., nn.Module]] = {
     name: imagenet_builder(name) for name in _IMAGENET_NETWORKS}
 

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from at.awp import AWP
-from at.methods import AttackBudget, build_method
+from at.methods import build_method
+from at.schedules import AttackBudget
 from models import build_model
 
 BUDGET = AttackBudget(eps=8 / 255, step_size=2 / 255, steps=2)

@@ -91,7 +91,7 @@ def test_our_attack_computes_the_natural_logits_once_the_reference_every_step():
     method.prior.copy_(torch.rand(10, 10, dtype=torch.float64).softmax(1))
     reference.prior = method.prior.clone()
     x, y = torch.rand(4, 3, 32, 32, dtype=torch.float64), torch.arange(4)
-    from at.methods.base import AttackBudget
+    from at.schedules import AttackBudget
     budget = AttackBudget(eps=8 / 255, step_size=2 / 255, steps=4, init="normal",
                           clamp_init=False)
     with frozen(model):

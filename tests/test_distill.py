@@ -172,7 +172,7 @@ def test_cost_matrix_uses_wkds_class_prototypes(learned, tmp_path, features):
     """Every spatial position of the last feature map (CIFAR), or logits (ImageNet), of the
     first 12 training images of each class; compared with a literal reference computation."""
     import data as datasets
-    from eval.common import load_target
+    from at.target import load_target
     run = learned["standard"][0]
     out = tmp_path / f"{features}.pt"
     assert cost_matrix_main([str(run), "--out", str(out), "--per-class", "12", "--device", "cpu",

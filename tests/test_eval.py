@@ -19,8 +19,9 @@ from torch import nn
 import eval as evaluation
 from at.config import REPO_ROOT
 from at.evaluate import cw_margin
+from at.target import load_target, sha256
 from eval import autoattack, pgd, summary
-from eval.common import EvalError, load_target, sha256
+from eval.common import EvalError
 from eval.robustbench_arch import architecture_module
 from models import build_model
 

@@ -13,9 +13,10 @@ import pytest
 import torch
 from torch import nn
 
+from at.target import load_target
 from eval import audit, autoattack, plot
 from eval.aa_flags import square_flag
-from eval.common import EvalError, load_target
+from eval.common import EvalError
 
 # The audit on few images with tiny budgets: what it detects here does not depend on the budget.
 TINY = audit.Budget(pgd_steps=3, strong_steps=6, restarts=2, unbounded_steps=10,

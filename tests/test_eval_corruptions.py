@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from at.target import load_target
 from eval import corruptions
-from eval.common import EvalError, load_target
+from eval.common import EvalError
 from models import build_model
 
 N = 12

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from at.config import REPO_ROOT
+from at.target import load_target
 from eval import autoattack
-from eval.common import EvalError, load_target
+from eval.common import EvalError
 from eval.precision import evaluation_precision
 
 ARGS = dict(n_ex=16, chunk_size=4, attacks=["apgd-ce"], batch_size=4, eps="16/255")

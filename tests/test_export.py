@@ -16,9 +16,10 @@ from torch import nn
 
 from at.checkpoint import atomic_save, load
 from at.config import REPO_ROOT, load_config
+from at.target import Target, load_target, sha256
 from at.trainer import fit
 from eval import export_robustbench as ex
-from eval.common import Target, load_target, provenance, sha256
+from eval.common import provenance
 from eval.robustbench_arch import zoo_namespace
 from models import MODELS, build_model
 

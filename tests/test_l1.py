@@ -102,7 +102,8 @@ def test_l1_eps_problems():
 
 
 def test_l1_pgd_on_a_trained_model_stays_in_the_threat_model(learned):
-    from eval.common import load_target, load_test_data
+    from at.target import load_target
+    from eval.common import load_test_data
     t = load_target(learned["ikl_at"][0], "best", device="cpu")
     x, y = load_test_data(t, 64)
     with torch.no_grad():

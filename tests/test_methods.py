@@ -3,9 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from at.methods import METHODS, AttackBudget, StepOutput, build_method
+from at.methods import METHODS, StepOutput, build_method
 from at.methods.ikl_at import IKLAT
 from at.optim import build_optimizer
+from at.schedules import AttackBudget
 from models import build_model
 
 BUDGET = AttackBudget(eps=8 / 255, step_size=2 / 255, steps=3)

@@ -15,10 +15,10 @@ from torch.func import functional_call
 
 from at.awp import AWP
 from at.config import load_config
-from at.methods import AttackBudget
 from at.methods.ikl_at import IKLAT
 from at.methods.lbgat import LBGAT
 from at.methods.trades import TRADES
+from at.schedules import AttackBudget
 from models import build_model
 from models.bn import GhostBatchNorm2d, set_bn_groups
 

@@ -204,8 +204,8 @@ def test_wandb_offline_logging_needs_no_network(tmp_path, monkeypatch):
 
 
 def test_awp_and_weight_averaging_run_and_the_average_evaluates(tmp_path):
+    from at.target import load_target
     from eval import load_model
-    from eval.common import load_target
     from eval.pgd import evaluate
     out = tmp_path / "run"
     cfg = load_config(DIGITS, [*QUICK, "optim.epochs=2", "awp.enabled=true", "awp.warmup=2",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from errors import unknown
 
-from .base import AttackBudget, Method, StepOutput
+from .base import Method, StepOutput
 from .distill import Distill
 from .ikl_at import IKLAT
 from .lbgat import LBGAT
@@ -34,4 +34,4 @@ def build_method(method_cfg: dict, num_classes: int, views: int = 1) -> Method:
     return method
 
 
-__all__ = ["METHODS", "build_method", "Method", "StepOutput", "AttackBudget"]
+__all__ = ["METHODS", "build_method", "Method", "StepOutput"]

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from errors import ConfigError
 
 from .. import distributed
-from ..schedules import AttackBudget  # noqa: F401  (re-exported: methods take it)
+from ..schedules import AttackBudget
 
 
 @dataclass

@@ -20,7 +20,8 @@ from attacks import frozen, pgd
 from errors import ConfigError
 
 from ..kd_losses import dkd_loss, ikl_kd_terms, kd_loss, wkd_logit_terms
-from .base import AttackBudget, Method, StepOutput, update_class_prior
+from ..schedules import AttackBudget
+from .base import Method, StepOutput, update_class_prior
 
 LOSSES = ("kd", "dkd", "ikl_kd", "gkl_kd", "wkd_l")
 WEIGHTS = ("sample", "class_prior")

@@ -15,7 +15,8 @@ from attacks import frozen, pgd
 from errors import ConfigError
 
 from ..losses import ikl_loss, ikl_terms
-from .base import AttackBudget, Method, StepOutput, update_class_prior
+from ..schedules import AttackBudget
+from .base import Method, StepOutput, update_class_prior
 
 # The loss AWP climbs with two views: "joint" = the reference's calc_awp, one CE + IKL over all 2B
 # rows weighted equally (no aug_weight); "weighted" = the outer loss, per view, aug-weighted.

@@ -7,7 +7,8 @@ from torch import Tensor, nn
 
 from attacks import frozen, pgd
 
-from .base import AttackBudget, Method, StepOutput
+from ..schedules import AttackBudget
+from .base import Method, StepOutput
 
 
 class PGDAT(Method):

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .base import AttackBudget, Method, StepOutput
+from ..schedules import AttackBudget
+from .base import Method, StepOutput
 
 
 class Standard(Method):

@@ -11,7 +11,8 @@ from errors import ConfigError
 
 from ..bn_stats import BNUpdate
 from ..losses import trades_kl
-from .base import AttackBudget, Method, StepOutput
+from ..schedules import AttackBudget
+from .base import Method, StepOutput
 
 BRANCHES = ("clean", "adv")
 
