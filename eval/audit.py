@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from at.checkpoint import write_json
-from at.evaluate import correct
 from at.target import Target, load_target
 from attacks import frozen, pgd
+from attacks.accuracy import correct
 from errors import USER_ERRORS
 from errors import report as report_error
 

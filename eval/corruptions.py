@@ -22,8 +22,8 @@ import torch
 
 import data as datasets
 from at.checkpoint import write_json
-from at.evaluate import correct
 from at.target import Target
+from attacks.accuracy import correct
 from errors import USER_ERRORS, report
 
 from .common import (

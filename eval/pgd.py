@@ -15,8 +15,8 @@ import sys
 import time
 
 from at.checkpoint import write_json
-from at.evaluate import correct
 from at.target import Target
+from attacks.accuracy import correct
 from errors import USER_ERRORS, report
 
 from .common import (

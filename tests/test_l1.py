@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from at.evaluate import correct
+from attacks.accuracy import correct
 from attacks.l1 import l1_random_start, l1_step, project_l1_ball, project_l1_box
 from attacks.pgd import eps_problem, pgd, project
 
