@@ -38,6 +38,8 @@ from .common import (
     DEFAULT_EPS,
     EvalError,
     add_target_arguments,
+    attack_norm,
+    autoattack_norm,
     check_eps,
     load_test_data,
     parse_eps,
@@ -47,7 +49,6 @@ from .common import (
 )
 from .precision import add_tf32_argument, evaluation_precision
 
-NORMS = {"Linf": "linf", "L2": "l2", "L1": "l1"}
 SWEEP_FACTORS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # x eps; 8 x 8/255 = 64/255 under Linf
 
 
@@ -153,14 +154,14 @@ def _pgd_correct(model, x, y, *, eps, steps, norm, batch_size, seed, restarts=1)
     ok = torch.ones(len(y), dtype=torch.bool)
     for r in range(restarts):
         ok &= correct(model, x, y, eps=eps, steps=steps, step_size=2.5 * eps / steps,
-                      norm=NORMS[norm], loss="ce", batch_size=batch_size, seed=seed + r)
+                      norm=norm, loss="ce", batch_size=batch_size, seed=seed + r)
     return ok
 
 
 def unbounded_eps(norm: str, x: Tensor) -> float:
     """A radius that contains the whole image box: any image is reachable."""
     d = x[0].numel()
-    return {"Linf": 1.0, "L2": math.sqrt(d), "L1": float(d)}[norm]
+    return {"linf": 1.0, "l2": math.sqrt(d), "l1": float(d)}[norm]
 
 
 def _transfer_correct(model, surrogate, x, y, *, eps, steps, norm, batch_size, seed) -> Tensor:
@@ -171,7 +172,7 @@ def _transfer_correct(model, surrogate, x, y, *, eps, steps, norm, batch_size, s
         for i in range(0, len(y), batch_size):
             xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
             adv = pgd(lambda z, yb=yb: F.cross_entropy(surrogate(z), yb, reduction="none"), xb,
-                      eps=eps, step_size=2.5 * eps / steps, steps=steps, norm=NORMS[norm],
+                      eps=eps, step_size=2.5 * eps / steps, steps=steps, norm=norm,
                       generator=g)
             with torch.no_grad():
                 out.append((model(adv).argmax(1) == yb).cpu())
@@ -229,7 +230,7 @@ def _screening_autoattack(model, x, y, clean, *, eps, norm, budget, batch_size, 
     from pyautoattack import AutoAttack
 
     device = next(model.parameters()).device
-    adversary = AutoAttack(model, norm=norm, eps=eps, version="custom", seed=seed,
+    adversary = AutoAttack(model, norm=autoattack_norm(norm), eps=eps, version="custom", seed=seed,
                            attacks=["apgd-ce", "apgd-t"], device=device)
     adversary.apgd.n_restarts = adversary.apgd_targeted.n_restarts = 1  # as the standard version
     adversary.apgd.n_iter = adversary.apgd_targeted.n_iter = budget.aa_iters
@@ -255,11 +256,11 @@ def audit(t: Target, *, n_ex: int | None = 1000, eps: str | None = None, norm: s
           budget: Budget = FULL, batch_size: int = 500, seed: int = 0) -> dict:
     """Run every check on the first `n_ex` test images; returns the report that is also
     written to <out_dir>/audit_<weights>.json."""
-    if norm not in NORMS:
-        raise EvalError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
-    eps_text, eps_value = parse_eps(eps if eps is not None else DEFAULT_EPS[norm])
+    # The helpers below take attacks/' name of the threat model; AutoAttack and the report --norm's.
+    name = attack_norm(norm)
+    eps_text, eps_value = parse_eps(eps if eps is not None else DEFAULT_EPS[name])
     x, y = load_test_data(t, n_ex)
-    check_eps(eps_value, norm, x)
+    check_eps(eps_value, name, x)
     model = t.model
     device = next(model.parameters()).device
     n_classes = _logits(model, x[:2], 2).shape[1]
@@ -272,7 +273,7 @@ def audit(t: Target, *, n_ex: int | None = 1000, eps: str | None = None, norm: s
     if sweep is None:
         sweep = [(f"{f:g}x{eps_text}", f * eps_value) for f in SWEEP_FACTORS]
     started = time.time()
-    common = dict(norm=norm, batch_size=batch_size, seed=seed)
+    common = dict(norm=name, batch_size=batch_size, seed=seed)
     clean = _logits(model, x, batch_size).argmax(1) == y
     checks, skipped, timings = [], [], {}
 
@@ -312,7 +313,7 @@ def audit(t: Target, *, n_ex: int | None = 1000, eps: str | None = None, norm: s
     warn = sweep_acc[-1] > CHECKS["eps_sweep"][0] or rise > one_image + 1e-9
     checks.append(_check("eps_sweep", sweep_acc[-1], warn))
 
-    big = unbounded_eps(norm, x)
+    big = unbounded_eps(name, x)
     unbounded = timed("unbounded", lambda: _acc(_pgd_correct(
         model, x, y, eps=big, steps=budget.unbounded_steps, **common)))
     checks.append(_check("unbounded", unbounded, unbounded > CHECKS["unbounded"][0]))

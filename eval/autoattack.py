@@ -40,6 +40,7 @@ from .common import (
     DEFAULT_EPS,
     EvalError,
     add_target_arguments,
+    attack_norm,
     check_eps,
     load_test_data,
     parse_eps,
@@ -51,7 +52,6 @@ from .common import (
 from .precision import add_tf32_argument, evaluation_precision, tf32_enabled
 
 VERSIONS = ("standard", "plus", "rand")
-NORMS = ("Linf", "L2", "L1")
 CHUNK_FORMAT = 1
 log = logging.getLogger("eval.autoattack")
 # AutoAttack's per-batch progress goes to the log file only (see _attach_log_file); its warnings
@@ -98,8 +98,8 @@ def attack_chunk(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, ep
 def _check_perturbation(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str,
                         stage: str) -> None:
     delta = (x_adv.cpu() - x).flatten(1)
-    size = {"Linf": lambda: delta.abs().max(1).values, "L2": lambda: delta.norm(dim=1),
-            "L1": lambda: delta.abs().sum(1)}[norm]()
+    size = {"linf": lambda: delta.abs().max(1).values, "l2": lambda: delta.norm(dim=1),
+            "l1": lambda: delta.abs().sum(1)}[attack_norm(norm)]()
     if size.max() > eps * (1 + 1e-5) + 1e-5 or x_adv.min() < 0 or x_adv.max() > 1:
         raise EvalError(f"{stage} returned points outside the threat model (max size "
                         f"{size.max():.6f} > eps {eps:.6f} or outside [0,1])")
@@ -165,8 +165,7 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
     chunks of another evaluation and naming the missing ones."""
     if version not in VERSIONS:
         raise EvalError(f"unknown AutoAttack version {version!r}; valid: {', '.join(VERSIONS)}")
-    if norm not in NORMS:
-        raise EvalError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
+    name = attack_norm(norm)  # AutoAttack and the result spell it as --norm does
     full = stage_names(version, norm)
     stages = full if not attacks else [a for a in full if a in attacks]
     if attacks and (set(attacks) - set(full) or not stages):
@@ -176,9 +175,9 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
         raise EvalError("--batch-size and --chunk-size must be >= 1")
     if shard is not None and merge:
         raise EvalError("--shard and --merge exclude each other: merge once all shards are done")
-    eps_text, eps_value = parse_eps(eps if eps is not None else DEFAULT_EPS[norm])
+    eps_text, eps_value = parse_eps(eps if eps is not None else DEFAULT_EPS[name])
     x, y = load_test_data(t, n_ex)
-    check_eps(eps_value, norm, x)
+    check_eps(eps_value, name, x)
     n_test = len(load_test_data(t, None)[1]) if n_ex is not None else len(y)
     device = next(t.model.parameters()).device
     # A subset of the attacks is a screening number, never to be confused with AutoAttack's;
@@ -266,7 +265,7 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
     n = len(y)
     stage_results = [{"attack": s, "robust_acc": round(100 * totals[s] / n, 2)} for s in stages]
     flags = aa_flags.compute_flags(t.model, x, y, torch.cat(clean_parts), stage_results,
-                                   eps=eps_value, norm=norm, version=version,
+                                   eps=eps_value, norm=name, version=version,
                                    batch_size=batch_size, device=device, seed=seed)
     for flag in aa_flags.raised(flags):
         log.warning("AutoAttack flag %s: %s", flag, flags[flag]["message"])

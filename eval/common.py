@@ -18,13 +18,28 @@ from torch import nn
 import data as datasets
 from at.config import git_state
 from at.target import Target, load_target
-from attacks.pgd import eps_problem
+from attacks.pgd import NORMS, eps_problem
 from errors import EvalError
 
 from .precision import tf32_enabled
 
 # The usual radii per threat model (AutoAttack's defaults for L1; RobustBench's for Linf, L2).
-DEFAULT_EPS = {"Linf": "8/255", "L2": "0.5", "L1": "12"}
+DEFAULT_EPS = {"linf": "8/255", "l2": "0.5", "l1": "12"}
+
+
+def autoattack_norm(norm: str) -> str:
+    """'linf' -> 'Linf': a threat model of attacks.pgd.NORMS as AutoAttack spells it, and with it
+    --norm and the result files."""
+    return norm.capitalize()
+
+
+def attack_norm(norm: str) -> str:
+    """'Linf' -> 'linf': a threat model as --norm, the result files and AutoAttack spell it, under
+    its one name in attacks/ and the config (attacks.pgd.NORMS); EvalError for another."""
+    valid = [autoattack_norm(n) for n in NORMS]
+    if norm not in valid:
+        raise EvalError(f"unknown norm {norm!r}; valid: {', '.join(valid)}")
+    return norm.lower()
 
 
 def add_target_arguments(parser: argparse.ArgumentParser, *, evaluation: bool = True) -> None:
@@ -114,7 +129,8 @@ def load_test_data(t: Target, n_examples: int | None) -> tuple[torch.Tensor, tor
 
 
 def check_eps(eps: float, norm: str, x: torch.Tensor) -> None:
-    """Refuse an --eps that cannot be a radius around these [0,1] images (8 for 8/255)."""
+    """Refuse an --eps that cannot be a radius around these [0,1] images (8 for 8/255) under
+    `norm` (attacks.pgd.NORMS)."""
     problem = eps_problem("--eps", eps, norm, x[0].numel())
     if problem:
         raise EvalError(problem)

@@ -23,6 +23,7 @@ from .common import (
     DEFAULT_EPS,
     EvalError,
     add_target_arguments,
+    attack_norm,
     check_eps,
     load_test_data,
     parse_eps,
@@ -34,7 +35,6 @@ from .common import (
 from .precision import add_tf32_argument, evaluation_precision
 
 ATTACKS = {"pgd": "ce", "cw": "cw"}
-NORMS = {"Linf": "linf", "L2": "l2", "L1": "l1"}
 
 
 def evaluate(t: Target, *, attack: str = "pgd", steps: int = 20, n_ex: int | None = None,
@@ -44,22 +44,21 @@ def evaluate(t: Target, *, attack: str = "pgd", steps: int = 20, n_ex: int | Non
     to <out_dir>/<attack><steps>_<norm>_eps<eps>_n<images>_<weights>.json (`result_name`)."""
     if attack not in ATTACKS:
         raise EvalError(f"unknown attack {attack!r}; valid: {', '.join(ATTACKS)}")
-    if norm not in NORMS:
-        raise EvalError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
+    name = attack_norm(norm)
     if steps < 1 or batch_size < 1:
         raise EvalError("--steps and --batch-size must be >= 1")
-    eps_text, eps_value = parse_eps(eps if eps is not None else DEFAULT_EPS[norm])
+    eps_text, eps_value = parse_eps(eps if eps is not None else DEFAULT_EPS[name])
     # Default step: 2/255 for the usual L-inf 8/255 setting, otherwise eps / 4.
     step_text, step_value = parse_eps(step_size) if step_size else (
-        ("2/255", 2 / 255) if (norm, eps_text) == ("Linf", "8/255") else
+        ("2/255", 2 / 255) if (name, eps_text) == ("linf", "8/255") else
         (f"{eps_text}/4", eps_value / 4))
     x, y = load_test_data(t, n_ex)
-    check_eps(eps_value, norm, x)
+    check_eps(eps_value, name, x)
     started = time.time()
     common = dict(batch_size=batch_size, seed=seed)
     clean = correct(t.model, x, y, **common)
     robust = correct(t.model, x, y, eps=eps_value, steps=steps, step_size=step_value,
-                     norm=NORMS[norm], loss=ATTACKS[attack], **common)
+                     norm=name, loss=ATTACKS[attack], **common)
     device = next(t.model.parameters()).device
     result = {
         "clean_acc": round(100 * clean.double().mean().item(), 2),
