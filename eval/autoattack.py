@@ -25,6 +25,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -150,6 +151,46 @@ def _merge_problem(path: Path, saved: dict | None, fingerprint: dict) -> str | N
     return None
 
 
+@dataclass
+class _Plan:
+    """One AutoAttack evaluation: what it attacks, how, and where its chunks and result go."""
+    t: Target
+    version: str
+    norm: str  # as AutoAttack and the result spell it (Linf)
+    eps_text: str
+    eps_value: float
+    stages: list[str]  # the attacks run, in order (all of the version's, or a subset)
+    full: bool  # all of the version's attacks
+    x: torch.Tensor
+    y: torch.Tensor
+    n_test: int  # images in the whole test set
+    seed: int
+    batch_size: int
+    chunk_size: int
+    name: str  # of the result file, its log and its chunk directory
+    device: torch.device
+
+    @property
+    def chunk_dir(self) -> Path:
+        return self.t.out_dir / f"{self.name}_chunks"
+
+    @property
+    def bounds(self) -> list[tuple[int, int]]:
+        n = len(self.y)
+        return [(s, min(s + self.chunk_size, n)) for s in range(0, n, self.chunk_size)]
+
+    def chunk_path(self, start: int, end: int) -> Path:
+        return self.chunk_dir / f"chunk_{start:06d}_{end:06d}.pt"
+
+    def fingerprint(self, start: int, end: int) -> dict:
+        """What a saved chunk must match to count for this evaluation."""
+        t = self.t
+        return {"checkpoint_sha256": t.checkpoint_sha256, "arch": t.arch, "dataset": t.dataset,
+                "version": self.version, "norm": self.norm, "eps": self.eps_value,
+                "stages": self.stages, "seed": self.seed, "batch_size": self.batch_size,
+                "start": start, "end": end, "tf32": tf32_enabled()}
+
+
 def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
              norm: str = "Linf", eps: str | None = None, batch_size: int = 500, seed: int = 0,
              chunk_size: int = 1000, attacks: list[str] | None = None,
@@ -163,86 +204,106 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
     shard=(i, n) computes only chunks i, i+n, ... and writes no result (returns a summary of
     the shard); merge=True computes nothing and builds the result from finished chunks, refusing
     chunks of another evaluation and naming the missing ones."""
+    stages = _stages(version, norm, attacks)
+    if batch_size < 1 or chunk_size < 1:
+        raise EvalError("--batch-size and --chunk-size must be >= 1")
+    if shard is not None and merge:
+        raise EvalError("--shard and --merge exclude each other: merge once all shards are done")
+    plan = _plan(t, n_ex, version, norm, eps, batch_size, seed, chunk_size, stages)
+    if merge and not plan.chunk_dir.is_dir():
+        raise EvalError(f"nothing to merge: {plan.chunk_dir} does not exist (run the shards "
+                        f"first)")
+    plan.chunk_dir.mkdir(parents=True, exist_ok=True)
+    _attach_log_file(t.out_dir / (f"{plan.name}.log" if shard is None else
+                                  f"{plan.name}_shard{shard[0]}of{shard[1]}.log"))
+    log.info("AutoAttack %s %s eps %s on %d %s test images, %s (%s), checkpoint %s", version, norm,
+             plan.eps_text, len(plan.y), t.dataset, t.arch, t.weights, t.checkpoint)
+    started = time.time()
+    if merge:
+        _check_mergeable(plan)
+    bounds = plan.bounds if shard is None else plan.bounds[shard[0]::shard[1]]
+    totals, clean, seconds, reused = _run_chunks(plan, bounds, progress)
+    if shard is not None:
+        log.info("shard %d/%d: %d chunks done; merge with --merge once every shard is done",
+                 *shard, len(bounds))
+        return {"shard": f"{shard[0]}/{shard[1]}", "chunks": len(bounds), "name": plan.name,
+                "chunks_reused": reused, "seconds": round(seconds, 1)}
+    return _result(plan, totals, torch.cat(clean), seconds, reused, started)
+
+
+def _stages(version: str, norm: str, attacks: list[str] | None) -> list[str]:
+    """The attacks to run: the version's, or the subset `attacks` of them, in their order."""
     if version not in VERSIONS:
         raise EvalError(f"unknown AutoAttack version {version!r}; valid: {', '.join(VERSIONS)}")
-    name = attack_norm(norm)  # AutoAttack and the result spell it as --norm does
+    attack_norm(norm)
     full = stage_names(version, norm)
     stages = full if not attacks else [a for a in full if a in attacks]
     if attacks and (set(attacks) - set(full) or not stages):
         raise EvalError(f"--attacks {','.join(attacks)}: {version} {norm} AutoAttack runs "
                         f"{', '.join(full)}; choose among those")
-    if batch_size < 1 or chunk_size < 1:
-        raise EvalError("--batch-size and --chunk-size must be >= 1")
-    if shard is not None and merge:
-        raise EvalError("--shard and --merge exclude each other: merge once all shards are done")
-    eps_text, eps_value = parse_eps(eps if eps is not None else DEFAULT_EPS[name])
+    return stages
+
+
+def _plan(t: Target, n_ex: int | None, version: str, norm: str, eps: str | None,
+          batch_size: int, seed: int, chunk_size: int, stages: list[str]) -> _Plan:
+    """Load the images and check the radius; the evaluation's name and settings."""
+    threat = attack_norm(norm)
+    full = stages == stage_names(version, norm)
+    eps_text, eps_value = parse_eps(eps if eps is not None else DEFAULT_EPS[threat])
     x, y = load_test_data(t, n_ex)
-    check_eps(eps_value, name, x)
+    check_eps(eps_value, threat, x)
     n_test = len(load_test_data(t, None)[1]) if n_ex is not None else len(y)
-    device = next(t.model.parameters()).device
     # A subset of the attacks is a screening number, never to be confused with AutoAttack's;
     # another eps, norm or number of images is another result, with its own file and chunks.
-    attack = f"autoattack-{version}" if stages == full else \
-        f"autoattack-{version}-{'+'.join(stages)}"
-    name = result_name(attack, norm, eps_value, len(y), t.weights)
-    chunk_dir = t.out_dir / f"{name}_chunks"
-    if merge and not chunk_dir.is_dir():
-        raise EvalError(f"nothing to merge: {chunk_dir} does not exist (run the shards first)")
-    chunk_dir.mkdir(parents=True, exist_ok=True)
-    _attach_log_file(t.out_dir / (f"{name}.log" if shard is None else
-                                  f"{name}_shard{shard[0]}of{shard[1]}.log"))
-    log.info("AutoAttack %s %s eps %s on %d %s test images, %s (%s), checkpoint %s", version, norm,
-             eps_text, len(y), t.dataset, t.arch, t.weights, t.checkpoint)
+    attack = f"autoattack-{version}" if full else f"autoattack-{version}-{'+'.join(stages)}"
+    return _Plan(t, version, norm, eps_text, eps_value, stages, full, x, y, n_test,
+                 seed, batch_size, chunk_size,
+                 result_name(attack, norm, eps_value, len(y), t.weights),
+                 next(t.model.parameters()).device)
 
-    totals = {k: 0 for k in ["clean", *stages]}
-    seconds, reused = 0.0, 0
-    started = time.time()
-    bounds = [(s, min(s + chunk_size, len(y))) for s in range(0, len(y), chunk_size)]
 
-    def fingerprint_of(start: int, end: int) -> dict:
-        return {"checkpoint_sha256": t.checkpoint_sha256, "arch": t.arch, "dataset": t.dataset,
-                "version": version, "norm": norm, "eps": eps_value, "stages": stages,
-                "seed": seed, "batch_size": batch_size, "start": start, "end": end,
-                "tf32": tf32_enabled()}
+def _check_mergeable(plan: _Plan) -> None:
+    """--merge: every chunk is there and belongs to this evaluation."""
+    problems = []
+    for start, end in plan.bounds:
+        path = plan.chunk_path(start, end)
+        try:
+            saved = ckpt.load(path) if path.exists() else None
+        except ckpt.CheckpointError:
+            saved = {}
+        problem = _merge_problem(path, saved, plan.fingerprint(start, end))
+        if problem:
+            problems.append((path.name, problem))
+    missing = [n for n, p in problems if p == "missing"]
+    foreign = [f"{n}: {p}" for n, p in problems if p != "missing"]
+    if foreign:
+        raise EvalError(f"refusing to merge chunks of another evaluation: {foreign[0]}"
+                        + (f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""))
+    if missing:
+        raise EvalError(f"cannot merge yet: {len(missing)} of {len(plan.bounds)} chunks missing "
+                        f"({', '.join(missing)}); run the shards that own them")
 
-    def path_of(start: int, end: int) -> Path:
-        return chunk_dir / f"chunk_{start:06d}_{end:06d}.pt"
 
-    if merge:
-        problems = []
-        for start, end in bounds:
-            path = path_of(start, end)
-            try:
-                saved = ckpt.load(path) if path.exists() else None
-            except ckpt.CheckpointError:
-                saved = {}
-            problem = _merge_problem(path, saved, fingerprint_of(start, end))
-            if problem:
-                problems.append((path.name, problem))
-        missing = [n for n, p in problems if p == "missing"]
-        foreign = [f"{n}: {p}" for n, p in problems if p != "missing"]
-        if foreign:
-            raise EvalError(f"refusing to merge chunks of another evaluation: {foreign[0]}"
-                            + (f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""))
-        if missing:
-            raise EvalError(f"cannot merge yet: {len(missing)} of {len(bounds)} chunks missing "
-                            f"({', '.join(missing)}); run the shards that own them")
-    if shard is not None:
-        bounds = bounds[shard[0]::shard[1]]
-    clean_parts = []
+def _run_chunks(plan: _Plan, bounds: list[tuple[int, int]], progress: bool
+                ) -> tuple[dict[str, int], list[torch.Tensor], float, int]:
+    """Attack the chunks `bounds` (reusing the finished ones, saving each new one as it ends):
+    correct counts per stage, the clean correctness per chunk, attack seconds, chunks reused."""
+    t, x, y, device = plan.t, plan.x, plan.y, plan.device
+    totals = {k: 0 for k in ["clean", *plan.stages]}
+    seconds, reused, clean_parts = 0.0, 0, []
     bar = tqdm(bounds, desc="AutoAttack chunks", unit="chunk", disable=not progress)
     for start, end in bar:
-        fingerprint = fingerprint_of(start, end)
-        path = path_of(start, end)
+        fingerprint = plan.fingerprint(start, end)
+        path = plan.chunk_path(start, end)
         saved = _load_chunk(path, fingerprint)
         was_saved = saved is not None
         if saved is None:
             began = time.time()
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                outcome = attack_chunk(t.model, x[start:end], y[start:end], eps=eps_value,
-                                       norm=norm, version=version, stages=stages, seed=seed,
-                                       batch_size=batch_size, device=device,
-                                       progress=progress)
+                outcome = attack_chunk(t.model, x[start:end], y[start:end], eps=plan.eps_value,
+                                       norm=plan.norm, version=plan.version, stages=plan.stages,
+                                       seed=plan.seed, batch_size=plan.batch_size,
+                                       device=device, progress=progress)
             saved = {"format": CHUNK_FORMAT, "fingerprint": fingerprint, "outcome": outcome,
                      "seconds": time.time() - began}
             ckpt.atomic_save(saved, path)
@@ -252,37 +313,39 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
         for key in totals:
             totals[key] += int(saved["outcome"][key].sum())
         bar.set_postfix(clean=f"{100 * totals['clean'] / end:.2f}",
-                        robust=f"{100 * totals[stages[-1]] / end:.2f}")
+                        robust=f"{100 * totals[plan.stages[-1]] / end:.2f}")
         log.info("images %d-%d correct: %s%s", start, end, ", ".join(
             f"{k} {int(saved['outcome'][k].sum())}" for k in totals),
             " (finished earlier, reused)" if was_saved else "")
+    return totals, clean_parts, seconds, reused
 
-    if shard is not None:
-        log.info("shard %d/%d: %d chunks done; merge with --merge once every shard is done",
-                 *shard, len(bounds))
-        return {"shard": f"{shard[0]}/{shard[1]}", "chunks": len(bounds), "name": name,
-                "chunks_reused": reused, "seconds": round(seconds, 1)}
-    n = len(y)
+
+def _result(plan: _Plan, totals: dict[str, int], clean: torch.Tensor, seconds: float,
+            reused: int, started: float) -> dict:
+    """The result of the whole evaluation, with AutoAttack's flags; written to <name>.json."""
+    t, n, stages = plan.t, len(plan.y), plan.stages
     stage_results = [{"attack": s, "robust_acc": round(100 * totals[s] / n, 2)} for s in stages]
-    flags = aa_flags.compute_flags(t.model, x, y, torch.cat(clean_parts), stage_results,
-                                   eps=eps_value, norm=name, version=version,
-                                   batch_size=batch_size, device=device, seed=seed)
+    flags = aa_flags.compute_flags(t.model, plan.x, plan.y, clean, stage_results,
+                                   eps=plan.eps_value, norm=attack_norm(plan.norm),
+                                   version=plan.version, batch_size=plan.batch_size,
+                                   device=plan.device, seed=plan.seed)
     for flag in aa_flags.raised(flags):
         log.warning("AutoAttack flag %s: %s", flag, flags[flag]["message"])
     result = {
         "clean_acc": round(100 * totals["clean"] / n, 2),
         "robust_acc": round(100 * totals[stages[-1]] / n, 2),
-        "n_ex": n, "n_test": n_test, "full_test_set": n == n_test,
-        "eps": eps_text, "eps_float": eps_value, "norm": norm,
-        "version": version if stages == full else "custom", "attacks": stages,
+        "n_ex": n, "n_test": plan.n_test, "full_test_set": n == plan.n_test,
+        "eps": plan.eps_text, "eps_float": plan.eps_value, "norm": plan.norm,
+        "version": plan.version if plan.full else "custom", "attacks": stages,
         "stages": stage_results, "flags": flags, "flags_raised": aa_flags.raised(flags),
-        "seed": seed, "batch_size": batch_size, "chunk_size": chunk_size,
+        "seed": plan.seed, "batch_size": plan.batch_size, "chunk_size": plan.chunk_size,
         "chunks_reused": reused, "seconds": round(seconds, 1),
         "seconds_this_call": round(time.time() - started, 1),
-        **provenance(t, device),
+        **provenance(t, plan.device),
     }
-    write_json(result, t.out_dir / f"{name}.json")
-    result["path"] = str(t.out_dir / f"{name}.json")
+    path = t.out_dir / f"{plan.name}.json"
+    write_json(result, path)
+    result["path"] = str(path)
     log.info("clean %.2f%%  AutoAttack %.2f%%  (%s)", result["clean_acc"], result["robust_acc"],
              ", ".join(f"after {s['attack']} {s['robust_acc']:.2f}%" for s in result["stages"]))
     return result
