@@ -29,15 +29,12 @@ from at.checkpoint import write_json
 from at.target import Target, load_target
 from attacks import frozen, pgd
 from attacks.accuracy import correct
-from errors import USER_ERRORS
-from errors import report as report_error
 
 from . import aa_flags
 from . import autoattack as aa_eval
 from .common import (
     DEFAULT_EPS,
     EvalError,
-    add_target_arguments,
     attack_norm,
     autoattack_norm,
     check_eps,
@@ -45,9 +42,9 @@ from .common import (
     parse_eps,
     provenance,
     resolve_batch_size,
+    run_command,
     target_from_arguments,
 )
-from .precision import add_tf32_argument, evaluation_precision
 
 SWEEP_FACTORS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # x eps; 8 x 8/255 = 64/255 under Linf
 
@@ -398,23 +395,20 @@ def table(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.audit", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_target_arguments(p)
-    p.set_defaults(n_ex=1000)
-    p.add_argument("--surrogate", help="run directory or checkpoint of a model (ideally "
-                   "standard-trained, same dataset) for the transfer check")
-    p.add_argument("--surrogate-weights", default="best")
-    p.add_argument("--surrogate-arch", help="arch of a bare surrogate checkpoint")
-    p.add_argument("--sweep", help="comma-separated ascending eps list for the eps sweep "
-                   "(default: 0, 1/4, 1/2, 1, 2, 4 and 8 x eps)")
-    p.add_argument("--quick", action="store_true", help="small attack budgets (smoke tests; "
-                   "not for a paper)")
-    p.add_argument("--strict", action="store_true", help="exit 3 when the verdict is warn")
-    add_tf32_argument(p)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    try:
+    def arguments(p: argparse.ArgumentParser) -> None:
+        p.set_defaults(n_ex=1000)
+        p.add_argument("--surrogate", help="run directory or checkpoint of a model (ideally "
+                       "standard-trained, same dataset) for the transfer check")
+        p.add_argument("--surrogate-weights", default="best")
+        p.add_argument("--surrogate-arch", help="arch of a bare surrogate checkpoint")
+        p.add_argument("--sweep", help="comma-separated ascending eps list for the eps sweep "
+                       "(default: 0, 1/4, 1/2, 1, 2, 4 and 8 x eps)")
+        p.add_argument("--quick", action="store_true", help="small attack budgets (smoke "
+                       "tests; not for a paper)")
+        p.add_argument("--strict", action="store_true", help="exit 3 when the verdict is warn")
+
+    def run(args: argparse.Namespace) -> int:
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
         sweep = parse_sweep(args.sweep) if args.sweep else None
         t = target_from_arguments(args)
         surrogate = None
@@ -429,15 +423,14 @@ def main(argv: list[str] | None = None) -> int:
             if surrogate.dataset != t.dataset:
                 raise EvalError(f"the surrogate was trained on {surrogate.dataset}, the model "
                                 f"on {t.dataset}")
-        with evaluation_precision(args.allow_tf32):
-            report = audit(t, n_ex=args.n_ex, eps=args.eps, norm=args.norm,
-                           surrogate=surrogate, sweep=sweep, budget=QUICK if args.quick else FULL,
-                           batch_size=resolve_batch_size(args.batch_size, t), seed=args.seed)
-    except USER_ERRORS as err:
-        return report_error("eval.audit", err)
-    print(table(report))
-    print(f"-> {report['path']}")
-    return 3 if args.strict and report["verdict"] == "warn" else 0
+        report = audit(t, n_ex=args.n_ex, eps=args.eps, norm=args.norm, surrogate=surrogate,
+                       sweep=sweep, budget=QUICK if args.quick else FULL,
+                       batch_size=resolve_batch_size(args.batch_size, t), seed=args.seed)
+        print(table(report))
+        print(f"-> {report['path']}")
+        return 3 if args.strict and report["verdict"] == "warn" else 0
+
+    return run_command("eval.audit", __doc__, argv, arguments, run)
 
 
 if __name__ == "__main__":

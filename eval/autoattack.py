@@ -40,7 +40,6 @@ from . import aa_flags
 from .common import (
     DEFAULT_EPS,
     EvalError,
-    add_target_arguments,
     attack_norm,
     check_eps,
     load_test_data,
@@ -48,9 +47,10 @@ from .common import (
     provenance,
     resolve_batch_size,
     result_name,
+    run_command,
     target_from_arguments,
 )
-from .precision import add_tf32_argument, evaluation_precision, tf32_enabled
+from .precision import evaluation_precision, tf32_enabled
 
 VERSIONS = ("standard", "plus", "rand")
 CHUNK_FORMAT = 1
@@ -367,40 +367,36 @@ def _attach_log_file(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.autoattack", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_target_arguments(p)
-    p.add_argument("--version", default="standard", help="standard | plus | rand")
-    p.add_argument("--chunk-size", type=int, default=1000, help="images per saved chunk")
-    p.add_argument("--attacks", help="comma-separated subset of the version's attacks, e.g. "
-                   "apgd-ce,apgd-t for quick screening (reported as version 'custom')")
-    p.add_argument("--shard", help="i/n: evaluate only chunks i, i+n, ... (0 <= i < n) and "
-                   "write no result; combine the shards with --merge")
-    p.add_argument("--merge", action="store_true",
-                   help="build the result from the chunks every shard saved")
-    add_tf32_argument(p)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    try:
+    def arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--version", default="standard", help="standard | plus | rand")
+        p.add_argument("--chunk-size", type=int, default=1000, help="images per saved chunk")
+        p.add_argument("--attacks", help="comma-separated subset of the version's attacks, e.g. "
+                       "apgd-ce,apgd-t for quick screening (reported as version 'custom')")
+        p.add_argument("--shard", help="i/n: evaluate only chunks i, i+n, ... (0 <= i < n) and "
+                       "write no result; combine the shards with --merge")
+        p.add_argument("--merge", action="store_true",
+                       help="build the result from the chunks every shard saved")
+
+    def run(args: argparse.Namespace) -> int:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
         shard = parse_shard(args.shard) if args.shard is not None else None
         if world > 1 and shard is None and not args.merge:
             return _torchrun(args, world)
-        with evaluation_precision(args.allow_tf32):
-            t = target_from_arguments(args)
-            r = evaluate(t, n_ex=args.n_ex, version=args.version, norm=args.norm, eps=args.eps,
-                         batch_size=resolve_batch_size(args.batch_size, t), seed=args.seed,
-                         chunk_size=args.chunk_size,
-                         attacks=args.attacks.split(",") if args.attacks else None,
-                         progress=sys.stderr.isatty(), shard=shard, merge=args.merge)
-    except USER_ERRORS as err:
-        return report("eval.autoattack", err)
-    if shard is not None:
-        print(f"shard {r['shard']}: {r['chunks']} chunks done ({r['chunks_reused']} reused); "
-              f"merge with --merge once every shard is done")
+        t = target_from_arguments(args)
+        r = evaluate(t, n_ex=args.n_ex, version=args.version, norm=args.norm, eps=args.eps,
+                     batch_size=resolve_batch_size(args.batch_size, t), seed=args.seed,
+                     chunk_size=args.chunk_size,
+                     attacks=args.attacks.split(",") if args.attacks else None,
+                     progress=sys.stderr.isatty(), shard=shard, merge=args.merge)
+        if shard is not None:
+            print(f"shard {r['shard']}: {r['chunks']} chunks done ({r['chunks_reused']} "
+                  f"reused); merge with --merge once every shard is done")
+        else:
+            _report(t, r)
         return 0
-    _report(t, r)
-    return 0
+
+    return run_command("eval.autoattack", __doc__, argv, arguments, run)
 
 
 def _report(t: Target, r: dict) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
@@ -19,9 +20,9 @@ import data as datasets
 from at.config import git_state
 from at.target import Target, load_target
 from attacks.pgd import NORMS, eps_problem
-from errors import EvalError
+from errors import USER_ERRORS, EvalError, report
 
-from .precision import tf32_enabled
+from .precision import add_tf32_argument, evaluation_precision, tf32_enabled
 
 # The usual radii per threat model (AutoAttack's defaults for L1; RobustBench's for Linf, L2).
 DEFAULT_EPS = {"linf": "8/255", "l2": "0.5", "l1": "12"}
@@ -40,6 +41,26 @@ def attack_norm(norm: str) -> str:
     if norm not in valid:
         raise EvalError(f"unknown norm {norm!r}; valid: {', '.join(valid)}")
     return norm.lower()
+
+
+def run_command(module: str, doc: str, argv: list[str] | None,
+                add_arguments: Callable[[argparse.ArgumentParser], None],
+                body: Callable[[argparse.Namespace], int], *, evaluation: bool = True) -> int:
+    """The frame of every eval command on a model: `python -m <module>` takes the target
+    arguments (add_target_arguments), the command's own (`add_arguments`) and --allow-tf32; then
+    `body(args)` runs in the precision asked for and returns the exit status. A user error is
+    reported on one line (exit 1)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_target_arguments(parser, evaluation=evaluation)
+    add_arguments(parser)
+    add_tf32_argument(parser)
+    args = parser.parse_args(argv)
+    try:
+        with evaluation_precision(args.allow_tf32):
+            return body(args)
+    except USER_ERRORS as err:
+        return report(module, err)
 
 
 def add_target_arguments(parser: argparse.ArgumentParser, *, evaluation: bool = True) -> None:

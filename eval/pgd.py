@@ -17,12 +17,10 @@ import time
 from at.checkpoint import write_json
 from at.target import Target
 from attacks.accuracy import correct
-from errors import USER_ERRORS, report
 
 from .common import (
     DEFAULT_EPS,
     EvalError,
-    add_target_arguments,
     attack_norm,
     check_eps,
     load_test_data,
@@ -30,9 +28,9 @@ from .common import (
     provenance,
     resolve_batch_size,
     result_name,
+    run_command,
     target_from_arguments,
 )
-from .precision import add_tf32_argument, evaluation_precision
 
 ATTACKS = {"pgd": "ce", "cw": "cw"}
 
@@ -76,27 +74,22 @@ def evaluate(t: Target, *, attack: str = "pgd", steps: int = 20, n_ex: int | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.pgd", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_target_arguments(p)
-    p.add_argument("--attack", default="pgd", help="pgd (cross-entropy) | cw (CW margin)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--step-size", help="default 2/255 for Linf 8/255, else eps/4")
-    add_tf32_argument(p)
-    args = p.parse_args(argv)
-    try:
-        with evaluation_precision(args.allow_tf32):
-            t = target_from_arguments(args)
-            r = evaluate(t, attack=args.attack, steps=args.steps, n_ex=args.n_ex, eps=args.eps,
-                         step_size=args.step_size, norm=args.norm,
-                         batch_size=resolve_batch_size(args.batch_size, t),
-                         seed=args.seed)
-    except USER_ERRORS as err:
-        return report("eval.pgd", err)
-    print(f"{t.arch} {t.dataset} ({t.weights}): clean {r['clean_acc']:.2f}%  "
-          f"{args.attack.upper()}-{r['steps']} {r['norm']} {r['eps']}: {r['robust_acc']:.2f}% "
-          f"on {r['n_ex']} images")
-    return 0
+    def arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--attack", default="pgd", help="pgd (cross-entropy) | cw (CW margin)")
+        p.add_argument("--steps", type=int, default=20)
+        p.add_argument("--step-size", help="default 2/255 for Linf 8/255, else eps/4")
+
+    def run(args: argparse.Namespace) -> int:
+        t = target_from_arguments(args)
+        r = evaluate(t, attack=args.attack, steps=args.steps, n_ex=args.n_ex, eps=args.eps,
+                     step_size=args.step_size, norm=args.norm,
+                     batch_size=resolve_batch_size(args.batch_size, t), seed=args.seed)
+        print(f"{t.arch} {t.dataset} ({t.weights}): clean {r['clean_acc']:.2f}%  "
+              f"{args.attack.upper()}-{r['steps']} {r['norm']} {r['eps']}: "
+              f"{r['robust_acc']:.2f}% on {r['n_ex']} images")
+        return 0
+
+    return run_command("eval.pgd", __doc__, argv, arguments, run)
 
 
 if __name__ == "__main__":
