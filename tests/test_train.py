@@ -16,11 +16,9 @@ from fake_cifar import write_fake_cifar
 
 from at.checkpoint import CheckpointError, load, load_model_state
 from at.config import REPO_ROOT, load_config
+from at.train import main
 from at.trainer import fit
 from models import build_model
-
-# End-to-end runs: left out of the fast tier (sh/test.sh --fast).
-pytestmark = pytest.mark.slow
 
 # A fast configuration for plumbing tests: one attack step, no per-epoch validation.
 QUICK = ["attack.schedule=fixed", "attack.steps=1", "attack.step_size=8/255", "eval.every=100",
@@ -31,6 +29,13 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "disabled"}
     return subprocess.run([sys.executable, "-m", "at.train", *args], cwd=REPO_ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def train_main(capsys, *args: str) -> tuple[int, str]:
+    """at.train in this process (an error found while loading costs no interpreter start): the exit
+    status and what it printed on stderr."""
+    code = main(list(args))
+    return code, capsys.readouterr().err
 
 
 def model_state(run: Path) -> dict:
@@ -70,6 +75,7 @@ def test_run_directory_is_complete(learned):
     assert json.loads((out / "final.json").read_text()) == result
 
 
+@pytest.mark.slow
 def test_fake_cifar_trains_through_the_real_loader(tmp_path):
     write_fake_cifar(str(tmp_path / "data"), "cifar100", n_train=96, n_test=40)
     cfg = load_config(REPO_ROOT / "configs" / "cifar100" / "ikl_at.yaml", [
@@ -83,6 +89,7 @@ def test_fake_cifar_trains_through_the_real_loader(tmp_path):
     assert set(result) == {"last", "best", "avg"}  # the CIFAR-100 IKL-AT config averages weights
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tmp_path):
     out = tmp_path / "nan"
     # Epoch 2 runs at lr * 1e30: the weights blow up within a few steps.
@@ -109,42 +116,54 @@ def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tmp_path):
     ("attack.eps=8", "attack.eps=8 must be < 1 under linf (pixels are in [0, 1]); did you mean "
                      "8/255?"),
     ("attack.norm=l2 attack.eps=60", "attack.eps=60 exceeds the l2 diameter"),
+    ("method.name=trades data.second_view=cutout", "needs a method that weights the two views"),
 ])
-def test_bad_names_give_one_line_errors(tmp_path, override, needle):
-    proc = run_cli("-c", str(DIGITS), *override.split(), f"out_dir={tmp_path / 'run'}")
-    assert proc.returncode != 0
-    assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+def test_bad_names_give_one_line_errors(tmp_path, capsys, override, needle):
+    code, err = train_main(capsys, "-c", str(DIGITS), *override.split(),
+                           f"out_dir={tmp_path / 'run'}")
+    assert code == 1
+    assert needle in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
 
 
-def test_missing_dataset_names_the_expected_path(tmp_path):
-    proc = run_cli("data.name=cifar10", f"data.root={tmp_path}", "data.download=false",
-                   "device=cpu", f"out_dir={tmp_path / 'run'}")
-    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert str(tmp_path / "cifar-10-batches-py") in proc.stderr
+def test_missing_dataset_names_the_expected_path(tmp_path, capsys):
+    code, err = train_main(capsys, "data.name=cifar10", f"data.root={tmp_path}",
+                           "data.download=false", "device=cpu", f"out_dir={tmp_path / 'run'}")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert str(tmp_path / "cifar-10-batches-py") in err
 
 
-def test_out_dir_that_is_a_file_or_unwritable(tmp_path):
+def test_out_dir_that_is_a_file_or_unwritable(tmp_path, capsys):
     (tmp_path / "file").write_text("keep me")
-    proc = run_cli("-c", str(DIGITS), f"out_dir={tmp_path / 'file'}")
-    assert proc.returncode == 1 and "is a file, not a directory" in proc.stderr, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    code, err = train_main(capsys, "-c", str(DIGITS), f"out_dir={tmp_path / 'file'}")
+    assert code == 1 and "is a file, not a directory" in err, err
+    assert len(err.strip().splitlines()) == 1
     assert (tmp_path / "file").read_text() == "keep me"
     # Below a file: no directory can be made there (what a read-only place gives too).
-    proc = run_cli("-c", str(DIGITS), f"out_dir={tmp_path / 'file' / 'run'}")
-    assert proc.returncode == 1 and "cannot write to out_dir" in proc.stderr, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    code, err = train_main(capsys, "-c", str(DIGITS), f"out_dir={tmp_path / 'file' / 'run'}")
+    assert code == 1 and "cannot write to out_dir" in err, err
+    assert len(err.strip().splitlines()) == 1
 
 
-def test_existing_out_dir_and_resume_without_checkpoint(tmp_path):
+def test_existing_out_dir_and_resume_without_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    proc = run_cli("-c", str(DIGITS), f"out_dir={out}")
-    assert proc.returncode != 0 and "not empty" in proc.stderr and "--resume" in proc.stderr
+    code, err = train_main(capsys, "-c", str(DIGITS), f"out_dir={out}")
+    assert code == 1 and "not empty" in err and "--resume" in err
     assert (out / "notes.txt").read_text() == "keep me"
-    proc = run_cli("-c", str(DIGITS), f"out_dir={out}", "--resume")
-    assert proc.returncode != 0 and "no last.pt" in proc.stderr
+    code, err = train_main(capsys, "-c", str(DIGITS), f"out_dir={out}", "--resume")
+    assert code == 1 and "no last.pt" in err
+    code, err = train_main(capsys, "-c", str(DIGITS), f"out_dir={tmp_path / 'nowhere'}",
+                           "--resume")
+    assert code == 1 and "no last.pt" in err
+    # A run that died before its first checkpoint: the error says that --resume continues it.
+    died = tmp_path / "died"
+    died.mkdir()
+    (died / "config.yaml").write_text("seed: 0\n")
+    code, err = train_main(capsys, "-c", str(DIGITS), f"out_dir={died}")
+    assert code == 1 and "stopped before its first checkpoint" in err
+    assert "--resume" in err and (died / "config.yaml").read_text() == "seed: 0\n"
 
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
@@ -162,6 +181,7 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
         load(bad)
 
 
+@pytest.mark.slow
 def test_resume_of_a_run_that_died_before_its_first_checkpoint_starts_afresh(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
@@ -171,15 +191,6 @@ def test_resume_of_a_run_that_died_before_its_first_checkpoint_starts_afresh(tmp
                    f"out_dir={out}", "--resume")
     assert proc.returncode == 0, proc.stderr
     assert "starting from epoch 1" in proc.stderr and load(out / "last.pt")["epoch"] == 1
-    proc = run_cli("-c", str(DIGITS), f"out_dir={tmp_path / 'nowhere'}", "--resume")
-    assert proc.returncode != 0 and "no last.pt" in proc.stderr
-    # Without --resume, the error says that --resume continues such a directory.
-    died = tmp_path / "died"
-    died.mkdir()
-    (died / "config.yaml").write_text("seed: 0\n")
-    proc = run_cli("-c", str(DIGITS), f"out_dir={died}")
-    assert proc.returncode == 1 and "stopped before its first checkpoint" in proc.stderr
-    assert "--resume" in proc.stderr and (died / "config.yaml").read_text() == "seed: 0\n"
     # A finished 1-epoch run resumed with fewer epochs than done: refused, overrides after
     # --resume accepted (intermixed).
     extended = run_cli("-c", str(DIGITS), "--resume", *QUICK, "method.name=standard",
@@ -191,6 +202,7 @@ def test_resume_of_a_run_that_died_before_its_first_checkpoint_starts_afresh(tmp
     assert "epochs: 2" in (out / "config.yaml").read_text()  # not rewritten
 
 
+@pytest.mark.slow
 def test_wandb_offline_logging_needs_no_network(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -203,6 +215,7 @@ def test_wandb_offline_logging_needs_no_network(tmp_path, monkeypatch):
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
 
 
+@pytest.mark.slow
 def test_awp_and_weight_averaging_run_and_the_average_evaluates(tmp_path):
     from eval import load_model
     from eval.common import load_target
@@ -231,18 +244,17 @@ def test_awp_and_weight_averaging_run_and_the_average_evaluates(tmp_path):
                                best["avg"]["model"]["fc.weight"])
 
 
-def test_two_view_training_runs_and_other_methods_refuse_it(tmp_path):
+@pytest.mark.slow
+def test_two_view_training_runs(tmp_path):
     out = tmp_path / "two_views"
     cfg = load_config(DIGITS, [*QUICK, "optim.epochs=1", "data.second_view=autoaugment",
                                "method.ikl_at.aug_weight=0.5", f"out_dir={out}"])
     fit(cfg)
     prior = load(out / "last.pt")["method"]["prior"]
     torch.testing.assert_close(prior.sum(1), torch.ones(10))
-    proc = run_cli("-c", str(DIGITS), "method.name=trades", "data.second_view=cutout",
-                   f"out_dir={tmp_path / 'refused'}")
-    assert proc.returncode == 1 and "needs a method that weights the two views" in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_damaged_last_checkpoint_falls_back_to_the_previous_epoch(tmp_path):
     # Nothing may depend on the total epoch count here (lr schedule, eps ramp): the damaged run
     # first trains for 2 epochs, then is extended to 3.
