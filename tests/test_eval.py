@@ -25,12 +25,6 @@ from eval.robustbench_arch import architecture_module
 from models import build_model
 
 
-def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
 @pytest.fixture()
 def ikl_run(learned, tmp_path):
     """A private copy of the digits IKL-AT run (evaluations write into it)."""
@@ -69,8 +63,7 @@ def test_chunked_autoattack_killed_after_a_chunk_resumes_to_the_same_totals(ikl_
     shutil.copytree(ikl_run, straight)
     args = ["--n-ex", "32", "--chunk-size", "8", "--attacks", "apgd-ce", "--batch-size", "8",
             "--device", "cpu"]
-    done = run_module("eval.autoattack", str(straight), *args)
-    assert done.returncode == 0, done.stderr
+    assert autoattack.main([str(straight), *args]) == 0
 
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.Popen([sys.executable, "-m", "eval.autoattack", str(ikl_run), *args],
@@ -85,8 +78,7 @@ def test_chunked_autoattack_killed_after_a_chunk_resumes_to_the_same_totals(ikl_
     assert proc.returncode == -signal.SIGKILL, "the evaluation finished before it was killed"
     assert not list(chunks.glob("*.json"))
 
-    resumed = run_module("eval.autoattack", str(ikl_run), *args)
-    assert resumed.returncode == 0, resumed.stderr
+    assert autoattack.main([str(ikl_run), *args]) == 0  # resumed
     name = "autoattack-standard-apgd-ce_linf_eps8-255_n32_best.json"
     a = json.loads((straight / "eval" / name).read_text())
     b = json.loads((ikl_run / "eval" / name).read_text())
@@ -146,8 +138,8 @@ def test_autoattack_bad_arguments_give_one_line_errors(digits_run, capsys, monke
 
 def test_pgd_and_cw_quick_attacks(learned):
     run = learned["ikl_at"][0]
-    proc = run_module("eval.pgd", str(run), "--attack", "cw", "--steps", "10", "--n-ex", "64")
-    assert proc.returncode == 0, proc.stderr
+    assert pgd.main([str(run), "--attack", "cw", "--steps", "10", "--n-ex", "64", "--device",
+                     "cpu"]) == 0
     cw = json.loads((run / "eval" / "cw10_linf_eps8-255_n64_best.json").read_text())
     t = load_target(run, "best", device="cpu")
     ce = pgd.evaluate(t, steps=10, n_ex=64)

@@ -3,9 +3,6 @@ resumes to the same weights, and bad input stops with a one-line error."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,15 +22,9 @@ QUICK = ["attack.schedule=fixed", "attack.steps=1", "attack.step_size=8/255", "e
          "eval.final_pgd=false", "log.plot=false"]
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "at.train", *args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 def train_main(capsys, *args: str) -> tuple[int, str]:
-    """at.train in this process (an error found while loading costs no interpreter start): the exit
-    status and what it printed on stderr."""
+    """`python -m at.train ARGS` in this process (no interpreter to start): the exit status and
+    what it printed on stderr."""
     code = main(list(args))
     return code, capsys.readouterr().err
 
@@ -90,15 +81,15 @@ def test_fake_cifar_trains_through_the_real_loader(tmp_path):
 
 
 @pytest.mark.slow
-def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tmp_path):
+def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tmp_path, capsys):
     out = tmp_path / "nan"
     # Epoch 2 runs at lr * 1e30: the weights blow up within a few steps.
-    proc = run_cli("-c", str(DIGITS), *QUICK, "method.name=standard", "optim.epochs=3",
-                   "optim.schedule=piecewise", "optim.milestones=[2]", "optim.lr_decay=1e30",
-                   f"out_dir={out}")
-    assert proc.returncode != 0
-    error = proc.stderr.strip().splitlines()[-1]
-    assert "non-finite" in error and "epoch 2, step" in error, proc.stderr
+    code, err = train_main(capsys, "-c", str(DIGITS), *QUICK, "method.name=standard",
+                           "optim.epochs=3", "optim.schedule=piecewise", "optim.milestones=[2]",
+                           "optim.lr_decay=1e30", f"out_dir={out}")
+    assert code == 1
+    error = err.strip().splitlines()[-1]
+    assert "non-finite" in error and "epoch 2, step" in error, err
     state = load(out / "last.pt")
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
@@ -182,23 +173,23 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_of_a_run_that_died_before_its_first_checkpoint_starts_afresh(tmp_path):
+def test_resume_of_a_run_that_died_before_its_first_checkpoint_starts_afresh(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.yaml").write_text("seed: 0\n")
     (out / "metrics.jsonl").write_text("")
-    proc = run_cli("-c", str(DIGITS), *QUICK, "method.name=standard", "optim.epochs=1",
-                   f"out_dir={out}", "--resume")
-    assert proc.returncode == 0, proc.stderr
-    assert "starting from epoch 1" in proc.stderr and load(out / "last.pt")["epoch"] == 1
+    code, err = train_main(capsys, "-c", str(DIGITS), *QUICK, "method.name=standard",
+                           "optim.epochs=1", f"out_dir={out}", "--resume")
+    assert code == 0, err
+    assert "starting from epoch 1" in err and load(out / "last.pt")["epoch"] == 1
     # A finished 1-epoch run resumed with fewer epochs than done: refused, overrides after
     # --resume accepted (intermixed).
-    extended = run_cli("-c", str(DIGITS), "--resume", *QUICK, "method.name=standard",
-                       "optim.epochs=2", f"out_dir={out}")
-    assert extended.returncode == 0, extended.stderr
-    proc = run_cli("-c", str(DIGITS), "--resume", *QUICK, "method.name=standard",
-                   "optim.epochs=1", f"out_dir={out}")
-    assert proc.returncode == 1 and "has already done 2 epochs" in proc.stderr, proc.stderr
+    code, err = train_main(capsys, "-c", str(DIGITS), "--resume", *QUICK, "method.name=standard",
+                           "optim.epochs=2", f"out_dir={out}")
+    assert code == 0, err
+    code, err = train_main(capsys, "-c", str(DIGITS), "--resume", *QUICK, "method.name=standard",
+                           "optim.epochs=1", f"out_dir={out}")
+    assert code == 1 and "has already done 2 epochs" in err, err
     assert "epochs: 2" in (out / "config.yaml").read_text()  # not rewritten
 
 
@@ -255,29 +246,29 @@ def test_two_view_training_runs(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_damaged_last_checkpoint_falls_back_to_the_previous_epoch(tmp_path):
+def test_a_damaged_last_checkpoint_falls_back_to_the_previous_epoch(tmp_path, capsys):
     # Nothing may depend on the total epoch count here (lr schedule, eps ramp): the damaged run
     # first trains for 2 epochs, then is extended to 3.
     common = ["-c", str(DIGITS), *QUICK, "method.name=standard", "optim.schedule=constant",
               "attack.eps_ramp=false"]
-    straight = run_cli(*common, "optim.epochs=3", f"out_dir={tmp_path / 'straight'}")
-    assert straight.returncode == 0, straight.stderr
+    code, err = train_main(capsys, *common, "optim.epochs=3", f"out_dir={tmp_path / 'straight'}")
+    assert code == 0, err
     run = tmp_path / "damaged"
-    first = run_cli(*common, "optim.epochs=2", f"out_dir={run}")
-    assert first.returncode == 0, first.stderr
+    code, err = train_main(capsys, *common, "optim.epochs=2", f"out_dir={run}")
+    assert code == 0, err
     assert load(run / "last_prev.pt")["epoch"] == 1 and load(run / "last.pt")["epoch"] == 2
     damaged = (run / "last.pt").read_bytes()[:1000]  # e.g. a bad copy
     (run / "last.pt").write_bytes(damaged)
     # Resumed for one epoch (one save): the unreadable file is moved aside, not rotated into
     # last_prev.pt, where it would replace the only good fallback.
-    again = run_cli(*common, "optim.epochs=2", f"out_dir={run}", "--resume")
-    assert again.returncode == 0, again.stderr
-    assert "resuming from" in again.stderr and "last_prev.pt (epoch 1)" in again.stderr
+    code, err = train_main(capsys, *common, "optim.epochs=2", f"out_dir={run}", "--resume")
+    assert code == 0, err
+    assert "resuming from" in err and "last_prev.pt (epoch 1)" in err
     aside = list(run.glob("last.pt.corrupt-*"))
-    assert len(aside) == 1 and aside[0].read_bytes() == damaged and str(aside[0]) in again.stderr
+    assert len(aside) == 1 and aside[0].read_bytes() == damaged and str(aside[0]) in err
     assert load(run / "last_prev.pt")["epoch"] == 1 and load(run / "last.pt")["epoch"] == 2
-    resumed = run_cli(*common, "optim.epochs=3", f"out_dir={run}", "--resume")
-    assert resumed.returncode == 0, resumed.stderr
+    code, err = train_main(capsys, *common, "optim.epochs=3", f"out_dir={run}", "--resume")
+    assert code == 0, err
     a, b = model_state(tmp_path / "straight"), model_state(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
     epochs = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()]
