@@ -22,6 +22,13 @@ TINY = audit.Budget(pgd_steps=3, strong_steps=6, restarts=2, unbounded_steps=10,
                     transfer_steps=10, aa_iters=10, aa_targets=2)
 N_EX = 24
 EPS = "16/255"  # the digits model is robust at 8/255 already; 16/255 separates PGD from AA
+# The honest model's verdict must not turn on a few images. Its PGD-AutoAttack gap is a few
+# images in a hundred, and the model differs with the CPU that trained it (float32 training
+# differs between instruction sets): one lost 3 of its first 24 images more to AutoAttack than to
+# PGD (12.5 pp against the 10 pp threshold), one trained with AVX2 kernels 5 of its first 48
+# (10.4 pp) but 8 of 144 (5.6 pp), one trained with AVX-512 kernels 3 of 96. On 144 images one
+# image is 0.7 pp. The masked models miss the thresholds by tens of points: 24 images decide them.
+N_HONEST = 144
 
 
 class ScaledLogits(nn.Module):
@@ -65,7 +72,7 @@ def _statuses(report):
 def test_honest_model_passes_and_masked_models_warn_on_the_right_checks(models, tmp_path):
     t, surrogate = models
     kwargs = dict(n_ex=N_EX, eps=EPS, surrogate=surrogate, budget=TINY, batch_size=64)
-    honest = audit.audit(t, **kwargs)
+    honest = audit.audit(t, **{**kwargs, "n_ex": N_HONEST})
     print(audit.table(honest))
     assert honest["verdict"] == "pass", audit.table(honest)
     assert set(_statuses(honest)) == set(audit.CHECKS) and not honest["skipped"]
