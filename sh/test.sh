@@ -2,6 +2,7 @@
 # Run the test suite on CPU. Creates .venv on first use, installs the requirements, runs pytest.
 # Extra arguments go to pytest (e.g. `bash sh/test.sh -k losses`). `--fast` (first argument) leaves
 # out the end-to-end tests marked slow: a check to run while editing (CI runs everything).
+# `bash sh/test.sh -m identity` runs only the refactor-identity check.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 select=()

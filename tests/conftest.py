@@ -10,7 +10,8 @@ from at.trainer import fit
 
 DIGITS = REPO_ROOT / "configs" / "digits" / "ikl_at.yaml"
 # Fixtures that train a run: every test using one is end-to-end, hence `slow` (sh/test.sh --fast
-# leaves it out), wherever it is defined.
+# leaves it out), wherever it is defined. `digits_run` is not one of them: a single cheap epoch, it
+# serves the fast tier's tests of argument errors.
 TRAINING_FIXTURES = {"learned", "ikl_run", "cost_file", "trained", "run10", "run100",
                      "teacher_run", "sweeps"}
 
@@ -35,6 +36,22 @@ def learned(tmp_path_factory):
         cfg = load_config(DIGITS, [*LEARN, f"method.name={name}", f"out_dir={out}"])
         runs[name] = (out, fit(cfg))
     return runs
+
+
+# One epoch of plain training on 1,405 images, validation PGD-1 on 32: seconds, not minutes.
+STUB = ["method.name=standard", "optim.epochs=1", "optim.batch_size=256", "data.val_size=32",
+        "eval.pgd_steps=1", "eval.n_test=32", "eval.final_pgd=false", "log.plot=false"]
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    """A real digits run directory (wrn-16-1, config.yaml, last.pt, best.pt, final.json) whose
+    model is barely trained (about 10 % accuracy): for tests that need a run directory, not a
+    model that learned (argument errors, loading). Shared by the session: a test that writes
+    into a run directory copies it first."""
+    out = tmp_path_factory.mktemp("digits_run") / "run"
+    fit(load_config(DIGITS, [*STUB, f"out_dir={out}"]))
+    return out
 
 
 class CodeOnLoad:

@@ -26,12 +26,6 @@ from eval.robustbench_arch import architecture_module
 from models import build_model
 
 
-def run_module(module: str, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-
-
 @pytest.fixture()
 def ikl_run(learned, tmp_path):
     """A private copy of the digits IKL-AT run (evaluations write into it)."""
@@ -70,8 +64,7 @@ def test_chunked_autoattack_killed_after_a_chunk_resumes_to_the_same_totals(ikl_
     shutil.copytree(ikl_run, straight)
     args = ["--n-ex", "32", "--chunk-size", "8", "--attacks", "apgd-ce", "--batch-size", "8",
             "--device", "cpu"]
-    done = run_module("eval.autoattack", str(straight), *args)
-    assert done.returncode == 0, done.stderr
+    assert autoattack.main([str(straight), *args]) == 0
 
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.Popen([sys.executable, "-m", "eval.autoattack", str(ikl_run), *args],
@@ -86,8 +79,7 @@ def test_chunked_autoattack_killed_after_a_chunk_resumes_to_the_same_totals(ikl_
     assert proc.returncode == -signal.SIGKILL, "the evaluation finished before it was killed"
     assert not list(chunks.glob("*.json"))
 
-    resumed = run_module("eval.autoattack", str(ikl_run), *args)
-    assert resumed.returncode == 0, resumed.stderr
+    assert autoattack.main([str(ikl_run), *args]) == 0  # resumed
     name = "autoattack-standard-apgd-ce_linf_eps8-255_n32_best.json"
     a = json.loads((straight / "eval" / name).read_text())
     b = json.loads((ikl_run / "eval" / name).read_text())
@@ -123,8 +115,8 @@ def test_corrupt_and_foreign_chunks_are_recomputed_not_trusted(ikl_run, caplog):
     assert autoattack.evaluate(t, **kwargs)["chunks_reused"] == 2
 
 
-def test_autoattack_bad_arguments_give_one_line_errors(learned, capsys):
-    run = str(learned["ikl_at"][0])
+def test_autoattack_bad_arguments_give_one_line_errors(digits_run, capsys, monkeypatch):
+    run = str(digits_run)
     for args, needle in ((["--n-ex", "1000"], "n_examples must be in [1, 360]"),
                          (["--version", "fast"], "unknown AutoAttack version 'fast'"),
                          (["--norm", "L3"], "unknown norm 'L3'"),
@@ -137,18 +129,18 @@ def test_autoattack_bad_arguments_give_one_line_errors(learned, capsys):
         assert autoattack.main([run, "--device", "cpu", *args]) == 1
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1, (args, err)
-    proc = run_module("eval.autoattack", str(learned["ikl_at"][0] / "missing"))
-    assert proc.returncode == 1 and "does not exist" in proc.stderr
-    # (run_module hides the GPU)
-    proc = run_module("eval.pgd", run, "--device", "cuda")
-    assert proc.returncode == 1 and "CUDA is not available" in proc.stderr, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    assert autoattack.main([str(digits_run / "missing")]) == 1
+    assert "does not exist" in capsys.readouterr().err
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a machine without a GPU
+    assert pgd.main([run, "--device", "cuda"]) == 1
+    err = capsys.readouterr().err
+    assert "CUDA is not available" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_pgd_and_cw_quick_attacks(learned):
     run = learned["ikl_at"][0]
-    proc = run_module("eval.pgd", str(run), "--attack", "cw", "--steps", "10", "--n-ex", "64")
-    assert proc.returncode == 0, proc.stderr
+    assert pgd.main([str(run), "--attack", "cw", "--steps", "10", "--n-ex", "64", "--device",
+                     "cpu"]) == 0
     cw = json.loads((run / "eval" / "cw10_linf_eps8-255_n64_best.json").read_text())
     t = load_target(run, "best", device="cpu")
     ce = pgd.evaluate(t, steps=10, n_ex=64)
@@ -208,8 +200,8 @@ def test_load_model_accepts_run_dirs_and_foreign_checkpoints(learned, tmp_path):
         torch.testing.assert_close(ours.cpu()(x), theirs(x), rtol=1e-5, atol=1e-5)
 
 
-def test_load_model_refuses_mismatched_or_incomplete_requests(learned, tmp_path):
-    run = learned["ikl_at"][0]
+def test_load_model_refuses_mismatched_or_incomplete_requests(digits_run, tmp_path):
+    run = digits_run
     path = tmp_path / "w.pt"
     torch.save(build_model("wrn-16-1", 10).state_dict(), path)
     with pytest.raises(EvalError, match="shape mismatch: block1"):
@@ -228,7 +220,7 @@ def test_load_model_refuses_mismatched_or_incomplete_requests(learned, tmp_path)
         evaluation.load_model(tmp_path / "nothing")
 
 
-def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
+def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path, capsys):
     marker = tmp_path / "pwned"
     state = build_model("wrn-16-1", 10).state_dict()
     torch.save({"model": state, "extra": CodeOnLoad(marker)}, tmp_path / "evil.pt")
@@ -236,14 +228,14 @@ def test_a_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path
     with pytest.raises(EvalError, match="cannot load checkpoint"):
         evaluation.load_model(tmp_path / "evil.pt", arch="wrn-16-1", dataset="cifar10")
     assert not marker.exists()
-    proc = run_module("eval.autoattack", str(tmp_path / "evil.pt"), "--arch", "wrn-16-1",
-                      "--dataset", "digits", "--n-ex", "4")
-    assert proc.returncode == 1 and "cannot load checkpoint" in proc.stderr
+    assert autoattack.main([str(tmp_path / "evil.pt"), "--arch", "wrn-16-1", "--dataset",
+                            "digits", "--n-ex", "4"]) == 1
+    assert "cannot load checkpoint" in capsys.readouterr().err
     assert not marker.exists()
 
 
-def test_models_are_evaluated_in_float32_eval_mode(learned):
-    t = load_target(learned["ikl_at"][0], "best", device="cpu")
+def test_models_are_evaluated_in_float32_eval_mode(digits_run):
+    t = load_target(digits_run, "best", device="cpu")
     assert all(p.dtype == torch.float32 for p in t.model.parameters())
     assert not any(isinstance(m, nn.BatchNorm2d) and m.training for m in t.model.modules())
 

@@ -23,6 +23,13 @@ TINY = audit.Budget(pgd_steps=3, strong_steps=6, restarts=2, unbounded_steps=10,
                     transfer_steps=10, aa_iters=10, aa_targets=2)
 N_EX = 24
 EPS = "16/255"  # the digits model is robust at 8/255 already; 16/255 separates PGD from AA
+# The honest model's verdict must not turn on a few images. Its PGD-AutoAttack gap is a few
+# images in a hundred, and the model differs with the CPU that trained it (float32 training
+# differs between instruction sets): one lost 3 of its first 24 images more to AutoAttack than to
+# PGD (12.5 pp against the 10 pp threshold), one trained with AVX2 kernels 5 of its first 48
+# (10.4 pp) but 8 of 144 (5.6 pp), one trained with AVX-512 kernels 3 of 96. On 144 images one
+# image is 0.7 pp. The masked models miss the thresholds by tens of points: 24 images decide them.
+N_HONEST = 144
 
 
 class ScaledLogits(nn.Module):
@@ -66,7 +73,7 @@ def _statuses(report):
 def test_honest_model_passes_and_masked_models_warn_on_the_right_checks(models, tmp_path):
     t, surrogate = models
     kwargs = dict(n_ex=N_EX, eps=EPS, surrogate=surrogate, budget=TINY, batch_size=64)
-    honest = audit.audit(t, **kwargs)
+    honest = audit.audit(t, **{**kwargs, "n_ex": N_HONEST})
     print(audit.table(honest))
     assert honest["verdict"] == "pass", audit.table(honest)
     assert set(_statuses(honest)) == set(audit.CHECKS) and not honest["skipped"]
@@ -100,8 +107,8 @@ def test_honest_model_passes_and_masked_models_warn_on_the_right_checks(models, 
     assert "zero_gradients" in quant["autoattack"]["flags_raised"]
 
 
-def test_audit_cli_strict_exit_and_bad_input(learned, tmp_path, capsys):
-    run = str(learned["ikl_at"][0])
+def test_audit_cli_bad_input(digits_run, capsys):
+    run = str(digits_run)
     for args, needle in (
             (["--sweep", "0,8/255,4/255"], "--sweep must be strictly ascending: 4/255 follows"),
             (["--sweep", "0,0"], "strictly ascending"),
@@ -109,6 +116,9 @@ def test_audit_cli_strict_exit_and_bad_input(learned, tmp_path, capsys):
         assert audit.main([run, "--device", "cpu", "--n-ex", "4", "--quick", *args]) == 1
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+def test_audit_cli_strict_exit(learned, tmp_path, capsys):
     # A sweep stopping at 1/255 cannot bring the accuracy down: the verdict is warn, which
     # --strict turns into exit status 3 (the report is written either way).
     out = tmp_path / "strict"
@@ -122,10 +132,10 @@ def test_audit_cli_strict_exit_and_bad_input(learned, tmp_path, capsys):
     assert "eps_sweep          WARN" in printed and "verdict: WARN" in printed
 
 
-def test_surrogate_with_other_classes_is_refused(models, tmp_path, capsys):
+def test_surrogate_with_other_classes_is_refused(digits_run, tmp_path, capsys):
     from models import build_model
-    t, surrogate = models
-    other = replace(surrogate, model=build_model("wrn-16-1", 100).eval())
+    t = replace(load_target(digits_run, "best", device="cpu"), out_dir=tmp_path / "out")
+    other = replace(t, model=build_model("wrn-16-1", 100).eval())
     with pytest.raises(EvalError, match="the surrogate has 100 classes, the model 10"):
         audit.audit(t, n_ex=4, surrogate=other, budget=TINY)
     assert not (t.out_dir / "audit_best.json").exists()
@@ -170,7 +180,7 @@ def test_square_flag_fires_when_white_box_attacks_fail(learned, tmp_path):
     assert "AutoAttack flags raised: square (Square lowered" in card["footnote"]
 
 
-def test_plot_overlays_runs_and_refuses_bad_input(learned, tmp_path, capsys):
+def test_plot_overlays_runs_and_refuses_bad_input(tmp_path, capsys):
     run = tmp_path / "run"
     (run / "eval").mkdir(parents=True)
     for name, eps, acc in (("pgd10_linf_eps8-255_n100_best", 8 / 255, 60.0),

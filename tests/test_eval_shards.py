@@ -32,6 +32,14 @@ def run(learned, tmp_path):
     return out
 
 
+@pytest.fixture()
+def stub(digits_run, tmp_path):
+    """A copy of the barely trained run: merging and refusing chunks need no model that learned."""
+    out = tmp_path / "stub"
+    shutil.copytree(digits_run, out)
+    return out
+
+
 def test_torchrun_shards_merge_to_the_unsharded_result(run, tmp_path):
     straight = tmp_path / "straight"
     shutil.copytree(run, straight)
@@ -57,8 +65,8 @@ def test_torchrun_shards_merge_to_the_unsharded_result(run, tmp_path):
 
 
 @evaluation_precision()  # as the command line runs (the chunks record TF32)
-def test_merge_names_missing_chunks_and_refuses_other_checkpoints(run, capsys):
-    t = load_target(run, "best", device="cpu")
+def test_merge_names_missing_chunks_and_refuses_other_checkpoints(stub, capsys):
+    t = load_target(stub, "best", device="cpu")
     with pytest.raises(EvalError, match="nothing to merge"):
         autoattack.evaluate(t, merge=True, progress=False, **ARGS)
     done = autoattack.evaluate(t, shard=(0, 2), progress=False, **ARGS)
@@ -73,7 +81,7 @@ def test_merge_names_missing_chunks_and_refuses_other_checkpoints(run, capsys):
     chunk = torch.load(path, weights_only=True)
     chunk["fingerprint"]["checkpoint_sha256"] = "0" * 64
     torch.save(chunk, path)
-    args = [str(run), "--device", "cpu", "--n-ex", "16", "--chunk-size", "4", "--attacks",
+    args = [str(stub), "--device", "cpu", "--n-ex", "16", "--chunk-size", "4", "--attacks",
             "apgd-ce", "--batch-size", "4", "--eps", "16/255"]
     assert autoattack.main([*args, "--merge"]) == 1
     err = capsys.readouterr().err

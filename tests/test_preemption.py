@@ -15,14 +15,12 @@ import pytest
 import torch
 from conftest import DIGITS, CodeOnLoad
 
-from at import run_dir
+from at import checkpoint, run_dir
 from at.checkpoint import load
 from at.config import REPO_ROOT, load_config
+from at.train import main
 from at.trainer import Trainer, fit
 from errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, NonFiniteLoss, RunError
-
-# End-to-end runs: left out of the fast tier (sh/test.sh --fast).
-pytestmark = pytest.mark.slow
 
 # 5 steps per epoch (400 training images: the rest of the digits set is validation; batch 80), AWP
 # from epoch 1 and a per-step EMA, so that their state has to survive too; checkpoint.every_minutes
@@ -76,6 +74,7 @@ def _same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_stops_anywhere_resume_to_the_uninterrupted_weights(tmp_path):
     straight = tmp_path / "straight"
     done = _run(*COMMON, f"out_dir={straight}")
@@ -155,6 +154,7 @@ def _quick(out: Path, *extra: str) -> dict:
                                 "log.plot=false", f"out_dir={out}", *extra])
 
 
+@pytest.mark.slow
 def test_skip_nonfinite_skips_up_to_the_limit(tmp_path):
     trainer = Trainer(_quick(tmp_path / "skip", "train.skip_nonfinite=2"))
     trainer.objective = _PoisonedSteps(trainer.objective, {2, 4})
@@ -176,6 +176,7 @@ def _finite(tree: dict) -> bool:
     return all(torch.isfinite(v).all() for v in tree.values() if v.is_floating_point())
 
 
+@pytest.mark.slow
 def test_a_skipped_step_leaves_every_buffer_as_it_was(tmp_path):
     trainer = Trainer(_quick(tmp_path / "skip", "train.skip_nonfinite=2"))
     trainer.objective = _PoisonedImages(trainer.objective, {3})
@@ -187,6 +188,7 @@ def test_a_skipped_step_leaves_every_buffer_as_it_was(tmp_path):
     assert _finite(load(tmp_path / "skip" / "best.pt")["model"])
 
 
+@pytest.mark.slow
 def test_skipping_more_than_half_an_epoch_stops_whatever_the_limit(tmp_path):
     trainer = Trainer(_quick(tmp_path / "run", "train.skip_nonfinite=1000"))
     trainer.objective = _PoisonedSteps(trainer.objective, {1, 2, 4})  # 3 of 5 steps
@@ -196,6 +198,7 @@ def test_skipping_more_than_half_an_epoch_stops_whatever_the_limit(tmp_path):
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+@pytest.mark.slow
 def test_no_checkpoint_is_written_with_a_non_finite_tensor(tmp_path):
     out = tmp_path / "run"
     trainer = Trainer(_quick(out))
@@ -211,6 +214,7 @@ def test_no_checkpoint_is_written_with_a_non_finite_tensor(tmp_path):
     assert {name: (out / name).read_bytes() for name in before} == before
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_at_the_next_step_and_a_second_aborts(tmp_path):
     run = tmp_path / "run"
     once = _run(*COMMON, f"out_dir={run}", stop=("int", 3))
@@ -227,6 +231,7 @@ def test_ctrl_c_saves_at_the_next_step_and_a_second_aborts(tmp_path):
     assert load(run / "last.pt")["partial"]["step"] == 3  # aborted before saving again
 
 
+@pytest.mark.slow
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     out = tmp_path / "run"
     fit(_quick(out))
@@ -244,27 +249,33 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temp files
 
 
-def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path):
+def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, capsys):
     out, marker = tmp_path / "run", tmp_path / "pwned"
     out.mkdir()
     torch.save({"format": 2, "epoch": 1, "extra": CodeOnLoad(marker)}, out / "last.pt")
-    proc = _run(*COMMON, f"out_dir={out}", "--resume")
-    assert proc.returncode == 1 and "cannot load checkpoint" in proc.stderr, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    # In this process (the refusal comes before any training): at.train's main.
+    assert main([*COMMON, f"out_dir={out}", "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot load checkpoint" in err and len(err.strip().splitlines()) == 1, err
     assert not marker.exists()
     # No advice to load it anyway (torch's own message suggests weights_only=False).
-    assert "could execute code" in proc.stderr and "can still be loaded" not in proc.stderr
+    assert "could execute code" in err and "can still be loaded" not in err
     (out / "last.pt").write_bytes(b"not a checkpoint at all")
-    proc = _run(*COMMON, f"out_dir={out}", "--resume")
-    assert proc.returncode == 1 and "not a valid checkpoint" in proc.stderr, proc.stderr
+    assert main([*COMMON, f"out_dir={out}", "--resume"]) == 1
+    err = capsys.readouterr().err
+    assert "not a valid checkpoint" in err, err
 
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
-def test_atomic_writes_follow_the_umask(tmp_path, umask, mode):
-    # A fresh process: the umask is read once, when at.checkpoint is imported.
-    code = (f"import os; os.umask({umask}); from at.checkpoint import atomic_write, atomic_save; "
-            f"atomic_write({str(tmp_path / 'a.json')!r}, lambda f: f.write(b'{{}}')); "
-            f"atomic_save({{}}, {str(tmp_path / 'b.pt')!r})")
-    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True, timeout=120)
+def test_atomic_writes_follow_the_umask(tmp_path, monkeypatch, umask, mode):
+    previous = os.umask(umask)
+    try:
+        # The umask is read once, when at.checkpoint is imported: read it as a process started
+        # under this umask would.
+        monkeypatch.setattr(checkpoint, "_UMASK", checkpoint._read_umask())
+        checkpoint.atomic_write(tmp_path / "a.json", lambda f: f.write(b"{}"))
+        checkpoint.atomic_save({}, tmp_path / "b.pt")
+    finally:
+        os.umask(previous)
     for name in ("a.json", "b.pt"):
         assert (tmp_path / name).stat().st_mode & 0o777 == mode, name

@@ -131,6 +131,7 @@ def compare(golden: dict, got: dict) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.identity
 def test_short_run_reproduces_the_recorded_numbers(tmp_path):
     golden = json.loads(GOLDEN.read_text())
     got = run_and_digest(tmp_path / "run")

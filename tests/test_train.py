@@ -3,9 +3,6 @@ resumes to the same weights, and bad input stops with a one-line error."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,21 +13,20 @@ from fake_cifar import write_fake_cifar
 
 from at.checkpoint import CheckpointError, load, load_model_state
 from at.config import REPO_ROOT, load_config
+from at.train import main
 from at.trainer import fit
 from models import build_model
-
-# End-to-end runs: left out of the fast tier (sh/test.sh --fast).
-pytestmark = pytest.mark.slow
 
 # A fast configuration for plumbing tests: one attack step, no per-epoch validation.
 QUICK = ["attack.schedule=fixed", "attack.steps=1", "attack.step_size=8/255", "eval.every=100",
          "eval.final_pgd=false", "log.plot=false"]
 
 
-def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "WANDB_MODE": "disabled"}
-    return subprocess.run([sys.executable, "-m", "at.train", *args], cwd=REPO_ROOT, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def train_main(capsys, *args: str) -> tuple[int, str]:
+    """`python -m at.train ARGS` in this process (no interpreter to start): the exit status and
+    what it printed on stderr."""
+    code = main(list(args))
+    return code, capsys.readouterr().err
 
 
 def model_state(run: Path) -> dict:
@@ -70,6 +66,7 @@ def test_run_directory_is_complete(learned):
     assert json.loads((out / "final.json").read_text()) == result
 
 
+@pytest.mark.slow
 def test_fake_cifar_trains_through_the_real_loader(tmp_path):
     write_fake_cifar(str(tmp_path / "data"), "cifar100", n_train=96, n_test=40)
     cfg = load_config(REPO_ROOT / "configs" / "cifar100" / "ikl_at.yaml", [
@@ -83,15 +80,16 @@ def test_fake_cifar_trains_through_the_real_loader(tmp_path):
     assert set(result) == {"last", "best", "avg"}  # the CIFAR-100 IKL-AT config averages weights
 
 
-def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tmp_path):
+@pytest.mark.slow
+def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tmp_path, capsys):
     out = tmp_path / "nan"
     # Epoch 2 runs at lr * 1e30: the weights blow up within a few steps.
-    proc = run_cli("-c", str(DIGITS), *QUICK, "method.name=standard", "optim.epochs=3",
-                   "optim.schedule=piecewise", "optim.milestones=[2]", "optim.lr_decay=1e30",
-                   f"out_dir={out}")
-    assert proc.returncode != 0
-    error = proc.stderr.strip().splitlines()[-1]
-    assert "non-finite" in error and "epoch 2, step" in error, proc.stderr
+    code, err = train_main(capsys, "-c", str(DIGITS), *QUICK, "method.name=standard",
+                           "optim.epochs=3", "optim.schedule=piecewise", "optim.milestones=[2]",
+                           "optim.lr_decay=1e30", f"out_dir={out}")
+    assert code == 1
+    error = err.strip().splitlines()[-1]
+    assert "non-finite" in error and "epoch 2, step" in error, err
     state = load(out / "last.pt")
     assert state["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
@@ -109,42 +107,54 @@ def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tmp_path):
     ("attack.eps=8", "attack.eps=8 must be < 1 under linf (pixels are in [0, 1]); did you mean "
                      "8/255?"),
     ("attack.norm=l2 attack.eps=60", "attack.eps=60 exceeds the l2 diameter"),
+    ("method.name=trades data.second_view=cutout", "needs a method that weights the two views"),
 ])
-def test_bad_names_give_one_line_errors(tmp_path, override, needle):
-    proc = run_cli("-c", str(DIGITS), *override.split(), f"out_dir={tmp_path / 'run'}")
-    assert proc.returncode != 0
-    assert needle in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+def test_bad_names_give_one_line_errors(tmp_path, capsys, override, needle):
+    code, err = train_main(capsys, "-c", str(DIGITS), *override.split(),
+                           f"out_dir={tmp_path / 'run'}")
+    assert code == 1
+    assert needle in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()
 
 
-def test_missing_dataset_names_the_expected_path(tmp_path):
-    proc = run_cli("data.name=cifar10", f"data.root={tmp_path}", "data.download=false",
-                   "device=cpu", f"out_dir={tmp_path / 'run'}")
-    assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert str(tmp_path / "cifar-10-batches-py") in proc.stderr
+def test_missing_dataset_names_the_expected_path(tmp_path, capsys):
+    code, err = train_main(capsys, "data.name=cifar10", f"data.root={tmp_path}",
+                           "data.download=false", "device=cpu", f"out_dir={tmp_path / 'run'}")
+    assert code == 1 and len(err.strip().splitlines()) == 1, err
+    assert str(tmp_path / "cifar-10-batches-py") in err
 
 
-def test_out_dir_that_is_a_file_or_unwritable(tmp_path):
+def test_out_dir_that_is_a_file_or_unwritable(tmp_path, capsys):
     (tmp_path / "file").write_text("keep me")
-    proc = run_cli("-c", str(DIGITS), f"out_dir={tmp_path / 'file'}")
-    assert proc.returncode == 1 and "is a file, not a directory" in proc.stderr, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    code, err = train_main(capsys, "-c", str(DIGITS), f"out_dir={tmp_path / 'file'}")
+    assert code == 1 and "is a file, not a directory" in err, err
+    assert len(err.strip().splitlines()) == 1
     assert (tmp_path / "file").read_text() == "keep me"
     # Below a file: no directory can be made there (what a read-only place gives too).
-    proc = run_cli("-c", str(DIGITS), f"out_dir={tmp_path / 'file' / 'run'}")
-    assert proc.returncode == 1 and "cannot write to out_dir" in proc.stderr, proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    code, err = train_main(capsys, "-c", str(DIGITS), f"out_dir={tmp_path / 'file' / 'run'}")
+    assert code == 1 and "cannot write to out_dir" in err, err
+    assert len(err.strip().splitlines()) == 1
 
 
-def test_existing_out_dir_and_resume_without_checkpoint(tmp_path):
+def test_existing_out_dir_and_resume_without_checkpoint(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    proc = run_cli("-c", str(DIGITS), f"out_dir={out}")
-    assert proc.returncode != 0 and "not empty" in proc.stderr and "--resume" in proc.stderr
+    code, err = train_main(capsys, "-c", str(DIGITS), f"out_dir={out}")
+    assert code == 1 and "not empty" in err and "--resume" in err
     assert (out / "notes.txt").read_text() == "keep me"
-    proc = run_cli("-c", str(DIGITS), f"out_dir={out}", "--resume")
-    assert proc.returncode != 0 and "no last.pt" in proc.stderr
+    code, err = train_main(capsys, "-c", str(DIGITS), f"out_dir={out}", "--resume")
+    assert code == 1 and "no last.pt" in err
+    code, err = train_main(capsys, "-c", str(DIGITS), f"out_dir={tmp_path / 'nowhere'}",
+                           "--resume")
+    assert code == 1 and "no last.pt" in err
+    # A run that died before its first checkpoint: the error says that --resume continues it.
+    died = tmp_path / "died"
+    died.mkdir()
+    (died / "config.yaml").write_text("seed: 0\n")
+    code, err = train_main(capsys, "-c", str(DIGITS), f"out_dir={died}")
+    assert code == 1 and "stopped before its first checkpoint" in err
+    assert "--resume" in err and (died / "config.yaml").read_text() == "seed: 0\n"
 
 
 def test_checkpoint_of_another_architecture_is_refused(tmp_path):
@@ -162,35 +172,28 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
         load(bad)
 
 
-def test_resume_of_a_run_that_died_before_its_first_checkpoint_starts_afresh(tmp_path):
+@pytest.mark.slow
+def test_resume_of_a_run_that_died_before_its_first_checkpoint_starts_afresh(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.yaml").write_text("seed: 0\n")
     (out / "metrics.jsonl").write_text("")
-    proc = run_cli("-c", str(DIGITS), *QUICK, "method.name=standard", "optim.epochs=1",
-                   f"out_dir={out}", "--resume")
-    assert proc.returncode == 0, proc.stderr
-    assert "starting from epoch 1" in proc.stderr and load(out / "last.pt")["epoch"] == 1
-    proc = run_cli("-c", str(DIGITS), f"out_dir={tmp_path / 'nowhere'}", "--resume")
-    assert proc.returncode != 0 and "no last.pt" in proc.stderr
-    # Without --resume, the error says that --resume continues such a directory.
-    died = tmp_path / "died"
-    died.mkdir()
-    (died / "config.yaml").write_text("seed: 0\n")
-    proc = run_cli("-c", str(DIGITS), f"out_dir={died}")
-    assert proc.returncode == 1 and "stopped before its first checkpoint" in proc.stderr
-    assert "--resume" in proc.stderr and (died / "config.yaml").read_text() == "seed: 0\n"
+    code, err = train_main(capsys, "-c", str(DIGITS), *QUICK, "method.name=standard",
+                           "optim.epochs=1", f"out_dir={out}", "--resume")
+    assert code == 0, err
+    assert "starting from epoch 1" in err and load(out / "last.pt")["epoch"] == 1
     # A finished 1-epoch run resumed with fewer epochs than done: refused, overrides after
     # --resume accepted (intermixed).
-    extended = run_cli("-c", str(DIGITS), "--resume", *QUICK, "method.name=standard",
-                       "optim.epochs=2", f"out_dir={out}")
-    assert extended.returncode == 0, extended.stderr
-    proc = run_cli("-c", str(DIGITS), "--resume", *QUICK, "method.name=standard",
-                   "optim.epochs=1", f"out_dir={out}")
-    assert proc.returncode == 1 and "has already done 2 epochs" in proc.stderr, proc.stderr
+    code, err = train_main(capsys, "-c", str(DIGITS), "--resume", *QUICK, "method.name=standard",
+                           "optim.epochs=2", f"out_dir={out}")
+    assert code == 0, err
+    code, err = train_main(capsys, "-c", str(DIGITS), "--resume", *QUICK, "method.name=standard",
+                           "optim.epochs=1", f"out_dir={out}")
+    assert code == 1 and "has already done 2 epochs" in err, err
     assert "epochs: 2" in (out / "config.yaml").read_text()  # not rewritten
 
 
+@pytest.mark.slow
 def test_wandb_offline_logging_needs_no_network(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -203,6 +206,7 @@ def test_wandb_offline_logging_needs_no_network(tmp_path, monkeypatch):
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
 
 
+@pytest.mark.slow
 def test_awp_and_weight_averaging_run_and_the_average_evaluates(tmp_path):
     from at.target import load_target
     from eval import load_model
@@ -231,41 +235,40 @@ def test_awp_and_weight_averaging_run_and_the_average_evaluates(tmp_path):
                                best["avg"]["model"]["fc.weight"])
 
 
-def test_two_view_training_runs_and_other_methods_refuse_it(tmp_path):
+@pytest.mark.slow
+def test_two_view_training_runs(tmp_path):
     out = tmp_path / "two_views"
     cfg = load_config(DIGITS, [*QUICK, "optim.epochs=1", "data.second_view=autoaugment",
                                "method.ikl_at.aug_weight=0.5", f"out_dir={out}"])
     fit(cfg)
     prior = load(out / "last.pt")["method"]["prior"]
     torch.testing.assert_close(prior.sum(1), torch.ones(10))
-    proc = run_cli("-c", str(DIGITS), "method.name=trades", "data.second_view=cutout",
-                   f"out_dir={tmp_path / 'refused'}")
-    assert proc.returncode == 1 and "needs a method that weights the two views" in proc.stderr
 
 
-def test_a_damaged_last_checkpoint_falls_back_to_the_previous_epoch(tmp_path):
+@pytest.mark.slow
+def test_a_damaged_last_checkpoint_falls_back_to_the_previous_epoch(tmp_path, capsys):
     # Nothing may depend on the total epoch count here (lr schedule, eps ramp): the damaged run
     # first trains for 2 epochs, then is extended to 3.
     common = ["-c", str(DIGITS), *QUICK, "method.name=standard", "optim.schedule=constant",
               "attack.eps_ramp=false"]
-    straight = run_cli(*common, "optim.epochs=3", f"out_dir={tmp_path / 'straight'}")
-    assert straight.returncode == 0, straight.stderr
+    code, err = train_main(capsys, *common, "optim.epochs=3", f"out_dir={tmp_path / 'straight'}")
+    assert code == 0, err
     run = tmp_path / "damaged"
-    first = run_cli(*common, "optim.epochs=2", f"out_dir={run}")
-    assert first.returncode == 0, first.stderr
+    code, err = train_main(capsys, *common, "optim.epochs=2", f"out_dir={run}")
+    assert code == 0, err
     assert load(run / "last_prev.pt")["epoch"] == 1 and load(run / "last.pt")["epoch"] == 2
     damaged = (run / "last.pt").read_bytes()[:1000]  # e.g. a bad copy
     (run / "last.pt").write_bytes(damaged)
     # Resumed for one epoch (one save): the unreadable file is moved aside, not rotated into
     # last_prev.pt, where it would replace the only good fallback.
-    again = run_cli(*common, "optim.epochs=2", f"out_dir={run}", "--resume")
-    assert again.returncode == 0, again.stderr
-    assert "resuming from" in again.stderr and "last_prev.pt (epoch 1)" in again.stderr
+    code, err = train_main(capsys, *common, "optim.epochs=2", f"out_dir={run}", "--resume")
+    assert code == 0, err
+    assert "resuming from" in err and "last_prev.pt (epoch 1)" in err
     aside = list(run.glob("last.pt.corrupt-*"))
-    assert len(aside) == 1 and aside[0].read_bytes() == damaged and str(aside[0]) in again.stderr
+    assert len(aside) == 1 and aside[0].read_bytes() == damaged and str(aside[0]) in err
     assert load(run / "last_prev.pt")["epoch"] == 1 and load(run / "last.pt")["epoch"] == 2
-    resumed = run_cli(*common, "optim.epochs=3", f"out_dir={run}", "--resume")
-    assert resumed.returncode == 0, resumed.stderr
+    code, err = train_main(capsys, *common, "optim.epochs=3", f"out_dir={run}", "--resume")
+    assert code == 0, err
     a, b = model_state(tmp_path / "straight"), model_state(run)
     assert all(torch.equal(a[k], b[k]) for k in a)
     epochs = [json.loads(x)["epoch"] for x in (run / "metrics.jsonl").read_text().splitlines()]
