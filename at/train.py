@@ -6,14 +6,20 @@ Ctrl-C (the first saves last.pt at the next step, a second aborts at once).
 """
 from __future__ import annotations
 
-import argparse
-import signal
-import sys
+if __name__ == "__main__":
+    # First, before the slow imports: a preemption signal from now on is kept (at.stop_signal).
+    from . import stop_signal
 
-from . import distributed
-from .config import load_config
-from .errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, USER_ERRORS, Preempted, report
-from .trainer import fit
+    stop_signal.install()
+
+import argparse  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+
+from . import distributed  # noqa: E402
+from .config import load_config  # noqa: E402
+from .errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, USER_ERRORS, Preempted, report  # noqa: E402
+from .trainer import fit  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
