@@ -167,6 +167,9 @@ EOF
   local start procs nodes="${SLURM_JOB_NUM_NODES:-1}"
   start="$(date +%s)"
   procs="$(_slurm_procs_per_node)"
+  echo "slurm: job ${SLURM_JOB_ID:+$(slurm_job_ref) }start $((${SLURM_RESTART_COUNT:-0} + 1))" \
+       "on $(hostname) at $(date +%H:%M:%S): $nodes node(s) x $procs process(es), out_dir" \
+       "$out_dir${resume[*]:+ (resuming)}" >&2
   local train=(-m at.train -c "$config" "$@" "${resume[@]}")
   # torchrun leaves SIGTERM alone (it would stop its workers after 30 s, final test or not).
   local elastic=(env TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT torchrun)

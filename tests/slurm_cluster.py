@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -163,7 +164,18 @@ class Cluster:
                              self.root.glob("*.stdout")) + sorted(self.root.glob("munge/*.log")))
 
     def stop(self) -> None:
-        """Stop the daemons this object started (by pid), slurmd first."""
+        """Cancel this cluster's jobs, then stop the daemons this object started (by pid),
+        slurmd first."""
+        if self.procs.get("slurmctld") is not None and self.procs["slurmctld"].poll() is None:
+            jobs = subprocess.run([_binary("squeue"), "-h", "-o", "%A"], env=self.env,
+                                  capture_output=True, text=True).stdout.split()
+            if jobs:
+                subprocess.run([_binary("scancel"), *jobs], env=self.env, capture_output=True)
+                end = time.monotonic() + 30
+                while time.monotonic() < end and subprocess.run(
+                        [_binary("squeue"), "-h"], env=self.env, capture_output=True,
+                        text=True).stdout.strip():
+                    time.sleep(0.5)
         for name in reversed(DAEMONS):
             proc = self.procs.pop(name, None)
             if proc is None or proc.poll() is not None:
@@ -182,6 +194,7 @@ if __name__ == "__main__":
         sys.exit(f"slurm_cluster: {reason}")
     cluster = Cluster().start()
     print(f"export SLURM_CONF={cluster.conf}", flush=True)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops it as Ctrl-C does
     try:
         while True:
             time.sleep(3600)
