@@ -10,7 +10,7 @@
 #
 # Signals. The batch shell traps SIGTERM and SIGUSR1 (`--signal=B:TERM@…`, `scancel --full`,
 # a preemption without grace time) and passes SIGTERM on to the training processes, again every
-# 10 s while they run (a process still starting ignores it until at.train installs its handlers).
+# 3 s while they run (a process still starting ignores it until at.train installs its handlers).
 # On one node the training runs in the batch step itself, without srun: srun answers its own
 # SIGTERM by killing its tasks. Signals Slurm sends to job steps only (`scancel --signal=TERM`,
 # `--signal=TERM@…`, a preemption with grace time) reach a one-task relay step, which hands them
@@ -89,10 +89,10 @@ _slurm_start() {
   if [ -n "$_slurm_signal" ]; then _slurm_pass_on; fi
 }
 
-# Wait for the supervised process, passing a received signal on every 10 s; its exit status.
+# Wait for the supervised process, passing a received signal on every 3 s; its exit status.
 _slurm_wait() {
   while kill -0 "$_slurm_child" 2>/dev/null; do
-    if [ -n "$_slurm_signal" ] && [ $((SECONDS - _slurm_sent)) -ge 10 ]; then _slurm_pass_on; fi
+    if [ -n "$_slurm_signal" ] && [ $((SECONDS - _slurm_sent)) -ge 3 ]; then _slurm_pass_on; fi
     sleep 1 &
     wait $! 2>/dev/null
   done
@@ -127,11 +127,14 @@ slurm_supervise() {
   return "$status"
 }
 
-# Processes per node: one per GPU Slurm gave this job, or every visible GPU; one on a node without.
+# Processes per node: one per GPU Slurm gave this job, else per visible GPU (CUDA_VISIBLE_DEVICES,
+# else nvidia-smi); one on a node without GPUs.
 _slurm_procs_per_node() {
   local n="${SLURM_GPUS_ON_NODE:-}"
-  if [ -z "$n" ]; then
-    n="$(python -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null)"
+  if [ -z "$n" ] && [ -n "${CUDA_VISIBLE_DEVICES+set}" ]; then
+    n="$(echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c .)"
+  elif [ -z "$n" ] && command -v nvidia-smi >/dev/null; then
+    n="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')"
   fi
   case "$n" in ''|*[!0-9]*|0) n=1 ;; esac
   echo "$n"
