@@ -1,5 +1,5 @@
-"""Training on a real one-node Slurm (tests/slurm_cluster.py: Debian's slurm-wlm and munge, installed
-when missing and the tests run as root): sbatch sh/slurm_train.sh trains to the end on a CPU node;
+"""Training on a real one-node Slurm (tests/slurm_cluster.py: Debian's slurm-wlm and munge,
+installed when missing and the tests run as root): sbatch sh/slurm_train.sh trains to the end on a CPU node;
 stopped by each signal Slurm sends (to the job steps, to the whole job, ahead of a real time limit)
 it saves, requeues itself and resumes to the weights of the uninterrupted run; a signal during the
 final test leaves a finished run; `at.sweep --slurm` job arrays run end to end, and preempting one
