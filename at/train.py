@@ -55,4 +55,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # Done and saved: a preemption signal now (a job script passes one on until the process
+    # ends) must not kill the interpreter while it shuts down, when Python's handlers are gone;
+    # an ignored signal stays ignored then.
+    for signum in stop_signal.STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    sys.exit(status)

@@ -105,11 +105,15 @@ _slurm_wait() {
 # Requeue this job (or array task) and end this start: Slurm starts it again after its requeue
 # delay, and the run continues from its run directory.
 slurm_requeue() {
+  if [ -z "${SLURM_JOB_ID:-}" ]; then
+    echo "slurm: $1; not a Slurm job: run the same command again to continue" >&2
+    exit 75
+  fi
   local ref
   ref="$(slurm_job_ref)"
   echo "slurm: $1; requeueing job $ref" >&2
   if scontrol requeue "$ref"; then exit 0; fi
-  echo "slurm: error: scontrol requeue $ref failed; submit the same command again to " \
+  echo "slurm: error: scontrol requeue $ref failed; submit the same command again to" \
        "continue" >&2
   exit 75
 }
