@@ -248,6 +248,18 @@ def final_test(cluster, tmp) -> dict:
     return {**end, "out": out, "signalled": signalled}
 
 
+def killed_early(cluster, tmp) -> dict:
+    """SIGKILL to every process of the job in its first epoch (nothing saved but config.yaml),
+    then the same sbatch line again."""
+    job, out = train_job(cluster, tmp, "killed_early")
+    job.wait_until(lambda: (out / "config.yaml").exists(), "config.yaml")
+    slurm_cmd(cluster, "scancel", "--signal=KILL", "--full", job.ref)
+    first = job.finish()
+    before = sorted(p.name for p in out.iterdir())
+    job, out = train_job(cluster, tmp, "killed_early")
+    return {**job.finish(), "out": out, "first": first, "before": before}
+
+
 def swept(cluster, tmp) -> dict:
     """A 2-point sweep (write_spec) with an evaluation; task 0 is preempted in its first
     epoch, and task 1, trained without a stop, is its reference."""
@@ -273,7 +285,7 @@ SCENARIOS = {"straight_long": lambda c, t: straight(c, t, "straight_long", LONG)
              "time_limit": time_limit, "straight": straight,
              "steps": lambda c, t: preempted(c, t, "steps"),
              "whole_job": lambda c, t: preempted(c, t, "whole_job", "--full"),
-             "final_test": final_test, "sweep": swept}
+             "final_test": final_test, "killed_early": killed_early, "sweep": swept}
 
 
 @pytest.fixture(scope="module")
@@ -315,6 +327,15 @@ def test_a_signal_during_the_final_test_leaves_a_finished_run(scenarios):
     assert end["JobState"] == "COMPLETED" and end["Restarts"] == "0", log
     assert "slurm: SIGTERM at" in log and "requeueing" not in log, log
     assert (end["out"] / "final.json").stat().st_mtime > end["signalled"], log
+    assert_same_run(end["out"], reference["out"], log)
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_resubmitted_and_starts_again(scenarios):
+    end, reference = scenarios["killed_early"].result(), scenarios["straight"].result()
+    log = end["log"]
+    assert end["first"]["JobState"] != "COMPLETED" and "last.pt" not in end["before"], end
+    assert end["JobState"] == "COMPLETED", log
+    assert "(resuming)" in log and "has no last.pt" in log and "starting from epoch 1" in log, log
     assert_same_run(end["out"], reference["out"], log)
 
 
