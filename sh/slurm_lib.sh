@@ -111,6 +111,13 @@ slurm_requeue() {
   fi
   local ref
   ref="$(slurm_job_ref)"
+  # A cancel (scancel without --signal) sends SIGTERM too, and so does the time limit itself:
+  # the job is no longer RUNNING then, and whoever cancelled it wants it gone.
+  if [ -z "$(squeue -h -j "$ref" -t RUNNING -o %i 2>/dev/null)" ]; then
+    echo "slurm: $1; the job is ending (cancelled, or at its time limit), so it is not" \
+         "requeued: submit the same command again to continue the run" >&2
+    exit 75
+  fi
   echo "slurm: $1; requeueing job $ref" >&2
   if scontrol requeue "$ref"; then exit 0; fi
   echo "slurm: error: scontrol requeue $ref failed; submit the same command again to" \

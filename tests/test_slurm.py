@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -248,16 +249,28 @@ def final_test(cluster, tmp) -> dict:
     return {**end, "out": out, "signalled": signalled}
 
 
-def killed_early(cluster, tmp) -> dict:
-    """SIGKILL to every process of the job in its first epoch (nothing saved but config.yaml),
-    then the same sbatch line again."""
-    job, out = train_job(cluster, tmp, "killed_early")
+def killed_then_cancelled(cluster, tmp) -> dict:
+    """The same sbatch line three times: its training SIGKILLed in the first epoch (nothing saved
+    but config.yaml: a node crash, the OOM killer), then cancelled by `scancel` after the first
+    epoch, then to the end."""
+    job, out = train_job(cluster, tmp, "killed")
     job.wait_until(lambda: (out / "config.yaml").exists(), "config.yaml")
-    slurm_cmd(cluster, "scancel", "--signal=KILL", "--full", job.ref)
-    first = job.finish()
-    before = sorted(p.name for p in out.iterdir())
-    job, out = train_job(cluster, tmp, "killed_early")
-    return {**job.finish(), "out": out, "first": first, "before": before}
+    for pid in Path("/proc").iterdir():  # this job's at.train process (started by this test)
+        try:
+            cmd = (pid / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"at.train" in cmd and f"out_dir={out}".encode() in cmd:
+            os.kill(int(pid.name), signal.SIGKILL)
+    killed = job.finish()
+    after_kill = sorted(p.name for p in out.iterdir())
+    job, out = train_job(cluster, tmp, "killed")
+    job.wait_until(lambda: epochs_done(out) >= 1, "first epoch")
+    slurm_cmd(cluster, "scancel", job.ref)
+    cancelled = job.finish()
+    job, out = train_job(cluster, tmp, "killed")
+    return {**job.finish(), "out": out, "killed": killed, "after_kill": after_kill,
+            "cancelled": cancelled}
 
 
 def swept(cluster, tmp) -> dict:
@@ -285,7 +298,7 @@ SCENARIOS = {"straight_long": lambda c, t: straight(c, t, "straight_long", LONG)
              "time_limit": time_limit, "straight": straight,
              "steps": lambda c, t: preempted(c, t, "steps"),
              "whole_job": lambda c, t: preempted(c, t, "whole_job", "--full"),
-             "final_test": final_test, "killed_early": killed_early, "sweep": swept}
+             "final_test": final_test, "killed": killed_then_cancelled, "sweep": swept}
 
 
 @pytest.fixture(scope="module")
@@ -330,12 +343,19 @@ def test_a_signal_during_the_final_test_leaves_a_finished_run(scenarios):
     assert_same_run(end["out"], reference["out"], log)
 
 
-def test_a_run_killed_before_its_first_checkpoint_is_resubmitted_and_starts_again(scenarios):
-    end, reference = scenarios["killed_early"].result(), scenarios["straight"].result()
+def test_a_killed_run_and_a_cancelled_one_continue_when_submitted_again(scenarios):
+    end, reference = scenarios["killed"].result(), scenarios["straight"].result()
     log = end["log"]
-    assert end["first"]["JobState"] != "COMPLETED" and "last.pt" not in end["before"], end
-    assert end["JobState"] == "COMPLETED", log
-    assert "(resuming)" in log and "has no last.pt" in log and "starting from epoch 1" in log, log
+    killed, cancelled = end["killed"], end["cancelled"]
+    # Killed before its first checkpoint: failed, not requeued; submitted again, it starts over.
+    assert killed["JobState"] == "FAILED" and killed["Restarts"] == "0", log
+    assert "last.pt" not in end["after_kill"] and "config.yaml" in end["after_kill"], log
+    assert "has no last.pt" in log and "starting from epoch 1" in log, log
+    # Cancelled: it saves, and stays cancelled; submitted again, it resumes.
+    assert cancelled["JobState"] == "CANCELLED" and cancelled["Restarts"] == "0", log
+    assert "the job is ending (cancelled, or at its time limit), so it is not" in log, log
+    assert "requeueing" not in log, log
+    assert end["JobState"] == "COMPLETED" and log.count("(resuming)") == 2, log
     assert_same_run(end["out"], reference["out"], log)
 
 
