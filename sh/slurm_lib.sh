@@ -61,10 +61,11 @@ slurm_job_ref() {
 }
 
 _slurm_on_signal() {
-  if [ -z "$_slurm_signal" ]; then
+  local first="$_slurm_signal"
+  _slurm_signal="$1"
+  if [ -z "$first" ]; then
     echo "slurm: SIG$1 at $(date +%H:%M:%S); passing SIGTERM on to the training" >&2
   fi
-  _slurm_signal="$1"
   _slurm_pass_on
 }
 
@@ -86,7 +87,9 @@ _slurm_start() {
   shift
   (trap '' TERM USR1; exec "$@") &
   _slurm_child=$!
-  if [ -n "$_slurm_signal" ]; then _slurm_pass_on; fi
+  # A signal that came earlier is passed on by _slurm_wait, once CMD had time to start (a
+  # signal right after the fork would reach the subshell before it ignores it).
+  _slurm_sent=$SECONDS
 }
 
 # Wait for the supervised process, passing a received signal on every 3 s; its exit status.
@@ -154,8 +157,9 @@ _slurm_procs_per_node() {
 slurm_train() {
   local config="${1:?usage: sbatch [options] sh/slurm_train.sh CONFIG [dotted.key=value ...]}"
   local out_dir
-  # The run directory, resolved by the project's own loader (a bad config: one line, exit 1).
-  out_dir="$(python - "$@" <<'EOF'
+  # The run directory, resolved by the project's own loader (a bad config: one line, exit 1);
+  # a signal to the whole job meanwhile is kept by this shell, not fatal to the loader.
+  out_dir="$(trap '' TERM USR1; python - "$@" <<'EOF'
 import sys
 from at.config import load_config
 from at.errors import USER_ERRORS, report
