@@ -39,11 +39,12 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ import yaml
 from errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, USER_ERRORS, ConfigError, report, unknown
 
 from .checkpoint import atomic_write
-from .config import flatten, load_config, parse_value, read_yaml, sections
+from .config import REPO_ROOT, flatten, load_config, parse_value, read_yaml, sections
 
 SPEC_FIELDS = ("base", "overrides", "grid", "random", "seeds", "out_root", "eval", "slurm")
 RANDOM_FIELDS = ("samples", "seed", "params")
@@ -503,36 +504,72 @@ def print_commands(spec: Spec, runs: list[Run]) -> None:
 
 
 def slurm_script(spec: Spec, runs: list[Run]) -> str:
-    """A job array on top of sh/slurm_train.sh: task i trains runs[i] (requeued on preemption by
-    slurm_train.sh itself), then runs the spec's evaluations through at.sweep --eval-only."""
+    """A job array: task i trains runs[i] through sh/slurm_lib.sh (requeueing only itself when
+    a signal stops it), then runs the spec's evaluations through at.sweep --eval-only. Paths are
+    absolute, so that it may be submitted from anywhere (docs/scale.md#preemption-and-slurm)."""
+    spec = replace(spec, path=spec.path.resolve(), base=spec.base.resolve(),
+                   out_root=spec.out_root.resolve())
+    runs = [replace(r, out_dir=r.out_dir.resolve()) for r in runs]
     options = {"job-name": f"sweep-{spec.out_root.name}", "array": f"0-{len(runs) - 1}",
                "ntasks-per-node": 1, "cpus-per-task": 16, "time": "48:00:00",
-               "signal": "TERM@300", "requeue": None, "open-mode": "append",
+               "signal": "B:TERM@300", "requeue": None, "open-mode": "append",
                "output": f"{spec.out_root}/slurm-%A_%a.out", **spec.slurm}
     lines = ["#!/usr/bin/env bash",
              f"# Written by `python -m at.sweep {spec.path} --slurm`: one array task per run of",
              f"# the sweep in {spec.out_root}. Submit with: sbatch {spec.out_root}/sweep.sbatch",
-             "# A preempted task is requeued by sh/slurm_train.sh and continues with --resume;",
-             "# a finished run is skipped."]
+             "# A task stopped by a signal requeues only itself and continues its run; a finished",
+             "# run is not trained again, and finished evaluations are not repeated."]
     lines += [f"#SBATCH --{k}" if v is None else f"#SBATCH --{k}={v}" for k, v in options.items()]
-    lines += ["set -uo pipefail", 'cd "${SLURM_SUBMIT_DIR:-.}"',
+    root = shlex.quote(str(spec.out_root))
+    lines += ["set -uo pipefail",
+              f"source {shlex.quote(str(REPO_ROOT / 'sh' / 'slurm_lib.sh'))} || exit 1",
+              # A root the compute node does not see: stop before training somewhere unseen.
+              f"[ -d {root} ] || slurm_fail \"the sweep root {spec.out_root} does not exist on "
+              f"node $(hostname): out_root must be on a filesystem every node sees\"",
+              f"slurm_setup {shlex.quote(str(REPO_ROOT))}",
               'task="${SLURM_ARRAY_TASK_ID:?submit this script with sbatch (a job array)}"',
               'case "$task" in']
     for i, run in enumerate(runs):
         args = shlex.join(train_args(spec, run))
         lines.append(f"  {i}) name={shlex.quote(run.name)}; args=({args}) ;;")
-    lines += ['  *) echo "no run for array task $task" >&2; exit 1 ;;', "esac",
-              f"out_dir={shlex.quote(str(spec.out_root))}/\"$name\"",
+    lines += ['  *) slurm_fail "no run for array task $task" ;;', "esac",
+              f'out_dir={root}/"$name"',
               'if [ ! -f "$out_dir/final.json" ]; then',
-              f'  bash sh/slurm_train.sh {shlex.quote(str(spec.base))} "${{args[@]}}" || exit $?',
-              '  # Preempted: slurm_train.sh requeued this task, which will continue the run.',
-              '  [ -f "$out_dir/final.json" ] || exit 0',
+              f'  slurm_train {shlex.quote(str(spec.base))} "${{args[@]}}" || exit $?',
               "fi"]
     if spec.evals:
-        lines += ["source sh/venv.sh",
-                  f"exec python -m at.sweep {shlex.quote(str(spec.path))} --out-root "
-                  f"{shlex.quote(str(spec.out_root))} --eval-only \"$name\""]
+        lines += [f"slurm_supervise python -m at.sweep {shlex.quote(str(spec.path))} --out-root "
+                  f"{root} --eval-only \"$name\""]
     return "\n".join(lines) + "\n"
+
+
+SBATCH_OPTION = re.compile(r"[a-z][a-z0-9-]*")
+
+
+def check_slurm_options(spec: Spec, script: str) -> None:
+    """The spec's `slurm:` options as sbatch reads them: names of long options, one-line values,
+    `array` left to the sweep; then, where sbatch is installed, `sbatch --test-only` (which
+    submits nothing) must accept the script."""
+    for key, value in spec.slurm.items():
+        if not isinstance(key, str) or not SBATCH_OPTION.fullmatch(key):
+            raise _fail(spec.path, f"slurm: {key!r} is not an sbatch option name (long form "
+                                   f"without dashes, e.g. time or cpus-per-task)")
+        if key == "array":
+            raise _fail(spec.path, "slurm: array is set by the sweep (one task per run)")
+        if value is not None and ("\n" in str(value) or not str(value).strip()):
+            raise _fail(spec.path, f"slurm: {key} needs a one-line value")
+    if shutil.which("sbatch") is None or subprocess.run(
+            ["scontrol", "ping"], capture_output=True, timeout=60).returncode != 0:
+        if spec.slurm:
+            print("at.sweep: warning: no Slurm controller answers here; the slurm: options "
+                  "are checked when the script is submitted", file=sys.stderr)
+        return
+    proc = subprocess.run(["sbatch", "--test-only"], input=script, capture_output=True,
+                          text=True, timeout=60)
+    if proc.returncode != 0:
+        lines = [x.strip() for x in proc.stderr.splitlines() if x.strip()] or ["(no message)"]
+        message = next((x for x in lines if "error" in x or "unrecognized" in x), lines[0])
+        raise _fail(spec.path, f"sbatch refuses the slurm: options: {message}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -562,10 +599,12 @@ def main(argv: list[str] | None = None) -> int:
             if run_state(chosen[0]) != "done":
                 raise ConfigError(f"{chosen[0].out_dir} has not finished (no final.json)")
             return run_local(spec, chosen)
+        if args.slurm:  # before the root is touched: a refused option leaves nothing behind
+            text = slurm_script(spec, runs)
+            check_slurm_options(spec, text)
         check_root(spec, runs, args.resume)
         if args.slurm:
             script = spec.out_root / "sweep.sbatch"
-            text = slurm_script(spec, runs)
             atomic_write(script, lambda f: f.write(text.encode()))
             os.chmod(script, 0o755)
             print(f"at.sweep: wrote {script} ({len(runs)} array tasks); submit with: "

@@ -6,15 +6,21 @@ Ctrl-C (the first saves last.pt at the next step, a second aborts at once).
 """
 from __future__ import annotations
 
-import argparse
-import signal
-import sys
+if __name__ == "__main__":
+    # First, before the slow imports: a preemption signal from now on is kept (at.stop_signal).
+    from . import stop_signal
 
-from errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, USER_ERRORS, Preempted, report
+    stop_signal.install()
 
-from . import distributed
-from .config import load_config
-from .trainer import fit
+import argparse  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+
+from errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, USER_ERRORS, Preempted, report  # noqa: E402
+
+from . import distributed  # noqa: E402
+from .config import load_config  # noqa: E402
+from .trainer import fit  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,4 +56,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    # Done and saved: a preemption signal now (a job script passes one on until the process
+    # ends) must not kill the interpreter while it shuts down, when Python's handlers are gone;
+    # an ignored signal stays ignored then.
+    for signum in stop_signal.STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    sys.exit(status)

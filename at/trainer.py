@@ -26,7 +26,7 @@ from data.training import build_training_data
 from errors import NonFiniteLoss, Preempted, RunError
 from models.bn import set_bn_groups, set_bn_momentum
 
-from . import averaging, distributed, run_dir, speed, sync_bn
+from . import averaging, distributed, run_dir, speed, stop_signal, sync_bn
 from . import checkpoint as ckpt
 from .awp import AWP
 from .early_stop import EarlyStop
@@ -310,6 +310,8 @@ class Trainer:
             # A first Ctrl-C does the same (no work lost; see _on_signal for the second).
             for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
                 previous[signum] = signal.signal(signum, self._on_signal)
+            if stop_signal.received is not None:  # arrived before (at.train's first line on)
+                self._stop_signal = stop_signal.received
         self.early_stop.restore(self.out / "metrics.jsonl", self.epoch)
         try:
             while self.epoch < epochs and not self.early_stop.stopped:

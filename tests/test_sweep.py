@@ -194,7 +194,8 @@ def test_print_and_slurm(tmp_path, capsys):
     script = tmp_path / "root" / "sweep.sbatch"
     text = script.read_text()
     assert "#SBATCH --array=0-3" in text and "#SBATCH --requeue" in text
-    assert text.count("bash sh/slurm_train.sh") == 1 and "--eval-only" in text
+    assert text.count("slurm_train ") == 1 and "--eval-only" in text
+    assert "#SBATCH --signal=B:TERM@300" in text  # to the batch shell, which passes it on
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
     capsys.readouterr()
 
