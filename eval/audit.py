@@ -27,7 +27,7 @@ from torch import Tensor
 
 from at.checkpoint import write_json
 from at.evaluate import correct
-from at.target import Target, load_target
+from at.target import Target
 from attacks import frozen, pgd
 from errors import USER_ERRORS
 from errors import report as report_error
@@ -38,6 +38,7 @@ from .common import (
     DEFAULT_EPS,
     EvalError,
     add_target_arguments,
+    any_target,
     check_eps,
     load_test_data,
     parse_eps,
@@ -401,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_target_arguments(p)
     p.set_defaults(n_ex=1000)
-    p.add_argument("--surrogate", help="run directory or checkpoint of a model (ideally "
+    p.add_argument("--surrogate", help="run directory, checkpoint or rb: entry of a model (ideally "
                    "standard-trained, same dataset) for the transfer check")
     p.add_argument("--surrogate-weights", default="best")
     p.add_argument("--surrogate-arch", help="arch of a bare surrogate checkpoint")
@@ -419,10 +420,11 @@ def main(argv: list[str] | None = None) -> int:
         surrogate = None
         if args.surrogate:
             try:
-                surrogate = load_target(args.surrogate, args.surrogate_weights,
-                                        args.surrogate_arch,
-                                        t.dataset if args.surrogate_arch else None,
-                                        next(t.model.parameters()).device, args.data_root)
+                surrogate = any_target(args.surrogate, weights=args.surrogate_weights,
+                                       arch=args.surrogate_arch,
+                                       dataset=t.dataset if args.surrogate_arch else None,
+                                       device=next(t.model.parameters()).device,
+                                       data_root=args.data_root, model_dir=args.model_dir)
             except EvalError as err:
                 raise EvalError(f"--surrogate {args.surrogate}: {err}") from None
             if surrogate.dataset != t.dataset:
