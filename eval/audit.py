@@ -5,7 +5,7 @@ AutoAttack's flags (Croce & Hein 2020, arXiv 2003.01690), run on one checkpoint.
 
     python -m eval.audit runs/cifar10_ikl_at --n-ex 1000 --surrogate runs/cifar10_standard
 
-Writes <out_dir>/audit_<weights>.json: {"verdict": "pass" | "warn", "checks": [{"name",
+Writes <out_dir>/audit_<weights>.json: {"verdict": "pass" | "inconclusive" | "warn", "checks": [{"name",
 "status", "value", "threshold", "explanation"}], ...} and robustness_<weights>.png, prints a
 table, exits 0 on either verdict (3 on "warn" with --strict). Each check, its threshold and its
 source are listed in `CHECKS` and explained in docs/reporting.md. --quick shrinks every attack
@@ -32,7 +32,7 @@ from attacks import frozen, pgd
 from errors import USER_ERRORS
 from errors import report as report_error
 
-from . import aa_flags
+from . import aa_flags, confidence
 from . import autoattack as aa_eval
 from .common import (
     DEFAULT_EPS,
@@ -343,11 +343,13 @@ def audit(t: Target, *, n_ex: int | None = 1000, eps: str | None = None, norm: s
     raised = aa["flags_raised"]
     checks.append(_check("autoattack_flags", ", ".join(raised) or "none", bool(raised)))
 
-    verdict = "warn" if any(c["status"] == "warn" for c in checks) else "pass"
+    # Each share's 95 % interval against its threshold (docs/zoo.md#confidence-intervals).
+    verdict = confidence.qualify_checks(checks, len(y), int(clean.sum()))
     report = {
         "verdict": verdict, "checks": checks, "skipped": skipped,
         "n_ex": len(y), "eps": eps_text, "eps_float": eps_value, "norm": norm,
-        "clean_acc": _acc(clean), "pgd": {"steps": budget.pgd_steps, "robust_acc": pgd_acc},
+        "clean_acc": _acc(clean), "clean_ci95": confidence.interval(int(clean.sum()), len(y)),
+        "pgd": {"steps": budget.pgd_steps, "robust_acc": pgd_acc},
         "strong_pgd": {"steps": budget.strong_steps, "restarts": budget.restarts,
                        "robust_acc": strong_acc},
         "autoattack": {"robust_acc": aa["robust_acc"], "version": aa["version"],

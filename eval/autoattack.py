@@ -35,7 +35,7 @@ from at.checkpoint import write_json
 from at.target import Target
 from errors import USER_ERRORS, report
 
-from . import aa_flags
+from . import aa_flags, confidence, randomized
 from .common import (
     DEFAULT_EPS,
     EvalError,
@@ -72,10 +72,13 @@ def stage_names(version: str, norm: str) -> list[str]:
 
 def attack_chunk(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
                  norm: str, version: str, stages: list[str], seed: int, batch_size: int,
-                 device: torch.device, progress: bool = False) -> dict[str, torch.Tensor]:
+                 device: torch.device, progress: bool = False,
+                 draws: int = 0) -> dict[str, torch.Tensor]:
     """Per-example correctness of one chunk: {'clean': bool N, '<attack>': bool N after that
     stage, ...}; the last entry is the AutoAttack robust outcome. `stages` is the version's
-    attack list or a sub-list of it (each attack keeps the version's settings)."""
+    attack list or a sub-list of it (each attack keeps the version's settings). With `draws`
+    (a randomised model), also 'draws_correct': int64 N, how many of `draws` forward passes
+    classify each final point (adversarial where an attack succeeded) correctly."""
     from pyautoattack import AutoAttack
 
     assert not model.training, "AutoAttack needs a model in eval mode"
@@ -84,6 +87,7 @@ def attack_chunk(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, ep
         correct = torch.cat([model(x[i:i + batch_size].to(device)).argmax(1).cpu()
                              == y[i:i + batch_size] for i in range(0, len(x), batch_size)])
     outcome = {"clean": correct.clone()}
+    x_final = x.clone()
     for stage in tqdm(stages, desc="  stages", unit="attack", leave=False, disable=not progress):
         idx = correct.nonzero().flatten()
         if len(idx):
@@ -91,7 +95,11 @@ def attack_chunk(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, ep
             x_adv, y_adv = adversary.run_standard_evaluation(x[idx], y[idx], batch_size=batch_size)
             _check_perturbation(x_adv, x[idx], eps, norm, stage)
             correct[idx] = y_adv.cpu() == y[idx]
+            x_final[idx] = x_adv.cpu()
         outcome[stage] = correct.clone()
+    if draws:
+        outcome["draws_correct"] = randomized.correct_draws(
+            model, x_final, y, batch_size=batch_size, device=device, draws=draws)
     return outcome
 
 
@@ -114,7 +122,9 @@ def _load_chunk(path: Path, fingerprint: dict) -> dict | None:
         ok = saved.get("format") == CHUNK_FORMAT and saved.get("fingerprint") == fingerprint
         outcome = saved["outcome"]
         n = fingerprint["end"] - fingerprint["start"]
-        ok = ok and all(v.dtype == torch.bool and v.shape == (n,) for v in outcome.values())
+        ok = ok and all(v.shape == (n,) and v.dtype == (torch.long if k == "draws_correct"
+                                                        else torch.bool)
+                        for k, v in outcome.items())
     except (ckpt.CheckpointError, KeyError, AttributeError, TypeError) as err:
         log.warning("chunk file %s is unreadable (%s): recomputing it", path, err)
         return None
@@ -167,6 +177,19 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
         raise EvalError(f"unknown AutoAttack version {version!r}; valid: {', '.join(VERSIONS)}")
     if norm not in NORMS:
         raise EvalError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
+    x, y = load_test_data(t, n_ex)
+    device = next(t.model.parameters()).device
+    # A randomised defence gets the EOT version, as AutoAttack itself advises when its flag rises.
+    switched = None
+    if version == "standard" and not attacks:
+        flag = randomized.detect(t.model, x, y, device, batch_size)
+        if flag["raised"]:
+            version = "rand"
+            switched = {"requested": "standard", "ran": "rand", "why": flag["message"],
+                        "max_normalized_logit_diff": flag["max_normalized_logit_diff"]}
+            log.warning("the model's outputs change between identical forward passes: running "
+                        "AutoAttack's rand version (EOT) instead of standard")
+    draws = randomized.DRAWS if version == "rand" else 0
     full = stage_names(version, norm)
     stages = full if not attacks else [a for a in full if a in attacks]
     if attacks and (set(attacks) - set(full) or not stages):
@@ -177,10 +200,8 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
     if shard is not None and merge:
         raise EvalError("--shard and --merge exclude each other: merge once all shards are done")
     eps_text, eps_value = parse_eps(eps if eps is not None else DEFAULT_EPS[norm])
-    x, y = load_test_data(t, n_ex)
     check_eps(eps_value, norm, x)
     n_test = len(load_test_data(t, None)[1]) if n_ex is not None else len(y)
-    device = next(t.model.parameters()).device
     # A subset of the attacks is a screening number, never to be confused with AutoAttack's;
     # another eps, norm or number of images is another result, with its own file and chunks.
     attack = f"autoattack-{version}" if stages == full else \
@@ -204,7 +225,7 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
         return {"checkpoint_sha256": t.checkpoint_sha256, "arch": t.arch, "dataset": t.dataset,
                 "version": version, "norm": norm, "eps": eps_value, "stages": stages,
                 "seed": seed, "batch_size": batch_size, "start": start, "end": end,
-                "tf32": tf32_enabled()}
+                "tf32": tf32_enabled(), **({"draws": draws} if draws else {})}
 
     def path_of(start: int, end: int) -> Path:
         return chunk_dir / f"chunk_{start:06d}_{end:06d}.pt"
@@ -230,7 +251,7 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
                             f"({', '.join(missing)}); run the shards that own them")
     if shard is not None:
         bounds = bounds[shard[0]::shard[1]]
-    clean_parts = []
+    clean_parts, draw_parts = [], []
     bar = tqdm(bounds, desc="AutoAttack chunks", unit="chunk", disable=not progress)
     for start, end in bar:
         fingerprint = fingerprint_of(start, end)
@@ -243,12 +264,14 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
                 outcome = attack_chunk(t.model, x[start:end], y[start:end], eps=eps_value,
                                        norm=norm, version=version, stages=stages, seed=seed,
                                        batch_size=batch_size, device=device,
-                                       progress=progress)
+                                       progress=progress, draws=draws)
             saved = {"format": CHUNK_FORMAT, "fingerprint": fingerprint, "outcome": outcome,
                      "seconds": time.time() - began}
             ckpt.atomic_save(saved, path)
         reused += was_saved
         clean_parts.append(saved["outcome"]["clean"])
+        if draws:
+            draw_parts.append(saved["outcome"]["draws_correct"])
         seconds += saved["seconds"]
         for key in totals:
             totals[key] += int(saved["outcome"][key].sum())
@@ -270,9 +293,24 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
                                    batch_size=batch_size, device=device, seed=seed)
     for flag in aa_flags.raised(flags):
         log.warning("AutoAttack flag %s: %s", flag, flags[flag]["message"])
+    for s in stage_results:
+        s["ci95"] = confidence.interval(totals[s["attack"]], n)
+    robust_k = totals[stages[-1]]
+    rand = None
+    if draws:  # the worst case over the draws is the robust accuracy; the mean is reported too
+        counts = torch.cat(draw_parts)
+        robust_k = int((counts == draws).sum())
+        rand = {"draws": draws, "mean_acc": round(100 * counts.sum().item() / (draws * n), 2),
+                "worst_acc": round(100 * robust_k / n, 2),
+                "worst_ci95": confidence.interval(robust_k, n),
+                "single_forward_acc": round(100 * totals[stages[-1]] / n, 2),
+                "why": switched["why"] if switched else "version rand was requested"}
     result = {
         "clean_acc": round(100 * totals["clean"] / n, 2),
-        "robust_acc": round(100 * totals[stages[-1]] / n, 2),
+        "robust_acc": round(100 * robust_k / n, 2),
+        "clean_ci95": confidence.interval(totals["clean"], n),
+        "robust_ci95": confidence.interval(robust_k, n),
+        "randomized": rand, "version_switched": switched,
         "n_ex": n, "n_test": n_test, "full_test_set": n == n_test,
         "eps": eps_text, "eps_float": eps_value, "norm": norm,
         "version": version if stages == full else "custom", "attacks": stages,

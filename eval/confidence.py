@@ -49,3 +49,39 @@ def against_threshold(value: float, n: int, threshold: float) -> tuple[str, tupl
     if ci[1] <= threshold:
         return "pass", ci
     return "inconclusive", ci
+
+
+# Audit checks whose value is a share of the audited points (percent or percentage points); the
+# others (determinism, AutoAttack's flags) are not proportions and keep their plain comparison.
+SHARE_CHECKS = ("pgd_vs_autoattack", "convergence", "transfer", "eps_sweep", "unbounded",
+                "zero_gradients", "batchnorm_modes")
+
+
+def qualify_checks(checks: list[dict], n: int, n_correct: int) -> str:
+    """Compare each share check's 95 % interval with its threshold, in place: status 'warn' when
+    the interval lies above it, 'pass' at or below, 'inconclusive' when it straddles (the
+    explanation then says so, with n). A warn raised by another criterion of the check than its
+    value (eps_sweep's rise with eps) stays. Returns the verdict: 'warn' if any check warns,
+    else 'inconclusive' if any is, else 'pass'."""
+    for c in checks:
+        if c["name"] not in SHARE_CHECKS:
+            continue
+        points = n_correct if c["name"] == "zero_gradients" else n
+        if points < 1:
+            continue
+        status, ci = against_threshold(float(c["value"]), points, c["threshold"])
+        c["ci95"], c["n"] = ci, points
+        if c["status"] == "warn" and float(c["value"]) <= c["threshold"]:
+            continue
+        if status == "inconclusive":
+            c["explanation"] = (f"inconclusive at n = {points}: the 95 % interval [{ci[0]}, "
+                                f"{ci[1]}] {c['unit']} contains the threshold {c['threshold']} "
+                                f"{c['unit']}; audit more images to decide")
+        elif status == "warn" and c["status"] != "warn":
+            c["explanation"] = f"interval [{ci[0]}, {ci[1]}] above the threshold"
+        elif status == "pass" and c["status"] == "warn":
+            c["explanation"] = f"ok: interval [{ci[0]}, {ci[1]}] at or below the threshold"
+        c["status"] = status
+    statuses = {c["status"] for c in checks}
+    return "warn" if "warn" in statuses else "inconclusive" if "inconclusive" in statuses \
+        else "pass"

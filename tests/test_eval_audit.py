@@ -68,10 +68,13 @@ def test_honest_model_passes_and_masked_models_warn_on_the_right_checks(models, 
     kwargs = dict(n_ex=N_EX, eps=EPS, surrogate=surrogate, budget=TINY, batch_size=64)
     honest = audit.audit(t, **kwargs)
     print(audit.table(honest))
-    assert honest["verdict"] == "pass", audit.table(honest)
+    # On 24 images a threshold of a few points lies inside most 95 % intervals: no check may
+    # warn, and the ones that cannot decide say so.
+    assert honest["verdict"] in ("pass", "inconclusive"), audit.table(honest)
+    assert "warn" not in set(_statuses(honest).values()), audit.table(honest)
     assert set(_statuses(honest)) == set(audit.CHECKS) and not honest["skipped"]
     saved = json.loads((t.out_dir / "audit_best.json").read_text())
-    assert saved["verdict"] == "pass" and len(saved["checks"]) == len(audit.CHECKS)
+    assert saved["verdict"] == honest["verdict"] and len(saved["checks"]) == len(audit.CHECKS)
     for c in saved["checks"]:
         assert set(c) >= {"name", "status", "value", "threshold", "explanation"}
     assert saved["sweep"]["robust_acc"][0] == saved["clean_acc"]
