@@ -5,9 +5,9 @@ AutoAttack's flags (Croce & Hein 2020, arXiv 2003.01690), run on one checkpoint.
 
     python -m eval.audit runs/cifar10_ikl_at --n-ex 1000 --surrogate runs/cifar10_standard
 
-Writes <out_dir>/audit_<weights>.json: {"verdict": "pass" | "inconclusive" | "warn", "checks": [{"name",
-"status", "value", "threshold", "explanation"}], ...} and robustness_<weights>.png, prints a
-table, exits 0 on either verdict (3 on "warn" with --strict). Each check, its threshold and its
+Writes <out_dir>/audit_<weights>.json: {"verdict": "pass" | "inconclusive" | "warn",
+"checks": [{"name", "status", "value", "threshold", "explanation"}], ...} and
+robustness_<weights>.png, prints a table, exits 0 on any verdict (3 on "warn" with --strict). Each check, its threshold and its
 source are listed in `CHECKS` and explained in docs/reporting.md. --quick shrinks every attack
 budget (for tests and smoke runs; not for a paper).
 """

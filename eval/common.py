@@ -111,7 +111,8 @@ def target_from_arguments(args: argparse.Namespace) -> Target:
                       device=getattr(args, "device", None),
                       data_root=getattr(args, "data_root", None),
                       threat=getattr(args, "threat", None),
-                      model_dir=getattr(args, "model_dir", "models"), out=getattr(args, "out", None),
+                      model_dir=getattr(args, "model_dir", "models"),
+                      out=getattr(args, "out", None),
                       need_data=hasattr(args, "n_ex"))
 
 

@@ -198,3 +198,9 @@ def _imagenet_loader(dataset: str, threat: str, name: str, root: str | None) -> 
         prep = get_preprocessing(rb.BenchmarkDataset(dataset), rb.ThreatModel(threat), name, None)
         return load_imagenet(n, str(root), prep)
     return load
+
+
+def results_dir(spec: str, model_dir: str | Path = "models", dataset: str | None = None,
+                threat: str | None = None) -> Path:
+    """Where an rb: target's results are (eval.plot, eval.summary), without loading it."""
+    return out_dir_of(model_dir, *parse(spec, dataset, threat))
