@@ -7,9 +7,10 @@ AutoAttack's flags (Croce & Hein 2020, arXiv 2003.01690), run on one checkpoint.
 
 Writes <out_dir>/audit_<weights>.json: {"verdict": "pass" | "inconclusive" | "warn",
 "checks": [{"name", "status", "value", "threshold", "explanation"}], ...} and
-robustness_<weights>.png, prints a table, exits 0 on any verdict (3 on "warn" with --strict). Each check, its threshold and its
-source are listed in `CHECKS` and explained in docs/reporting.md. --quick shrinks every attack
-budget (for tests and smoke runs; not for a paper).
+robustness_<weights>.png, prints a table, exits 0 on any verdict (3 on "warn" with --strict).
+Each check, its threshold and its source are listed in `CHECKS` and explained in
+docs/reporting.md. --quick shrinks every attack budget (for tests and smoke runs; not for a
+paper).
 """
 from __future__ import annotations
 

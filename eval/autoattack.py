@@ -49,6 +49,7 @@ from .common import (
     target_from_arguments,
 )
 from .precision import add_tf32_argument, evaluation_precision, tf32_enabled
+from .zoo_target import claim_fields
 
 VERSIONS = ("standard", "plus", "rand")
 NORMS = ("Linf", "L2", "L1")
@@ -320,6 +321,8 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
         "seconds_this_call": round(time.time() - started, 1),
         **provenance(t, device),
     }
+    if getattr(t, "claim", None) is not None:  # a RobustBench entry: its leaderboard numbers
+        result.update(claim_fields(t.claim, result["clean_ci95"], result["robust_ci95"]))
     write_json(result, t.out_dir / f"{name}.json")
     result["path"] = str(t.out_dir / f"{name}.json")
     log.info("clean %.2f%%  AutoAttack %.2f%%  (%s)", result["clean_acc"], result["robust_acc"],

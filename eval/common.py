@@ -46,7 +46,8 @@ def add_target_arguments(parser: argparse.ArgumentParser, *, evaluation: bool = 
         parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
         parser.add_argument("--n-ex", type=int,
                             help="evaluate the first N test images (default: all)")
-        parser.add_argument("--norm", default="Linf", help="Linf | L2 | L1")
+        parser.add_argument("--norm", help="Linf | L2 | L1 (default: Linf; an rb: target's "
+                            "threat model)")
         parser.add_argument("--eps", help="radius on the [0,1] scale, e.g. 8/255 (default: "
                             "8/255 for Linf, 0.5 for L2, 12 for L1)")
         parser.add_argument("--batch-size", type=_batch_size, default="auto",
@@ -107,6 +108,14 @@ def resolve_batch_size(batch_size: int | str, t: Target) -> int:
 
 
 def target_from_arguments(args: argparse.Namespace) -> Target:
+    """The target the command line names; fills in --norm when it was not given."""
+    t = _target_from_arguments(args)
+    if hasattr(args, "norm") and args.norm is None:
+        args.norm = getattr(t, "threat", None) or "Linf"
+    return t
+
+
+def _target_from_arguments(args: argparse.Namespace) -> Target:
     return any_target(args.target, weights=args.weights, arch=args.arch, dataset=args.dataset,
                       device=getattr(args, "device", None),
                       data_root=getattr(args, "data_root", None),
@@ -194,5 +203,7 @@ def provenance(t: Target, device: torch.device | str) -> dict:
         "git": git_state(), "torch": torch.__version__, "pyautoattack": pyautoattack.__version__,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "tf32": tf32_enabled(),  # the flags in force (eval/precision.py)
+        **({"robustbench_entry": f"{t.dataset}/{t.threat}/{t.name}"} if hasattr(t, "threat")
+           else {}),
         "command": " ".join(sys.argv),
     }

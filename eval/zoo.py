@@ -42,12 +42,6 @@ COLUMNS = ("name", "architecture", "claimed_clean", "claimed_aa", "clean", "clea
            "aa_ci95", "aa_minus_claim", "claim_outside_ci", "audit", "audit_warned", "seconds")
 
 
-def claimed_robust(claim: dict) -> float | None:
-    """The leaderboard's robust accuracy: AutoAttack's, or the lower external evaluation."""
-    values = [v for v in (claim.get("autoattack"), claim.get("external")) if v is not None]
-    return min(values) if values else None
-
-
 def select(dataset: str, threat: str, names: str | None, all_: bool, top: int | None
            ) -> list[str]:
     """The entries to evaluate, in the order given (--names), of the zoo (--all) or of the
@@ -64,8 +58,8 @@ def select(dataset: str, threat: str, names: str | None, all_: bool, top: int | 
         return zoo
     if top < 1:
         raise EvalError(f"--top must be >= 1, got {top}")
-    ranked = sorted((n for n in zoo if claimed_robust(zt.claim_of(dataset, threat, n)) is not None),
-                    key=lambda n: -claimed_robust(zt.claim_of(dataset, threat, n)))
+    claimed = {n: zt.claimed_robust(zt.claim_of(dataset, threat, n)) for n in zoo}
+    ranked = sorted((n for n in zoo if claimed[n] is not None), key=lambda n: -claimed[n])
     return ranked[:top]
 
 
@@ -101,7 +95,7 @@ def evaluate_entry(name: str, args: argparse.Namespace, root: Path, eps_text: st
         bar.update(1)
     claim = t.claim
     n = aa["n_ex"]
-    claimed_aa = claimed_robust(claim)
+    claimed_aa = zt.claimed_robust(claim)
     row = {
         "name": name, "architecture": t.arch,
         "claimed_clean": claim.get("clean"), "claimed_aa": claimed_aa,
@@ -201,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
         for name in zt.zoo_names(args.dataset, args.threat):
             c = zt.claim_of(args.dataset, args.threat, name)
             print(f"{name:<55} {c.get('architecture') or '-':<30} clean {_num(c.get('clean'))}"
-                  f"  AA {_num(claimed_robust(c))}")
+                  f"  AA {_num(zt.claimed_robust(c))}")
         return 0
     names = select(args.dataset, args.threat, args.names, args.all, args.top)
     eps_text, eps = parse_eps(args.eps or DEFAULT_EPS[args.threat])

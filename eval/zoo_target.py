@@ -204,3 +204,20 @@ def results_dir(spec: str, model_dir: str | Path = "models", dataset: str | None
                 threat: str | None = None) -> Path:
     """Where an rb: target's results are (eval.plot, eval.summary), without loading it."""
     return out_dir_of(model_dir, *parse(spec, dataset, threat))
+
+
+def claimed_robust(claim: dict) -> float | None:
+    """The leaderboard's robust accuracy: AutoAttack's, or the lower external evaluation."""
+    values = [v for v in (claim.get("autoattack"), claim.get("external")) if v is not None]
+    return min(values) if values else None
+
+
+def claim_fields(claim: dict, clean_ci: tuple, robust_ci: tuple) -> dict:
+    """The claimed numbers next to a measurement, and whether each claim lies outside the
+    measured 95 % interval (only then is the gap significant; docs/zoo.md#confidence-intervals)."""
+    from .confidence import outside
+    robust = claimed_robust(claim)
+    return {"claimed": {"clean": claim.get("clean"), "robust": robust,
+                        "source": f"RobustBench model_info at {claims()['commit']}"},
+            "claim_outside_ci95": {"clean": outside(claim.get("clean"), clean_ci),
+                                   "robust": outside(robust, robust_ci)}}
