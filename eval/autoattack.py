@@ -178,6 +178,8 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
         raise EvalError(f"unknown AutoAttack version {version!r}; valid: {', '.join(VERSIONS)}")
     if norm not in NORMS:
         raise EvalError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
+    if batch_size < 1 or chunk_size < 1:
+        raise EvalError("--batch-size and --chunk-size must be >= 1")
     x, y = load_test_data(t, n_ex)
     device = next(t.model.parameters()).device
     # A randomised defence gets the EOT version, as AutoAttack itself advises when its flag rises.
@@ -196,8 +198,6 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
     if attacks and (set(attacks) - set(full) or not stages):
         raise EvalError(f"--attacks {','.join(attacks)}: {version} {norm} AutoAttack runs "
                         f"{', '.join(full)}; choose among those")
-    if batch_size < 1 or chunk_size < 1:
-        raise EvalError("--batch-size and --chunk-size must be >= 1")
     if shard is not None and merge:
         raise EvalError("--shard and --merge exclude each other: merge once all shards are done")
     eps_text, eps_value = parse_eps(eps if eps is not None else DEFAULT_EPS[norm])
