@@ -212,6 +212,9 @@ def run(args: argparse.Namespace) -> int:
     elif args.data_root is None:
         raise EvalError("ImageNet entries are evaluated on RobustBench's 5,000-image subset of the "
                         "validation set: give --data-root (a folder with val/)")
+    elif args.n_ex is not None and not 1 <= args.n_ex <= zt.IMAGENET_SUBSET:
+        raise EvalError(f"--n-ex must be in [1, {zt.IMAGENET_SUBSET}] for RobustBench's ImageNet "
+                        f"subset, got {args.n_ex}")
     shard = aa_eval.parse_shard(args.shard) if args.shard else None
     if shard and args.merge:
         raise EvalError("--shard and --merge exclude each other: merge once all shards are done")
