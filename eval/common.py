@@ -108,10 +108,14 @@ def resolve_batch_size(batch_size: int | str, t: Target) -> int:
 
 
 def target_from_arguments(args: argparse.Namespace) -> Target:
-    """The target the command line names; fills in --norm when it was not given."""
+    """The target the command line names; fills in --norm (and, for an rb: target, --eps) when
+    not given."""
     t = _target_from_arguments(args)
     if hasattr(args, "norm") and args.norm is None:
         args.norm = getattr(t, "threat", None) or "Linf"
+    if getattr(args, "eps", "") is None and getattr(t, "threat", None) == args.norm:
+        from .zoo_target import LEADERBOARD_EPS  # an rb: target: its leaderboard's radius
+        args.eps = LEADERBOARD_EPS.get((t.dataset, t.threat))
     return t
 
 

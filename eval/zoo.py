@@ -198,7 +198,8 @@ def run(args: argparse.Namespace) -> int:
                   f"  AA {_num(zt.claimed_robust(c))}")
         return 0
     names = select(args.dataset, args.threat, args.names, args.all, args.top)
-    eps_text, eps = parse_eps(args.eps or DEFAULT_EPS[args.threat])
+    eps_text, eps = parse_eps(args.eps or zt.LEADERBOARD_EPS.get((args.dataset, args.threat))
+                              or DEFAULT_EPS[args.threat])
     settings = _settings(args, eps)
     root = Path(args.out) if args.out else Path(args.model_dir).parent / "zoo"
     root = root / f"{args.dataset}_{args.threat}"
@@ -261,7 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top", type=int, help="the K entries with the best claimed robust accuracy")
     p.add_argument("--list", action="store_true", help="list the zoo's entries and claims")
     p.add_argument("--n-ex", type=int, help="first N test images (default: all)")
-    p.add_argument("--eps", help="radius (default: 8/255 for Linf, 0.5 for L2)")
+    p.add_argument("--eps", help="radius (default: the leaderboard's, 8/255 or 0.5 on CIFAR, "
+                   "4/255 on ImageNet)")
     p.add_argument("--model-dir", default="models",
                    help="checkpoints in RobustBench's layout <dataset>/<threat>/<Name>.pt")
     p.add_argument("--out", help="results root (default: <model-dir>/../zoo)")

@@ -29,6 +29,9 @@ THREATS = ("Linf", "L2")
 CLAIMS = Path(__file__).with_name("data") / "robustbench_claims.json"
 IMAGENET_SUBSET = 5000  # RobustBench's ImageNet evaluation set (its helper_files list)
 WEIGHTS = "rb"          # the `weights` label in result file names
+# The leaderboards' radii (RobustBench: 8/255 and 0.5 on CIFAR, 4/255 on ImageNet).
+LEADERBOARD_EPS = {("cifar10", "Linf"): "8/255", ("cifar100", "Linf"): "8/255",
+                   ("cifar10", "L2"): "0.5", ("imagenet", "Linf"): "4/255"}
 
 
 @dataclass
