@@ -18,8 +18,7 @@ from pathlib import Path
 from errors import USER_ERRORS, report
 
 from .common import EvalError
-from .zoo_target import WEIGHTS as ZOO_WEIGHTS
-from .zoo_target import is_zoo, results_dir
+from .zoo_target import WEIGHTS, is_zoo, results_dir
 
 
 def _results_dir(run: Path) -> Path:
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         if any(is_zoo(r) for r in args.runs) and args.weights == "best":
-            args.weights = ZOO_WEIGHTS  # the label zoo results carry in their file names
+            args.weights = WEIGHTS  # the label zoo results carry in their file names
         args.runs = [results_dir(r, args.model_dir) if is_zoo(r) else Path(r) for r in args.runs]
         labels = args.labels.split(",") if args.labels else [r.name for r in args.runs]
         if len(labels) != len(args.runs):

@@ -31,7 +31,10 @@ from eval import pgd as pgd_eval
 from eval import zoo
 from eval.common import any_target
 from eval.robustbench_import import robustbench
-from fake_cifar import write_fake_cifar
+
+# Imported by path, not as tests.fake_cifar (robustbench's wheel installs a top-level `tests`).
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from fake_cifar import write_fake_cifar  # noqa: E402
 
 if importlib.util.find_spec("robustbench") is None:
     pytest.skip("robustbench is not installed (requirements-zoo.txt)", allow_module_level=True)
