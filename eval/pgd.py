@@ -19,6 +19,7 @@ from at.evaluate import correct
 from at.target import Target
 from errors import USER_ERRORS, report
 
+from . import confidence
 from .common import (
     DEFAULT_EPS,
     EvalError,
@@ -64,6 +65,8 @@ def evaluate(t: Target, *, attack: str = "pgd", steps: int = 20, n_ex: int | Non
     result = {
         "clean_acc": round(100 * clean.double().mean().item(), 2),
         "robust_acc": round(100 * robust.double().mean().item(), 2),
+        "clean_ci95": confidence.interval(int(clean.sum()), len(y)),
+        "robust_ci95": confidence.interval(int(robust.sum()), len(y)),
         "attack": attack, "loss": ATTACKS[attack], "steps": steps, "step_size": step_text,
         "step_size_float": step_value, "init": "uniform", "restarts": 1,
         "n_ex": len(y), "eps": eps_text, "eps_float": eps_value, "norm": norm, "seed": seed,
