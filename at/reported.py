@@ -15,10 +15,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from attacks.pgd import NORMS
 from errors import ConfigError
 
 FIELDS = ("clean", "autoattack", "norm", "eps", "source", "seeds", "runs")
-NORMS = ("linf", "l2", "l1")
 
 
 def _percent(name: str, value: Any, where: str) -> float:

@@ -31,12 +31,12 @@ from . import checkpoint as ckpt
 from .awp import AWP
 from .early_stop import EarlyStop
 from .epoch_stats import EpochStats
-from .evaluate import Evaluator
 from .methods import Method, build_method
 from .optim import build_optimizer
 from .progress import Progress
 from .run_log import RunLog, epoch_line, final_table, require_wandb
 from .schedules import attack_budget, lr_at, momentum_at
+from .validation import Evaluator
 
 MAX_SKIPPED_SHARE = 0.5  # train.skip_nonfinite never skips more than this share of an epoch
 

@@ -24,7 +24,6 @@ NORMS = ("linf", "l2", "l1")
 def eps_problem(key: str, eps: float, norm: str, numel: int) -> str | None:
     """Why `eps` cannot be meant as a radius around [0, 1] images of `numel` values (None when
     it can). The usual slip is 8 for 8/255, which would attack (and train) at 2040/255."""
-    norm = norm.lower()
     if norm == "linf" and eps >= 1:
         why = "must be < 1 under linf (pixels are in [0, 1])"
     elif norm == "l2" and eps > math.sqrt(numel):

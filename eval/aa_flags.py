@@ -31,12 +31,13 @@ from torch import Tensor, nn
 
 from attacks.pgd import random_start
 
+from .common import autoattack_norm
+
 SQUARE_ALPHA = 0.002      # fractions, as check_square_sr: 0.2 percentage points
 RANDOMIZED_ALPHA = 1e-4   # check_randomized
 RANDOMIZED_PASSES = 5
 RANGE_ALPHA = 1e-5        # check_range_output
 AUTOGRAD_CALLS = ("grad", "backward", "_make_grads")  # check_dynamic
-NORM_NAMES = {"Linf": "linf", "L2": "l2", "L1": "l1"}
 
 
 def square_flag(stages: Sequence[dict]) -> dict:
@@ -109,7 +110,7 @@ def zero_gradient_flag(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, no
         p.requires_grad_(False)
     try:
         for i in range(0, len(x), batch_size):
-            xb = random_start(x[i:i + batch_size], eps, NORM_NAMES[norm], "uniform",
+            xb = random_start(x[i:i + batch_size], eps, norm, "uniform",
                               generator=generator).to(device).requires_grad_(True)
             yb = y[i:i + batch_size].to(device)
             (g,) = torch.autograd.grad(dlr_loss(model(xb).float(), yb).sum(), xb)
@@ -167,7 +168,7 @@ def compute_flags(model: nn.Module, x: Tensor, y: Tensor, correct: Tensor, stage
                   *, eps: float, norm: str, version: str, batch_size: int, device,
                   seed: int) -> dict:
     """Every AutoAttack check for an evaluation of (x, y) (CPU tensors); `correct` (bool) marks
-    the clean-correct points; `stages` as in the result JSON."""
+    the clean-correct points; `stages` as in the result JSON; `norm`: attacks.pgd.NORMS."""
     from pyautoattack import AutoAttack
 
     first_x, first_y = x[:batch_size], y[:batch_size]
@@ -180,7 +181,7 @@ def compute_flags(model: nn.Module, x: Tensor, y: Tensor, correct: Tensor, stage
                                                  norm=norm, batch_size=batch_size,
                                                  device=device, seed=seed)
     flags["dynamic"] = dynamic_flag(model, first_x, device)
-    aa = AutoAttack(nn.Identity(), version=version, norm=norm, eps=eps)
+    aa = AutoAttack(nn.Identity(), version=version, norm=autoattack_norm(norm), eps=eps)
     flags["n_classes"] = n_classes_flag(out.shape[-1], [s["attack"] for s in stages],
                                         aa.apgd_targeted.n_target_classes,
                                         aa.fab.n_target_classes)

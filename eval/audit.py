@@ -20,6 +20,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -27,29 +28,27 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from at.checkpoint import write_json
-from at.evaluate import correct
 from at.target import Target
 from attacks import frozen, pgd
-from errors import USER_ERRORS
-from errors import report as report_error
+from attacks.accuracy import correct
 
 from . import aa_flags, confidence
 from . import autoattack as aa_eval
 from .common import (
     DEFAULT_EPS,
     EvalError,
-    add_target_arguments,
     any_target,
+    attack_norm,
+    autoattack_norm,
     check_eps,
     load_test_data,
     parse_eps,
     provenance,
     resolve_batch_size,
+    run_command,
     target_from_arguments,
 )
-from .precision import add_tf32_argument, evaluation_precision
 
-NORMS = {"Linf": "linf", "L2": "l2", "L1": "l1"}
 SWEEP_FACTORS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # x eps; 8 x 8/255 = 64/255 under Linf
 
 
@@ -70,69 +69,6 @@ class Budget:
 FULL = Budget()
 QUICK = Budget(pgd_steps=5, strong_steps=20, restarts=2, unbounded_steps=20, transfer_steps=20,
                aa_iters=20, aa_targets=3)
-
-# name -> (threshold, unit, source, what a warning means). Thresholds in percentage points
-# unless said otherwise; "value" in the JSON is in the same unit.
-CHECKS = {
-    "pgd_vs_autoattack": (
-        10.0, "pp", "Croce & Hein 2020 (arXiv 2003.01690)",
-        "AutoAttack is more than {t} pp below the best PGD: the PGD number is not a robustness "
-        "estimate (AutoAttack's DLR loss is scale invariant; PGD's cross-entropy saturates)"),
-    "eps_sweep": (
-        1.0, "%", "Carlini et al. 2019 (arXiv 1902.06705); Athalye et al. 2018, §3.1",
-        "accuracy does not fall to <= {t}% at the largest eps, or rises with eps by more than "
-        "one image: a bounded attack that cannot win at large eps is a broken attack"),
-    "unbounded": (
-        0.0, "%", "Carlini et al. 2019 (\"unbounded attacks must reach 100% success\")",
-        "an attack allowed to change the whole image leaves {value}% correct (> {t}%)"),
-    "convergence": (
-        5.0, "pp", "Carlini et al. 2019 (more iterations, random restarts)",
-        "PGD-{strong} x {restarts} restarts is more than {t} pp below PGD-{pgd}: the quick "
-        "attack had not converged"),
-    "transfer": (
-        1.0, "pp", "Athalye et al. 2018, §3.1 (black-box better than white-box); "
-        "Carlini et al. 2019",
-        "a transfer attack from the surrogate beats the white-box attack by more than {t} pp: "
-        "the white-box gradients are masked"),
-    "zero_gradients": (
-        0.0, "% of points", "Croce & Hein 2020, check_zero_gradients; Athalye et al. 2018, §3",
-        "{value}% of the correctly classified points have an all-zero or non-finite input "
-        "gradient of the cross-entropy (shattered or vanishing gradients)"),
-    "batchnorm_modes": (
-        5.0, "pp", "Croce et al. 2021 (RobustBench, arXiv 2010.09670): evaluate in eval "
-        "mode",
-        "clean accuracy with batch statistics (train mode) differs from eval mode by more than "
-        "{t} pp: the running statistics do not describe the data, or the result depends on "
-        "how the test set is batched"),
-    "determinism": (
-        1e-4, "L2 of normalised logits", "Croce & Hein 2020, check_randomized (alpha 1e-4)",
-        "repeated forward passes, or the same image in another batch, give outputs that differ "
-        "by more than {t}: randomised or batch-dependent defence (use EOT / version 'rand')"),
-    "autoattack_flags": (
-        0, "flags", "Croce & Hein 2020 (arXiv 2003.01690) and AutoAttack's flags documentation",
-        "AutoAttack's own checks raised: {value}"),
-}
-
-
-def _check(name: str, value, warn: bool, explanation: str | None = None, **fmt) -> dict:
-    threshold, unit, source, text = CHECKS[name]
-    return {"name": name, "status": "warn" if warn else "pass", "value": value,
-            "threshold": threshold, "unit": unit, "source": source,
-            "explanation": explanation or (text.format(t=threshold, value=value, **fmt)
-                                           if warn else f"ok: {_ok_text(name, threshold)}")}
-
-
-def _ok_text(name: str, t) -> str:
-    return {"pgd_vs_autoattack": f"AutoAttack within {t} pp of PGD",
-            "eps_sweep": f"accuracy falls monotonically to <= {t}%",
-            "unbounded": "the unbounded attack breaks every point",
-            "convergence": f"more steps and restarts gain <= {t} pp",
-            "transfer": "transfer is weaker than white-box",
-            "zero_gradients": "every point has a usable gradient",
-            "batchnorm_modes": f"train and eval mode within {t} pp",
-            "determinism": "outputs are deterministic and batch independent",
-            "autoattack_flags": "none raised"}[name]
-
 
 def parse_sweep(text: str) -> list[tuple[str, float]]:
     """'0,2/255,8/255' -> [(text, value)], which must be strictly ascending."""
@@ -155,14 +91,14 @@ def _pgd_correct(model, x, y, *, eps, steps, norm, batch_size, seed, restarts=1)
     ok = torch.ones(len(y), dtype=torch.bool)
     for r in range(restarts):
         ok &= correct(model, x, y, eps=eps, steps=steps, step_size=2.5 * eps / steps,
-                      norm=NORMS[norm], loss="ce", batch_size=batch_size, seed=seed + r)
+                      norm=norm, loss="ce", batch_size=batch_size, seed=seed + r)
     return ok
 
 
 def unbounded_eps(norm: str, x: Tensor) -> float:
     """A radius that contains the whole image box: any image is reachable."""
     d = x[0].numel()
-    return {"Linf": 1.0, "L2": math.sqrt(d), "L1": float(d)}[norm]
+    return {"linf": 1.0, "l2": math.sqrt(d), "l1": float(d)}[norm]
 
 
 def _transfer_correct(model, surrogate, x, y, *, eps, steps, norm, batch_size, seed) -> Tensor:
@@ -173,7 +109,7 @@ def _transfer_correct(model, surrogate, x, y, *, eps, steps, norm, batch_size, s
         for i in range(0, len(y), batch_size):
             xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
             adv = pgd(lambda z, yb=yb: F.cross_entropy(surrogate(z), yb, reduction="none"), xb,
-                      eps=eps, step_size=2.5 * eps / steps, steps=steps, norm=NORMS[norm],
+                      eps=eps, step_size=2.5 * eps / steps, steps=steps, norm=norm,
                       generator=g)
             with torch.no_grad():
                 out.append((model(adv).argmax(1) == yb).cpu())
@@ -231,7 +167,7 @@ def _screening_autoattack(model, x, y, clean, *, eps, norm, budget, batch_size, 
     from pyautoattack import AutoAttack
 
     device = next(model.parameters()).device
-    adversary = AutoAttack(model, norm=norm, eps=eps, version="custom", seed=seed,
+    adversary = AutoAttack(model, norm=autoattack_norm(norm), eps=eps, version="custom", seed=seed,
                            attacks=["apgd-ce", "apgd-t"], device=device)
     adversary.apgd.n_restarts = adversary.apgd_targeted.n_restarts = 1  # as the standard version
     adversary.apgd.n_iter = adversary.apgd_targeted.n_iter = budget.aa_iters
@@ -252,19 +188,198 @@ def _screening_autoattack(model, x, y, clean, *, eps, norm, budget, batch_size, 
             "stages": stages, "flags": flags, "flags_raised": aa_flags.raised(flags)}
 
 
+class _Audit:
+    """What the checks share: the model and images, the attack settings, and what each check
+    measured that the report shows (`found`) and how long it took (`timings`)."""
+
+    def __init__(self, t: Target, x: Tensor, y: Tensor, *, eps_text: str, eps_value: float,
+                 norm: str, surrogate: Target | None, sweep: list[tuple[str, float]],
+                 budget: Budget, batch_size: int, seed: int):
+        self.t, self.model, self.x, self.y = t, t.model, x, y
+        self.eps_text, self.eps_value, self.surrogate, self.sweep = eps_text, eps_value, \
+            surrogate, sweep
+        self.budget, self.batch_size, self.seed = budget, batch_size, seed
+        self.common = dict(norm=norm, batch_size=batch_size, seed=seed)  # attacks/' norm
+        self.clean = _logits(self.model, x, batch_size).argmax(1) == y
+        self.found: dict = {}
+        self.timings: dict[str, float] = {}
+
+    def timed(self, name: str, fn: Callable):
+        began = time.time()
+        out = fn()
+        self.timings[name] = round(time.time() - began, 2)
+        return out
+
+    def pgd(self, eps: float, steps: int, restarts: int = 1) -> Tensor:
+        return _pgd_correct(self.model, self.x, self.y, eps=eps, steps=steps, restarts=restarts,
+                            **self.common)
+
+    def white_box(self) -> float:
+        """The best white-box accuracy: the lower of PGD's and the strong PGD's."""
+        return min(self.found["pgd_acc"], self.found["strong_acc"])
+
+
+# Each check: measure(audit, threshold) -> (value, warn, fields for the warning text), or None
+# when it cannot run (its reason in the report's "skipped"). They run in the table's order and
+# may use what an earlier one found.
+def _convergence(a: _Audit, t: float) -> tuple:
+    b = a.budget
+    pgd_ok = a.timed("pgd", lambda: a.pgd(a.eps_value, b.pgd_steps))
+    strong_ok = a.timed("convergence", lambda: a.pgd(a.eps_value, b.strong_steps, b.restarts))
+    a.found.update(pgd_acc=_acc(pgd_ok), strong_acc=_acc(strong_ok & pgd_ok))
+    gain = round(a.found["pgd_acc"] - a.found["strong_acc"], 2)
+    return gain, gain > t, dict(strong=b.strong_steps, restarts=b.restarts, pgd=b.pgd_steps)
+
+
+def _pgd_vs_autoattack(a: _Audit, t: float) -> tuple:
+    if a.budget.aa_iters is None:
+        aa = a.timed("autoattack", lambda: aa_eval.evaluate(
+            a.t, n_ex=len(a.y), version="standard", norm=autoattack_norm(a.common["norm"]),
+            eps=a.eps_text, batch_size=a.batch_size, seed=a.seed, progress=False))
+    else:
+        aa = a.timed("autoattack", lambda: _screening_autoattack(
+            a.model, a.x, a.y, a.clean, eps=a.eps_value, budget=a.budget, **a.common))
+    a.found["aa"] = aa
+    gap = round(a.white_box() - aa["robust_acc"], 2)
+    return gap, gap > t, {}
+
+
+def _eps_sweep(a: _Audit, t: float) -> tuple:
+    accs = a.timed("eps_sweep", lambda: [
+        _acc(a.clean) if value == 0 else _acc(a.pgd(value, a.budget.pgd_steps))
+        for _, value in a.sweep])
+    a.found["sweep_acc"] = accs
+    rise = max([later - before for before, later in zip(accs, accs[1:])] + [0.0])
+    one_image = 100 / len(a.y)
+    return accs[-1], accs[-1] > t or rise > one_image + 1e-9, {}
+
+
+def _unbounded(a: _Audit, t: float) -> tuple:
+    big = unbounded_eps(a.common["norm"], a.x)
+    acc = a.timed("unbounded", lambda: _acc(a.pgd(big, a.budget.unbounded_steps)))
+    a.found["unbounded"] = {"eps": big, "robust_acc": acc}
+    return acc, acc > t, {}
+
+
+def _transfer(a: _Audit, t: float) -> tuple | None:
+    if a.surrogate is None:
+        return None
+    transfer = a.timed("transfer", lambda: _acc(_transfer_correct(
+        a.model, a.surrogate.model, a.x, a.y, eps=a.eps_value, steps=a.budget.transfer_steps,
+        **a.common)))
+    lead = round(a.white_box() - transfer, 2)
+    return lead, lead > t, {}
+
+
+def _zero_gradients(a: _Audit, t: float) -> tuple:
+    share, zero, bad = a.timed("zero_gradients", lambda: _zero_gradient_share(
+        a.model, a.x[a.clean], a.y[a.clean], a.batch_size))
+    a.found["gradients"] = {"zero": zero, "nonfinite": bad, "points": int(a.clean.sum())}
+    return share, share > t, {}
+
+
+def _batchnorm_modes(a: _Audit, t: float) -> tuple:
+    acc_train, acc_eval, gap = a.timed("batchnorm_modes", lambda: _batchnorm_gap(
+        a.model, a.x, a.y, a.batch_size))
+    a.found["batchnorm"] = {"train_mode_acc": acc_train, "eval_mode_acc": acc_eval}
+    return gap, gap > t, {}
+
+
+def _determinism_check(a: _Audit, t: float) -> tuple:
+    det = a.timed("determinism", lambda: _determinism(a.model, a.x, a.batch_size))
+    return float(f"{det:.3g}"), det > t, {}
+
+
+def _autoattack_flags(a: _Audit, t: float) -> tuple:
+    raised = a.found["aa"]["flags_raised"]
+    return ", ".join(raised) or "none", bool(raised), {}
+
+
+@dataclass(frozen=True)
+class Check:
+    """A check of the audit: its threshold (in `unit`; "value" in the JSON is in the same
+    unit), its source, what a warning means (`warning`: {t} the threshold, {value} the measured
+    value), what passing means (`ok`) and how it is measured."""
+    threshold: float
+    unit: str
+    source: str
+    warning: str
+    ok: str
+    measure: Callable[[_Audit, float], tuple | None]
+
+
+# In the order they run and are reported.
+CHECKS = {
+    "convergence": Check(
+        5.0, "pp", "Carlini et al. 2019 (more iterations, random restarts)",
+        "PGD-{strong} x {restarts} restarts is more than {t} pp below PGD-{pgd}: the quick "
+        "attack had not converged",
+        "more steps and restarts gain <= {t} pp", _convergence),
+    "pgd_vs_autoattack": Check(
+        10.0, "pp", "Croce & Hein 2020 (arXiv 2003.01690)",
+        "AutoAttack is more than {t} pp below the best PGD: the PGD number is not a robustness "
+        "estimate (AutoAttack's DLR loss is scale invariant; PGD's cross-entropy saturates)",
+        "AutoAttack within {t} pp of PGD", _pgd_vs_autoattack),
+    "eps_sweep": Check(
+        1.0, "%", "Carlini et al. 2019 (arXiv 1902.06705); Athalye et al. 2018, §3.1",
+        "accuracy does not fall to <= {t}% at the largest eps, or rises with eps by more than "
+        "one image: a bounded attack that cannot win at large eps is a broken attack",
+        "accuracy falls monotonically to <= {t}%", _eps_sweep),
+    "unbounded": Check(
+        0.0, "%", "Carlini et al. 2019 (\"unbounded attacks must reach 100% success\")",
+        "an attack allowed to change the whole image leaves {value}% correct (> {t}%)",
+        "the unbounded attack breaks every point", _unbounded),
+    "transfer": Check(
+        1.0, "pp", "Athalye et al. 2018, §3.1 (black-box better than white-box); "
+        "Carlini et al. 2019",
+        "a transfer attack from the surrogate beats the white-box attack by more than {t} pp: "
+        "the white-box gradients are masked",
+        "transfer is weaker than white-box", _transfer),
+    "zero_gradients": Check(
+        0.0, "% of points", "Croce & Hein 2020, check_zero_gradients; Athalye et al. 2018, §3",
+        "{value}% of the correctly classified points have an all-zero or non-finite input "
+        "gradient of the cross-entropy (shattered or vanishing gradients)",
+        "every point has a usable gradient", _zero_gradients),
+    "batchnorm_modes": Check(
+        5.0, "pp", "Croce et al. 2021 (RobustBench, arXiv 2010.09670): evaluate in eval "
+        "mode",
+        "clean accuracy with batch statistics (train mode) differs from eval mode by more than "
+        "{t} pp: the running statistics do not describe the data, or the result depends on "
+        "how the test set is batched",
+        "train and eval mode within {t} pp", _batchnorm_modes),
+    "determinism": Check(
+        1e-4, "L2 of normalised logits", "Croce & Hein 2020, check_randomized (alpha 1e-4)",
+        "repeated forward passes, or the same image in another batch, give outputs that differ "
+        "by more than {t}: randomised or batch-dependent defence (use EOT / version 'rand')",
+        "outputs are deterministic and batch independent", _determinism_check),
+    "autoattack_flags": Check(
+        0, "flags", "Croce & Hein 2020 (arXiv 2003.01690) and AutoAttack's flags documentation",
+        "AutoAttack's own checks raised: {value}",
+        "none raised", _autoattack_flags),
+}
+# Why a check did not run (its measure returned None).
+SKIPPED = {"transfer": "no --surrogate given (use a standard-trained model of the same dataset)"}
+
+
+def _outcome(name: str, value, warn: bool, fields: dict) -> dict:
+    c = CHECKS[name]
+    return {"name": name, "status": "warn" if warn else "pass", "value": value,
+            "threshold": c.threshold, "unit": c.unit, "source": c.source,
+            "explanation": c.warning.format(t=c.threshold, value=value, **fields) if warn
+            else f"ok: {c.ok.format(t=c.threshold)}"}
+
+
 def audit(t: Target, *, n_ex: int | None = 1000, eps: str | None = None, norm: str = "Linf",
           surrogate: Target | None = None, sweep: list[tuple[str, float]] | None = None,
           budget: Budget = FULL, batch_size: int = 500, seed: int = 0) -> dict:
     """Run every check on the first `n_ex` test images; returns the report that is also
     written to <out_dir>/audit_<weights>.json."""
-    if norm not in NORMS:
-        raise EvalError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
-    eps_text, eps_value = parse_eps(eps if eps is not None else DEFAULT_EPS[norm])
+    threat = attack_norm(norm)
+    eps_text, eps_value = parse_eps(eps if eps is not None else DEFAULT_EPS[threat])
     x, y = load_test_data(t, n_ex)
-    check_eps(eps_value, norm, x)
-    model = t.model
-    device = next(model.parameters()).device
-    n_classes = _logits(model, x[:2], 2).shape[1]
+    check_eps(eps_value, threat, x)
+    device = next(t.model.parameters()).device
+    n_classes = _logits(t.model, x[:2], 2).shape[1]
     if surrogate is not None:
         s_classes = _logits(surrogate.model, x[:2].to(
             next(surrogate.model.parameters()).device), 2).shape[1]
@@ -274,98 +389,39 @@ def audit(t: Target, *, n_ex: int | None = 1000, eps: str | None = None, norm: s
     if sweep is None:
         sweep = [(f"{f:g}x{eps_text}", f * eps_value) for f in SWEEP_FACTORS]
     started = time.time()
-    common = dict(norm=norm, batch_size=batch_size, seed=seed)
-    clean = _logits(model, x, batch_size).argmax(1) == y
-    checks, skipped, timings = [], [], {}
-
-    def timed(name, fn):
-        began = time.time()
-        out = fn()
-        timings[name] = round(time.time() - began, 2)
-        return out
-
-    pgd_ok = timed("pgd", lambda: _pgd_correct(model, x, y, eps=eps_value,
-                                               steps=budget.pgd_steps, **common))
-    strong_ok = timed("convergence", lambda: _pgd_correct(
-        model, x, y, eps=eps_value, steps=budget.strong_steps, restarts=budget.restarts,
-        **common))
-    pgd_acc, strong_acc = _acc(pgd_ok), _acc(strong_ok & pgd_ok)
-    gain = round(pgd_acc - strong_acc, 2)
-    checks.append(_check("convergence", gain, gain > CHECKS["convergence"][0],
-                         strong=budget.strong_steps, restarts=budget.restarts,
-                         pgd=budget.pgd_steps))
-
-    if budget.aa_iters is None:
-        aa = timed("autoattack", lambda: aa_eval.evaluate(
-            t, n_ex=len(y), version="standard", norm=norm, eps=eps_text, batch_size=batch_size,
-            seed=seed, progress=False))
-    else:
-        aa = timed("autoattack", lambda: _screening_autoattack(
-            model, x, y, clean, eps=eps_value, budget=budget, **common))
-    gap = round(min(pgd_acc, strong_acc) - aa["robust_acc"], 2)
-    checks.append(_check("pgd_vs_autoattack", gap, gap > CHECKS["pgd_vs_autoattack"][0]))
-
-    sweep_acc = timed("eps_sweep", lambda: [
-        _acc(clean) if value == 0 else
-        _acc(_pgd_correct(model, x, y, eps=value, steps=budget.pgd_steps, **common))
-        for _, value in sweep])
-    rise = max([b - a for a, b in zip(sweep_acc, sweep_acc[1:])] + [0.0])
-    one_image = 100 / len(y)
-    warn = sweep_acc[-1] > CHECKS["eps_sweep"][0] or rise > one_image + 1e-9
-    checks.append(_check("eps_sweep", sweep_acc[-1], warn))
-
-    big = unbounded_eps(norm, x)
-    unbounded = timed("unbounded", lambda: _acc(_pgd_correct(
-        model, x, y, eps=big, steps=budget.unbounded_steps, **common)))
-    checks.append(_check("unbounded", unbounded, unbounded > CHECKS["unbounded"][0]))
-
-    if surrogate is not None:
-        transfer = timed("transfer", lambda: _acc(_transfer_correct(
-            model, surrogate.model, x, y, eps=eps_value, steps=budget.transfer_steps,
-            **common)))
-        white = min(pgd_acc, strong_acc)
-        lead = round(white - transfer, 2)
-        checks.append(_check("transfer", lead, lead > CHECKS["transfer"][0]))
-    else:
-        skipped.append({"name": "transfer", "why": "no --surrogate given (use a standard-"
-                        "trained model of the same dataset)"})
-
-    share, zero, bad = timed("zero_gradients", lambda: _zero_gradient_share(
-        model, x[clean], y[clean], batch_size))
-    checks.append(_check("zero_gradients", share, share > CHECKS["zero_gradients"][0]))
-
-    acc_train, acc_eval, bn_gap = timed("batchnorm_modes", lambda: _batchnorm_gap(
-        model, x, y, batch_size))
-    checks.append(_check("batchnorm_modes", bn_gap, bn_gap > CHECKS["batchnorm_modes"][0]))
-
-    det = timed("determinism", lambda: _determinism(model, x, batch_size))
-    checks.append(_check("determinism", float(f"{det:.3g}"), det > CHECKS["determinism"][0]))
-
-    raised = aa["flags_raised"]
-    checks.append(_check("autoattack_flags", ", ".join(raised) or "none", bool(raised)))
-
+    a = _Audit(t, x, y, eps_text=eps_text, eps_value=eps_value, norm=threat,
+               surrogate=surrogate, sweep=sweep, budget=budget, batch_size=batch_size, seed=seed)
+    checks, skipped = [], []
+    for name, check in CHECKS.items():
+        outcome = check.measure(a, check.threshold)
+        if outcome is None:
+            skipped.append({"name": name, "why": SKIPPED[name]})
+        else:
+            checks.append(_outcome(name, *outcome))
+    found, aa = a.found, a.found["aa"]
     # Each share's 95 % interval against its threshold (docs/zoo.md#confidence-intervals).
-    verdict = confidence.qualify_checks(checks, len(y), int(clean.sum()))
+    verdict = confidence.qualify_checks(checks, len(y), int(a.clean.sum()))
     report = {
         "verdict": verdict, "checks": checks, "skipped": skipped,
         "n_ex": len(y), "eps": eps_text, "eps_float": eps_value, "norm": norm,
-        "clean_acc": _acc(clean), "clean_ci95": confidence.interval(int(clean.sum()), len(y)),
-        "pgd": {"steps": budget.pgd_steps, "robust_acc": pgd_acc},
+        "clean_acc": _acc(a.clean),
+        "clean_ci95": confidence.interval(int(a.clean.sum()), len(y)),
+        "pgd": {"steps": budget.pgd_steps, "robust_acc": found["pgd_acc"]},
         "strong_pgd": {"steps": budget.strong_steps, "restarts": budget.restarts,
-                       "robust_acc": strong_acc},
+                       "robust_acc": found["strong_acc"]},
         "autoattack": {"robust_acc": aa["robust_acc"], "version": aa["version"],
-                       "attacks": aa["attacks"], "path": aa["path"], "flags_raised": raised},
+                       "attacks": aa["attacks"], "path": aa["path"],
+                       "flags_raised": aa["flags_raised"]},
         "sweep": {"eps": [v for _, v in sweep], "eps_text": [s for s, _ in sweep],
-                  "robust_acc": sweep_acc, "attack": f"pgd{budget.pgd_steps}"},
-        "unbounded": {"eps": big, "robust_acc": unbounded},
-        "gradients": {"zero": zero, "nonfinite": bad, "points": int(clean.sum())},
-        "batchnorm": {"train_mode_acc": acc_train, "eval_mode_acc": acc_eval},
+                  "robust_acc": found["sweep_acc"], "attack": f"pgd{budget.pgd_steps}"},
+        "unbounded": found["unbounded"], "gradients": found["gradients"],
+        "batchnorm": found["batchnorm"],
         "surrogate": None if surrogate is None else {
             "checkpoint": str(surrogate.checkpoint), "arch": surrogate.arch,
             "checkpoint_sha256": surrogate.checkpoint_sha256},
         "budget": {k: v for k, v in budget.__dict__.items()},
         "quick": budget != FULL, "seed": seed, "batch_size": batch_size,
-        "timings": timings, "seconds": round(time.time() - started, 1),
+        "timings": a.timings, "seconds": round(time.time() - started, 1),
         **provenance(t, device),
     }
     path = t.out_dir / f"audit_{t.weights}.json"
@@ -401,23 +457,20 @@ def table(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.audit", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_target_arguments(p)
-    p.set_defaults(n_ex=1000)
-    p.add_argument("--surrogate", help="run directory, checkpoint or rb: entry of a model (ideally "
-                   "standard-trained, same dataset) for the transfer check")
-    p.add_argument("--surrogate-weights", default="best")
-    p.add_argument("--surrogate-arch", help="arch of a bare surrogate checkpoint")
-    p.add_argument("--sweep", help="comma-separated ascending eps list for the eps sweep "
-                   "(default: 0, 1/4, 1/2, 1, 2, 4 and 8 x eps)")
-    p.add_argument("--quick", action="store_true", help="small attack budgets (smoke tests; "
-                   "not for a paper)")
-    p.add_argument("--strict", action="store_true", help="exit 3 when the verdict is warn")
-    add_tf32_argument(p)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    try:
+    def arguments(p: argparse.ArgumentParser) -> None:
+        p.set_defaults(n_ex=1000)
+        p.add_argument("--surrogate", help="run directory, checkpoint or rb: entry of a model "
+                       "(ideally standard-trained, same dataset) for the transfer check")
+        p.add_argument("--surrogate-weights", default="best")
+        p.add_argument("--surrogate-arch", help="arch of a bare surrogate checkpoint")
+        p.add_argument("--sweep", help="comma-separated ascending eps list for the eps sweep "
+                       "(default: 0, 1/4, 1/2, 1, 2, 4 and 8 x eps)")
+        p.add_argument("--quick", action="store_true", help="small attack budgets (smoke "
+                       "tests; not for a paper)")
+        p.add_argument("--strict", action="store_true", help="exit 3 when the verdict is warn")
+
+    def run(args: argparse.Namespace) -> int:
+        logging.basicConfig(level=logging.WARNING, format="%(message)s")
         sweep = parse_sweep(args.sweep) if args.sweep else None
         t = target_from_arguments(args)
         surrogate = None
@@ -433,15 +486,14 @@ def main(argv: list[str] | None = None) -> int:
             if surrogate.dataset != t.dataset:
                 raise EvalError(f"the surrogate was trained on {surrogate.dataset}, the model "
                                 f"on {t.dataset}")
-        with evaluation_precision(args.allow_tf32):
-            report = audit(t, n_ex=args.n_ex, eps=args.eps, norm=args.norm,
-                           surrogate=surrogate, sweep=sweep, budget=QUICK if args.quick else FULL,
-                           batch_size=resolve_batch_size(args.batch_size, t), seed=args.seed)
-    except USER_ERRORS as err:
-        return report_error("eval.audit", err)
-    print(table(report))
-    print(f"-> {report['path']}")
-    return 3 if args.strict and report["verdict"] == "warn" else 0
+        report = audit(t, n_ex=args.n_ex, eps=args.eps, norm=args.norm, surrogate=surrogate,
+                       sweep=sweep, budget=QUICK if args.quick else FULL,
+                       batch_size=resolve_batch_size(args.batch_size, t), seed=args.seed)
+        print(table(report))
+        print(f"-> {report['path']}")
+        return 3 if args.strict and report["verdict"] == "warn" else 0
+
+    return run_command("eval.audit", __doc__, argv, arguments, run)
 
 
 if __name__ == "__main__":

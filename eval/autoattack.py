@@ -25,6 +25,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,20 +40,20 @@ from . import aa_flags, confidence, randomized
 from .common import (
     DEFAULT_EPS,
     EvalError,
-    add_target_arguments,
+    attack_norm,
     check_eps,
     load_test_data,
     parse_eps,
     provenance,
     resolve_batch_size,
     result_name,
+    run_command,
     target_from_arguments,
 )
-from .precision import add_tf32_argument, evaluation_precision, tf32_enabled
+from .precision import evaluation_precision, tf32_enabled
 from .zoo_target import claim_fields
 
 VERSIONS = ("standard", "plus", "rand")
-NORMS = ("Linf", "L2", "L1")
 CHUNK_FORMAT = 1
 log = logging.getLogger("eval.autoattack")
 # AutoAttack's per-batch progress goes to the log file only (see _attach_log_file); its warnings
@@ -107,8 +108,8 @@ def attack_chunk(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, ep
 def _check_perturbation(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str,
                         stage: str) -> None:
     delta = (x_adv.cpu() - x).flatten(1)
-    size = {"Linf": lambda: delta.abs().max(1).values, "L2": lambda: delta.norm(dim=1),
-            "L1": lambda: delta.abs().sum(1)}[norm]()
+    size = {"linf": lambda: delta.abs().max(1).values, "l2": lambda: delta.norm(dim=1),
+            "l1": lambda: delta.abs().sum(1)}[attack_norm(norm)]()
     if size.max() > eps * (1 + 1e-5) + 1e-5 or x_adv.min() < 0 or x_adv.max() > 1:
         raise EvalError(f"{stage} returned points outside the threat model (max size "
                         f"{size.max():.6f} > eps {eps:.6f} or outside [0,1])")
@@ -161,6 +162,49 @@ def _merge_problem(path: Path, saved: dict | None, fingerprint: dict) -> str | N
     return None
 
 
+@dataclass
+class _Plan:
+    """One AutoAttack evaluation: what it attacks, how, and where its chunks and result go."""
+    t: Target
+    version: str
+    norm: str  # as AutoAttack and the result spell it (Linf)
+    eps_text: str
+    eps_value: float
+    stages: list[str]  # the attacks run, in order (all of the version's, or a subset)
+    full: bool  # all of the version's attacks
+    x: torch.Tensor
+    y: torch.Tensor
+    n_test: int  # images in the whole test set
+    seed: int
+    batch_size: int
+    chunk_size: int
+    name: str  # of the result file, its log and its chunk directory
+    device: torch.device
+    draws: int = 0  # forward passes scoring each final point (the rand version)
+    switched: dict | None = None  # standard -> rand for a randomised model, and why
+
+    @property
+    def chunk_dir(self) -> Path:
+        return self.t.out_dir / f"{self.name}_chunks"
+
+    @property
+    def bounds(self) -> list[tuple[int, int]]:
+        n = len(self.y)
+        return [(s, min(s + self.chunk_size, n)) for s in range(0, n, self.chunk_size)]
+
+    def chunk_path(self, start: int, end: int) -> Path:
+        return self.chunk_dir / f"chunk_{start:06d}_{end:06d}.pt"
+
+    def fingerprint(self, start: int, end: int) -> dict:
+        """What a saved chunk must match to count for this evaluation."""
+        t = self.t
+        return {"checkpoint_sha256": t.checkpoint_sha256, "arch": t.arch, "dataset": t.dataset,
+                "version": self.version, "norm": self.norm, "eps": self.eps_value,
+                "stages": self.stages, "seed": self.seed, "batch_size": self.batch_size,
+                "start": start, "end": end, "tf32": tf32_enabled(),
+                **({"draws": self.draws} if self.draws else {})}
+
+
 def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
              norm: str = "Linf", eps: str | None = None, batch_size: int = 500, seed: int = 0,
              chunk_size: int = 1000, attacks: list[str] | None = None,
@@ -174,157 +218,183 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
     shard=(i, n) computes only chunks i, i+n, ... and writes no result (returns a summary of
     the shard); merge=True computes nothing and builds the result from finished chunks, refusing
     chunks of another evaluation and naming the missing ones."""
-    if version not in VERSIONS:
-        raise EvalError(f"unknown AutoAttack version {version!r}; valid: {', '.join(VERSIONS)}")
-    if norm not in NORMS:
-        raise EvalError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
+    stages = _stages(version, norm, attacks)
     if batch_size < 1 or chunk_size < 1:
         raise EvalError("--batch-size and --chunk-size must be >= 1")
-    x, y = load_test_data(t, n_ex)
-    device = next(t.model.parameters()).device
+    if shard is not None and merge:
+        raise EvalError("--shard and --merge exclude each other: merge once all shards are done")
+    plan = _plan(t, n_ex, version, norm, eps, batch_size, seed, chunk_size, stages)
     # A randomised defence gets the EOT version, as AutoAttack itself advises when its flag rises.
     switched = None
     if version == "standard" and not attacks:
-        flag = randomized.detect(t.model, x, y, device, batch_size)
+        flag = randomized.detect(t.model, plan.x, plan.y, plan.device, batch_size)
         if flag["raised"]:
-            version = "rand"
             switched = {"requested": "standard", "ran": "rand", "why": flag["message"],
                         "max_normalized_logit_diff": flag["max_normalized_logit_diff"]}
             log.warning("the model's outputs change between identical forward passes: running "
                         "AutoAttack's rand version (EOT) instead of standard")
-    draws = randomized.DRAWS if version == "rand" else 0
+            version = "rand"
+            plan = _plan(t, n_ex, version, norm, eps, batch_size, seed, chunk_size,
+                         _stages(version, norm, None))
+    plan.switched = switched
+    plan.draws = randomized.DRAWS if plan.version == "rand" else 0
+    if merge and not plan.chunk_dir.is_dir():
+        raise EvalError(f"nothing to merge: {plan.chunk_dir} does not exist (run the shards "
+                        f"first)")
+    plan.chunk_dir.mkdir(parents=True, exist_ok=True)
+    _attach_log_file(t.out_dir / (f"{plan.name}.log" if shard is None else
+                                  f"{plan.name}_shard{shard[0]}of{shard[1]}.log"))
+    log.info("AutoAttack %s %s eps %s on %d %s test images, %s (%s), checkpoint %s", version, norm,
+             plan.eps_text, len(plan.y), t.dataset, t.arch, t.weights, t.checkpoint)
+    started = time.time()
+    if merge:
+        _check_mergeable(plan)
+    bounds = plan.bounds if shard is None else plan.bounds[shard[0]::shard[1]]
+    totals, clean, seconds, reused, draws = _run_chunks(plan, bounds, progress)
+    if shard is not None:
+        log.info("shard %d/%d: %d chunks done; merge with --merge once every shard is done",
+                 *shard, len(bounds))
+        return {"shard": f"{shard[0]}/{shard[1]}", "chunks": len(bounds), "name": plan.name,
+                "chunks_reused": reused, "seconds": round(seconds, 1)}
+    return _result(plan, totals, torch.cat(clean), seconds, reused, started,
+                   torch.cat(draws) if draws else None)
+
+
+def _stages(version: str, norm: str, attacks: list[str] | None) -> list[str]:
+    """The attacks to run: the version's, or the subset `attacks` of them, in their order."""
+    if version not in VERSIONS:
+        raise EvalError(f"unknown AutoAttack version {version!r}; valid: {', '.join(VERSIONS)}")
+    attack_norm(norm)
     full = stage_names(version, norm)
     stages = full if not attacks else [a for a in full if a in attacks]
     if attacks and (set(attacks) - set(full) or not stages):
         raise EvalError(f"--attacks {','.join(attacks)}: {version} {norm} AutoAttack runs "
                         f"{', '.join(full)}; choose among those")
-    if shard is not None and merge:
-        raise EvalError("--shard and --merge exclude each other: merge once all shards are done")
-    eps_text, eps_value = parse_eps(eps if eps is not None else DEFAULT_EPS[norm])
-    check_eps(eps_value, norm, x)
+    return stages
+
+
+def _plan(t: Target, n_ex: int | None, version: str, norm: str, eps: str | None,
+          batch_size: int, seed: int, chunk_size: int, stages: list[str]) -> _Plan:
+    """Load the images and check the radius; the evaluation's name and settings."""
+    threat = attack_norm(norm)
+    full = stages == stage_names(version, norm)
+    eps_text, eps_value = parse_eps(eps if eps is not None else DEFAULT_EPS[threat])
+    x, y = load_test_data(t, n_ex)
+    check_eps(eps_value, threat, x)
     n_test = len(load_test_data(t, None)[1]) if n_ex is not None else len(y)
     # A subset of the attacks is a screening number, never to be confused with AutoAttack's;
     # another eps, norm or number of images is another result, with its own file and chunks.
-    attack = f"autoattack-{version}" if stages == full else \
-        f"autoattack-{version}-{'+'.join(stages)}"
-    name = result_name(attack, norm, eps_value, len(y), t.weights)
-    chunk_dir = t.out_dir / f"{name}_chunks"
-    if merge and not chunk_dir.is_dir():
-        raise EvalError(f"nothing to merge: {chunk_dir} does not exist (run the shards first)")
-    chunk_dir.mkdir(parents=True, exist_ok=True)
-    _attach_log_file(t.out_dir / (f"{name}.log" if shard is None else
-                                  f"{name}_shard{shard[0]}of{shard[1]}.log"))
-    log.info("AutoAttack %s %s eps %s on %d %s test images, %s (%s), checkpoint %s", version, norm,
-             eps_text, len(y), t.dataset, t.arch, t.weights, t.checkpoint)
+    attack = f"autoattack-{version}" if full else f"autoattack-{version}-{'+'.join(stages)}"
+    return _Plan(t, version, norm, eps_text, eps_value, stages, full, x, y, n_test,
+                 seed, batch_size, chunk_size,
+                 result_name(attack, norm, eps_value, len(y), t.weights),
+                 next(t.model.parameters()).device)
 
-    totals = {k: 0 for k in ["clean", *stages]}
-    seconds, reused = 0.0, 0
-    started = time.time()
-    bounds = [(s, min(s + chunk_size, len(y))) for s in range(0, len(y), chunk_size)]
 
-    def fingerprint_of(start: int, end: int) -> dict:
-        return {"checkpoint_sha256": t.checkpoint_sha256, "arch": t.arch, "dataset": t.dataset,
-                "version": version, "norm": norm, "eps": eps_value, "stages": stages,
-                "seed": seed, "batch_size": batch_size, "start": start, "end": end,
-                "tf32": tf32_enabled(), **({"draws": draws} if draws else {})}
+def _check_mergeable(plan: _Plan) -> None:
+    """--merge: every chunk is there and belongs to this evaluation."""
+    problems = []
+    for start, end in plan.bounds:
+        path = plan.chunk_path(start, end)
+        try:
+            saved = ckpt.load(path) if path.exists() else None
+        except ckpt.CheckpointError:
+            saved = {}
+        problem = _merge_problem(path, saved, plan.fingerprint(start, end))
+        if problem:
+            problems.append((path.name, problem))
+    missing = [n for n, p in problems if p == "missing"]
+    foreign = [f"{n}: {p}" for n, p in problems if p != "missing"]
+    if foreign:
+        raise EvalError(f"refusing to merge chunks of another evaluation: {foreign[0]}"
+                        + (f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""))
+    if missing:
+        raise EvalError(f"cannot merge yet: {len(missing)} of {len(plan.bounds)} chunks missing "
+                        f"({', '.join(missing)}); run the shards that own them")
 
-    def path_of(start: int, end: int) -> Path:
-        return chunk_dir / f"chunk_{start:06d}_{end:06d}.pt"
 
-    if merge:
-        problems = []
-        for start, end in bounds:
-            path = path_of(start, end)
-            try:
-                saved = ckpt.load(path) if path.exists() else None
-            except ckpt.CheckpointError:
-                saved = {}
-            problem = _merge_problem(path, saved, fingerprint_of(start, end))
-            if problem:
-                problems.append((path.name, problem))
-        missing = [n for n, p in problems if p == "missing"]
-        foreign = [f"{n}: {p}" for n, p in problems if p != "missing"]
-        if foreign:
-            raise EvalError(f"refusing to merge chunks of another evaluation: {foreign[0]}"
-                            + (f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""))
-        if missing:
-            raise EvalError(f"cannot merge yet: {len(missing)} of {len(bounds)} chunks missing "
-                            f"({', '.join(missing)}); run the shards that own them")
-    if shard is not None:
-        bounds = bounds[shard[0]::shard[1]]
-    clean_parts, draw_parts = [], []
+def _run_chunks(plan: _Plan, bounds: list[tuple[int, int]], progress: bool
+                ) -> tuple[dict[str, int], list[torch.Tensor], float, int, list[torch.Tensor]]:
+    """Attack the chunks `bounds` (reusing the finished ones, saving each new one as it ends):
+    correct counts per stage, the clean correctness per chunk, attack seconds, chunks reused,
+    and the correct draws per chunk (the rand version; else an empty list)."""
+    t, x, y, device = plan.t, plan.x, plan.y, plan.device
+    totals = {k: 0 for k in ["clean", *plan.stages]}
+    seconds, reused, clean_parts, draw_parts = 0.0, 0, [], []
     bar = tqdm(bounds, desc="AutoAttack chunks", unit="chunk", disable=not progress)
     for start, end in bar:
-        fingerprint = fingerprint_of(start, end)
-        path = path_of(start, end)
+        fingerprint = plan.fingerprint(start, end)
+        path = plan.chunk_path(start, end)
         saved = _load_chunk(path, fingerprint)
         was_saved = saved is not None
         if saved is None:
             began = time.time()
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                outcome = attack_chunk(t.model, x[start:end], y[start:end], eps=eps_value,
-                                       norm=norm, version=version, stages=stages, seed=seed,
-                                       batch_size=batch_size, device=device,
-                                       progress=progress, draws=draws)
+                outcome = attack_chunk(t.model, x[start:end], y[start:end], eps=plan.eps_value,
+                                       norm=plan.norm, version=plan.version, stages=plan.stages,
+                                       seed=plan.seed, batch_size=plan.batch_size,
+                                       device=device, progress=progress, draws=plan.draws)
             saved = {"format": CHUNK_FORMAT, "fingerprint": fingerprint, "outcome": outcome,
                      "seconds": time.time() - began}
             ckpt.atomic_save(saved, path)
         reused += was_saved
         clean_parts.append(saved["outcome"]["clean"])
-        if draws:
+        if plan.draws:
             draw_parts.append(saved["outcome"]["draws_correct"])
         seconds += saved["seconds"]
         for key in totals:
             totals[key] += int(saved["outcome"][key].sum())
         bar.set_postfix(clean=f"{100 * totals['clean'] / end:.2f}",
-                        robust=f"{100 * totals[stages[-1]] / end:.2f}")
+                        robust=f"{100 * totals[plan.stages[-1]] / end:.2f}")
         log.info("images %d-%d correct: %s%s", start, end, ", ".join(
             f"{k} {int(saved['outcome'][k].sum())}" for k in totals),
             " (finished earlier, reused)" if was_saved else "")
+    return totals, clean_parts, seconds, reused, draw_parts
 
-    if shard is not None:
-        log.info("shard %d/%d: %d chunks done; merge with --merge once every shard is done",
-                 *shard, len(bounds))
-        return {"shard": f"{shard[0]}/{shard[1]}", "chunks": len(bounds), "name": name,
-                "chunks_reused": reused, "seconds": round(seconds, 1)}
-    n = len(y)
+
+def _result(plan: _Plan, totals: dict[str, int], clean: torch.Tensor, seconds: float,
+            reused: int, started: float, draws: torch.Tensor | None = None) -> dict:
+    """The result of the whole evaluation, with AutoAttack's flags, 95 % intervals and, for the
+    rand version, the accuracy over `draws` (correct draws per point); written to <name>.json."""
+    t, n, stages = plan.t, len(plan.y), plan.stages
     stage_results = [{"attack": s, "robust_acc": round(100 * totals[s] / n, 2)} for s in stages]
-    flags = aa_flags.compute_flags(t.model, x, y, torch.cat(clean_parts), stage_results,
-                                   eps=eps_value, norm=norm, version=version,
-                                   batch_size=batch_size, device=device, seed=seed)
+    flags = aa_flags.compute_flags(t.model, plan.x, plan.y, clean, stage_results,
+                                   eps=plan.eps_value, norm=attack_norm(plan.norm),
+                                   version=plan.version, batch_size=plan.batch_size,
+                                   device=plan.device, seed=plan.seed)
     for flag in aa_flags.raised(flags):
         log.warning("AutoAttack flag %s: %s", flag, flags[flag]["message"])
     for s in stage_results:
         s["ci95"] = confidence.interval(totals[s["attack"]], n)
-    robust_k = totals[stages[-1]]
-    rand = None
-    if draws:  # the worst case over the draws is the robust accuracy; the mean is reported too
-        counts = torch.cat(draw_parts)
-        robust_k = int((counts == draws).sum())
-        rand = {"draws": draws, "mean_acc": round(100 * counts.sum().item() / (draws * n), 2),
+    robust_k, rand = totals[stages[-1]], None
+    if draws is not None:  # the worst case over the draws is the robust accuracy
+        robust_k = int((draws == plan.draws).sum())
+        rand = {"draws": plan.draws,
+                "mean_acc": round(100 * draws.sum().item() / (plan.draws * n), 2),
                 "worst_acc": round(100 * robust_k / n, 2),
                 "worst_ci95": confidence.interval(robust_k, n),
                 "single_forward_acc": round(100 * totals[stages[-1]] / n, 2),
-                "why": switched["why"] if switched else "version rand was requested"}
+                "why": plan.switched["why"] if plan.switched else "version rand was requested"}
     result = {
         "clean_acc": round(100 * totals["clean"] / n, 2),
         "robust_acc": round(100 * robust_k / n, 2),
         "clean_ci95": confidence.interval(totals["clean"], n),
         "robust_ci95": confidence.interval(robust_k, n),
-        "randomized": rand, "version_switched": switched,
-        "n_ex": n, "n_test": n_test, "full_test_set": n == n_test,
-        "eps": eps_text, "eps_float": eps_value, "norm": norm,
-        "version": version if stages == full else "custom", "attacks": stages,
+        "randomized": rand, "version_switched": plan.switched,
+        "n_ex": n, "n_test": plan.n_test, "full_test_set": n == plan.n_test,
+        "eps": plan.eps_text, "eps_float": plan.eps_value, "norm": plan.norm,
+        "version": plan.version if plan.full else "custom", "attacks": stages,
         "stages": stage_results, "flags": flags, "flags_raised": aa_flags.raised(flags),
-        "seed": seed, "batch_size": batch_size, "chunk_size": chunk_size,
+        "seed": plan.seed, "batch_size": plan.batch_size, "chunk_size": plan.chunk_size,
         "chunks_reused": reused, "seconds": round(seconds, 1),
         "seconds_this_call": round(time.time() - started, 1),
-        **provenance(t, device),
+        **provenance(t, plan.device),
     }
     if getattr(t, "claim", None) is not None:  # a RobustBench entry: its leaderboard numbers
         result.update(claim_fields(t.claim, result["clean_ci95"], result["robust_ci95"]))
-    write_json(result, t.out_dir / f"{name}.json")
-    result["path"] = str(t.out_dir / f"{name}.json")
+    path = t.out_dir / f"{plan.name}.json"
+    write_json(result, path)
+    result["path"] = str(path)
     log.info("clean %.2f%%  AutoAttack %.2f%%  (%s)", result["clean_acc"], result["robust_acc"],
              ", ".join(f"after {s['attack']} {s['robust_acc']:.2f}%" for s in result["stages"]))
     return result
@@ -346,40 +416,36 @@ def _attach_log_file(path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.autoattack", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_target_arguments(p)
-    p.add_argument("--version", default="standard", help="standard | plus | rand")
-    p.add_argument("--chunk-size", type=int, default=1000, help="images per saved chunk")
-    p.add_argument("--attacks", help="comma-separated subset of the version's attacks, e.g. "
-                   "apgd-ce,apgd-t for quick screening (reported as version 'custom')")
-    p.add_argument("--shard", help="i/n: evaluate only chunks i, i+n, ... (0 <= i < n) and "
-                   "write no result; combine the shards with --merge")
-    p.add_argument("--merge", action="store_true",
-                   help="build the result from the chunks every shard saved")
-    add_tf32_argument(p)
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    try:
+    def arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--version", default="standard", help="standard | plus | rand")
+        p.add_argument("--chunk-size", type=int, default=1000, help="images per saved chunk")
+        p.add_argument("--attacks", help="comma-separated subset of the version's attacks, e.g. "
+                       "apgd-ce,apgd-t for quick screening (reported as version 'custom')")
+        p.add_argument("--shard", help="i/n: evaluate only chunks i, i+n, ... (0 <= i < n) and "
+                       "write no result; combine the shards with --merge")
+        p.add_argument("--merge", action="store_true",
+                       help="build the result from the chunks every shard saved")
+
+    def run(args: argparse.Namespace) -> int:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
         shard = parse_shard(args.shard) if args.shard is not None else None
         if world > 1 and shard is None and not args.merge:
             return _torchrun(args, world)
-        with evaluation_precision(args.allow_tf32):
-            t = target_from_arguments(args)
-            r = evaluate(t, n_ex=args.n_ex, version=args.version, norm=args.norm, eps=args.eps,
-                         batch_size=resolve_batch_size(args.batch_size, t), seed=args.seed,
-                         chunk_size=args.chunk_size,
-                         attacks=args.attacks.split(",") if args.attacks else None,
-                         progress=sys.stderr.isatty(), shard=shard, merge=args.merge)
-    except USER_ERRORS as err:
-        return report("eval.autoattack", err)
-    if shard is not None:
-        print(f"shard {r['shard']}: {r['chunks']} chunks done ({r['chunks_reused']} reused); "
-              f"merge with --merge once every shard is done")
+        t = target_from_arguments(args)
+        r = evaluate(t, n_ex=args.n_ex, version=args.version, norm=args.norm, eps=args.eps,
+                     batch_size=resolve_batch_size(args.batch_size, t), seed=args.seed,
+                     chunk_size=args.chunk_size,
+                     attacks=args.attacks.split(",") if args.attacks else None,
+                     progress=sys.stderr.isatty(), shard=shard, merge=args.merge)
+        if shard is not None:
+            print(f"shard {r['shard']}: {r['chunks']} chunks done ({r['chunks_reused']} "
+                  f"reused); merge with --merge once every shard is done")
+        else:
+            _report(t, r)
         return 0
-    _report(t, r)
-    return 0
+
+    return run_command("eval.autoattack", __doc__, argv, arguments, run)
 
 
 def _report(t: Target, r: dict) -> None:

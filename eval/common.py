@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
@@ -18,13 +19,48 @@ from torch import nn
 import data as datasets
 from at.config import git_state
 from at.target import Target, load_target
-from attacks.pgd import eps_problem
-from errors import EvalError
+from attacks.pgd import NORMS, eps_problem
+from errors import USER_ERRORS, EvalError, report
 
-from .precision import tf32_enabled
+from .precision import add_tf32_argument, evaluation_precision, tf32_enabled
 
 # The usual radii per threat model (AutoAttack's defaults for L1; RobustBench's for Linf, L2).
-DEFAULT_EPS = {"Linf": "8/255", "L2": "0.5", "L1": "12"}
+DEFAULT_EPS = {"linf": "8/255", "l2": "0.5", "l1": "12"}
+
+
+def autoattack_norm(norm: str) -> str:
+    """'linf' -> 'Linf': a threat model of attacks.pgd.NORMS as AutoAttack spells it, and with it
+    --norm and the result files."""
+    return norm.capitalize()
+
+
+def attack_norm(norm: str) -> str:
+    """'Linf' -> 'linf': a threat model as --norm, the result files and AutoAttack spell it, under
+    its one name in attacks/ and the config (attacks.pgd.NORMS); EvalError for another."""
+    valid = [autoattack_norm(n) for n in NORMS]
+    if norm not in valid:
+        raise EvalError(f"unknown norm {norm!r}; valid: {', '.join(valid)}")
+    return norm.lower()
+
+
+def run_command(module: str, doc: str, argv: list[str] | None,
+                add_arguments: Callable[[argparse.ArgumentParser], None],
+                body: Callable[[argparse.Namespace], int], *, evaluation: bool = True) -> int:
+    """The frame of every eval command on a model: `python -m <module>` takes the target
+    arguments (add_target_arguments), the command's own (`add_arguments`) and --allow-tf32; then
+    `body(args)` runs in the precision asked for and returns the exit status. A user error is
+    reported on one line (exit 1)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_target_arguments(parser, evaluation=evaluation)
+    add_arguments(parser)
+    add_tf32_argument(parser)
+    args = parser.parse_args(argv)
+    try:
+        with evaluation_precision(args.allow_tf32):
+            return body(args)
+    except USER_ERRORS as err:
+        return report(module, err)
 
 
 def add_target_arguments(parser: argparse.ArgumentParser, *, evaluation: bool = True,
@@ -164,7 +200,8 @@ def load_test_data(t: Target, n_examples: int | None) -> tuple[torch.Tensor, tor
 
 
 def check_eps(eps: float, norm: str, x: torch.Tensor) -> None:
-    """Refuse an --eps that cannot be a radius around these [0,1] images (8 for 8/255)."""
+    """Refuse an --eps that cannot be a radius around these [0,1] images (8 for 8/255) under
+    `norm` (attacks.pgd.NORMS)."""
     problem = eps_problem("--eps", eps, norm, x[0].numel())
     if problem:
         raise EvalError(problem)

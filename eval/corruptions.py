@@ -22,18 +22,16 @@ import torch
 
 import data as datasets
 from at.checkpoint import write_json
-from at.evaluate import correct
 from at.target import Target
-from errors import USER_ERRORS, report
+from attacks.accuracy import correct
 
 from .common import (
     EvalError,
-    add_target_arguments,
     provenance,
     resolve_batch_size,
+    run_command,
     target_from_arguments,
 )
-from .precision import add_tf32_argument, evaluation_precision
 
 # RobustBench's list (robustbench.data.CORRUPTIONS): the 15 of the benchmark.
 CORRUPTIONS = ("shot_noise", "motion_blur", "snow", "pixelate", "gaussian_noise", "defocus_blur",
@@ -137,38 +135,34 @@ def evaluate(t: Target, root: str | Path, *, n_ex: int | None = None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.corruptions", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_target_arguments(p, evaluation=False)
-    p.add_argument("--corruptions-root", required=True,
-                   help="directory holding CIFAR-10-C/ or CIFAR-100-C/")
-    p.add_argument("--corruptions", help="comma-separated subset (default: all 15)")
-    p.add_argument("--severities", default="1,2,3,4,5")
-    p.add_argument("--n-ex", type=int, help="first N images of each severity (default 10000)")
-    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
-    p.add_argument("--batch-size", default="500")
-    add_tf32_argument(p)
-    args = p.parse_args(argv)
-    args.data_root = None
-    try:
+    def arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--corruptions-root", required=True,
+                       help="directory holding CIFAR-10-C/ or CIFAR-100-C/")
+        p.add_argument("--corruptions", help="comma-separated subset (default: all 15)")
+        p.add_argument("--severities", default="1,2,3,4,5")
+        p.add_argument("--n-ex", type=int, help="first N images of each severity (default 10000)")
+        p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
+        p.add_argument("--batch-size", default="500")
+
+    def run(args: argparse.Namespace) -> int:
+        args.data_root = None
         try:
             severities = [int(s) for s in args.severities.split(",")]
             batch = args.batch_size if args.batch_size == "auto" else int(args.batch_size)
         except ValueError:
             raise EvalError("--severities and --batch-size take integers") from None
         t = target_from_arguments(args)
-        with evaluation_precision(args.allow_tf32):
-            r = evaluate(t, args.corruptions_root, n_ex=args.n_ex,
-                         corruptions=args.corruptions.split(",") if args.corruptions else None,
-                         severities=severities, batch_size=resolve_batch_size(batch, t))
-    except USER_ERRORS as err:
-        return report("eval.corruptions", err)
-    for c in r["corruptions"]:
-        row = "  ".join(f"{r['accuracy'][c][str(s)]:6.2f}" for s in r["severities"])
-        print(f"{c:18s} {row}   mean {r['mean_per_corruption'][c]:6.2f}")
-    print(f"mean over {len(r['corruptions'])} corruptions x {len(r['severities'])} severities "
-          f"on {r['n_ex']} images each: {r['mean']:.2f}% -> {r['path']}")
-    return 0
+        r = evaluate(t, args.corruptions_root, n_ex=args.n_ex,
+                     corruptions=args.corruptions.split(",") if args.corruptions else None,
+                     severities=severities, batch_size=resolve_batch_size(batch, t))
+        for c in r["corruptions"]:
+            row = "  ".join(f"{r['accuracy'][c][str(s)]:6.2f}" for s in r["severities"])
+            print(f"{c:18s} {row}   mean {r['mean_per_corruption'][c]:6.2f}")
+        print(f"mean over {len(r['corruptions'])} corruptions x {len(r['severities'])} "
+              f"severities on {r['n_ex']} images each: {r['mean']:.2f}% -> {r['path']}")
+        return 0
+
+    return run_command("eval.corruptions", __doc__, argv, arguments, run, evaluation=False)
 
 
 if __name__ == "__main__":

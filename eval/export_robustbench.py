@@ -36,7 +36,7 @@ from at.target import Target, load_target
 from errors import USER_ERRORS, report
 from models import NORMALIZATION
 
-from .common import EvalError, add_target_arguments, parse_eps
+from .common import EvalError, add_target_arguments, attack_norm, parse_eps
 from .robustbench_arch import zoo_namespace
 
 # Leaderboards RobustBench keeps for the CIFAR datasets: (dataset, norm) -> eps. CIFAR-100 has
@@ -44,7 +44,9 @@ from .robustbench_arch import zoo_namespace
 LEADERBOARDS = {("cifar10", "Linf"): "8/255", ("cifar10", "L2"): "0.5",
                 ("cifar100", "Linf"): "8/255"}
 FULL_TEST_SET = 10_000  # CIFAR-10/100 test images; the leaderboard uses all of them
-ZOO_DICT = {"Linf": "linf", "L2": "l2"}  # threat model -> OrderedDict name in model_zoo/<ds>.py
+# RobustBench's threat models (Linf, L2); model_zoo/<ds>.py names the OrderedDict of each as
+# attacks/ names the threat model (linf, l2).
+ZOO_NORMS = tuple(dict.fromkeys(norm for _, norm in LEADERBOARDS))
 
 # Our model name -> the `architecture` field of the card (what RobustBench's cards write).
 ARCHITECTURE_NAMES = {
@@ -242,7 +244,8 @@ def model_card(aa: dict, t: Target, args: argparse.Namespace, problems: list[str
 
 def zoo_entry(name: str, constructor: str, dataset: str, norm: str, gdrive_id: str | None) -> str:
     return (f"# model_info/{dataset}/{norm}/{name}.json holds the card.\n"
-            f"# Add to the `{ZOO_DICT[norm]}` OrderedDict of robustbench/model_zoo/{dataset}.py:\n"
+            f"# Add to the `{attack_norm(norm)}` OrderedDict of "
+            f"robustbench/model_zoo/{dataset}.py:\n"
             f"({name!r}, {{\n"
             f"    'model':\n"
             f"    lambda: {constructor},\n"
@@ -306,8 +309,9 @@ def export(args: argparse.Namespace) -> tuple[dict[str, Path], dict, str]:
                         f"--n-ex, --eps 8/255 for Linf or 0.5 for L2), or pass --allow-partial "
                         f"for a card whose footnote says so")
     norm = aa.get("norm", "Linf")
-    if norm not in ZOO_DICT:
-        raise EvalError(f"unknown norm {norm!r} in the AutoAttack result; valid: Linf, L2")
+    if norm not in ZOO_NORMS:
+        raise EvalError(f"unknown norm {norm!r} in the AutoAttack result; valid: "
+                        f"{', '.join(ZOO_NORMS)}")
     constructor = zoo_constructor(t.arch, datasets.NUM_CLASSES[t.dataset],
                                   norm_statistics(t.model))
     card = model_card(aa, t, args, problems)

@@ -15,27 +15,25 @@ import sys
 import time
 
 from at.checkpoint import write_json
-from at.evaluate import correct
 from at.target import Target
-from errors import USER_ERRORS, report
+from attacks.accuracy import correct
 
 from . import confidence
 from .common import (
     DEFAULT_EPS,
     EvalError,
-    add_target_arguments,
+    attack_norm,
     check_eps,
     load_test_data,
     parse_eps,
     provenance,
     resolve_batch_size,
     result_name,
+    run_command,
     target_from_arguments,
 )
-from .precision import add_tf32_argument, evaluation_precision
 
 ATTACKS = {"pgd": "ce", "cw": "cw"}
-NORMS = {"Linf": "linf", "L2": "l2", "L1": "l1"}
 
 
 def evaluate(t: Target, *, attack: str = "pgd", steps: int = 20, n_ex: int | None = None,
@@ -45,22 +43,21 @@ def evaluate(t: Target, *, attack: str = "pgd", steps: int = 20, n_ex: int | Non
     to <out_dir>/<attack><steps>_<norm>_eps<eps>_n<images>_<weights>.json (`result_name`)."""
     if attack not in ATTACKS:
         raise EvalError(f"unknown attack {attack!r}; valid: {', '.join(ATTACKS)}")
-    if norm not in NORMS:
-        raise EvalError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
+    name = attack_norm(norm)
     if steps < 1 or batch_size < 1:
         raise EvalError("--steps and --batch-size must be >= 1")
-    eps_text, eps_value = parse_eps(eps if eps is not None else DEFAULT_EPS[norm])
+    eps_text, eps_value = parse_eps(eps if eps is not None else DEFAULT_EPS[name])
     # Default step: 2/255 for the usual L-inf 8/255 setting, otherwise eps / 4.
     step_text, step_value = parse_eps(step_size) if step_size else (
-        ("2/255", 2 / 255) if (norm, eps_text) == ("Linf", "8/255") else
+        ("2/255", 2 / 255) if (name, eps_text) == ("linf", "8/255") else
         (f"{eps_text}/4", eps_value / 4))
     x, y = load_test_data(t, n_ex)
-    check_eps(eps_value, norm, x)
+    check_eps(eps_value, name, x)
     started = time.time()
     common = dict(batch_size=batch_size, seed=seed)
     clean = correct(t.model, x, y, **common)
     robust = correct(t.model, x, y, eps=eps_value, steps=steps, step_size=step_value,
-                     norm=NORMS[norm], loss=ATTACKS[attack], **common)
+                     norm=name, loss=ATTACKS[attack], **common)
     device = next(t.model.parameters()).device
     result = {
         "clean_acc": round(100 * clean.double().mean().item(), 2),
@@ -80,27 +77,22 @@ def evaluate(t: Target, *, attack: str = "pgd", steps: int = 20, n_ex: int | Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m eval.pgd", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_target_arguments(p)
-    p.add_argument("--attack", default="pgd", help="pgd (cross-entropy) | cw (CW margin)")
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--step-size", help="default 2/255 for Linf 8/255, else eps/4")
-    add_tf32_argument(p)
-    args = p.parse_args(argv)
-    try:
-        with evaluation_precision(args.allow_tf32):
-            t = target_from_arguments(args)
-            r = evaluate(t, attack=args.attack, steps=args.steps, n_ex=args.n_ex, eps=args.eps,
-                         step_size=args.step_size, norm=args.norm,
-                         batch_size=resolve_batch_size(args.batch_size, t),
-                         seed=args.seed)
-    except USER_ERRORS as err:
-        return report("eval.pgd", err)
-    print(f"{t.arch} {t.dataset} ({t.weights}): clean {r['clean_acc']:.2f}%  "
-          f"{args.attack.upper()}-{r['steps']} {r['norm']} {r['eps']}: {r['robust_acc']:.2f}% "
-          f"on {r['n_ex']} images")
-    return 0
+    def arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--attack", default="pgd", help="pgd (cross-entropy) | cw (CW margin)")
+        p.add_argument("--steps", type=int, default=20)
+        p.add_argument("--step-size", help="default 2/255 for Linf 8/255, else eps/4")
+
+    def run(args: argparse.Namespace) -> int:
+        t = target_from_arguments(args)
+        r = evaluate(t, attack=args.attack, steps=args.steps, n_ex=args.n_ex, eps=args.eps,
+                     step_size=args.step_size, norm=args.norm,
+                     batch_size=resolve_batch_size(args.batch_size, t), seed=args.seed)
+        print(f"{t.arch} {t.dataset} ({t.weights}): clean {r['clean_acc']:.2f}%  "
+              f"{args.attack.upper()}-{r['steps']} {r['norm']} {r['eps']}: "
+              f"{r['robust_acc']:.2f}% on {r['n_ex']} images")
+        return 0
+
+    return run_command("eval.pgd", __doc__, argv, arguments, run)
 
 
 if __name__ == "__main__":

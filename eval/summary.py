@@ -52,12 +52,12 @@ def _final_rows(run_dir: Path) -> list[dict]:
     for weights, row in _read(path).items():
         if not isinstance(row, dict) or row.get("test_robust_acc") is None:
             continue
-        eps = row.get("eps", attack.get("eps"))
+        eps, norm = row.get("eps", attack.get("eps")), row.get("norm", attack.get("norm"))
         rows.append({"weights": weights,
                      "attack": f"PGD-{row.get('pgd_steps', ev.get('pgd_steps', '?'))} (final)",
                      "eps": f"{eps * 255:.4g}/255" if isinstance(eps, float) else str(eps),
-                     "norm": {"linf": "Linf", "l2": "L2"}.get(
-                         row.get("norm", attack.get("norm")), "?"),
+                     # As the eval results spell it (eval.common.autoattack_norm: Linf).
+                     "norm": norm.capitalize() if isinstance(norm, str) else "?",
                      "n_ex": row.get("n_test", "?"), "clean": row["test_clean_acc"],
                      "robust": row["test_robust_acc"]})
     return rows

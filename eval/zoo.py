@@ -34,7 +34,7 @@ from . import audit as audit_eval
 from . import autoattack as aa_eval
 from . import confidence
 from . import zoo_target as zt
-from .common import DEFAULT_EPS, eps_token, parse_eps
+from .common import DEFAULT_EPS, attack_norm, eps_token, parse_eps
 from .precision import add_tf32_argument, evaluation_precision
 
 ROW_FORMAT = 1
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     names = select(args.dataset, args.threat, args.names, args.all, args.top)
     eps_text, eps = parse_eps(args.eps or zt.LEADERBOARD_EPS.get((args.dataset, args.threat))
-                              or DEFAULT_EPS[args.threat])
+                              or DEFAULT_EPS[attack_norm(args.threat)])
     settings = _settings(args, eps)
     root = Path(args.out) if args.out else Path(args.model_dir).parent / "zoo"
     root = root / f"{args.dataset}_{args.threat}"

@@ -18,8 +18,8 @@ from torch import nn
 
 import eval as evaluation
 from at.config import REPO_ROOT
-from at.evaluate import cw_margin
 from at.target import load_target, sha256
+from attacks.accuracy import cw_margin
 from eval import autoattack, pgd, summary
 from eval.common import EvalError
 from eval.robustbench_arch import architecture_module

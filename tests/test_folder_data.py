@@ -390,7 +390,7 @@ def test_torchvision_teacher_without_network_is_a_one_line_error(tmp_path, monke
 
 
 def test_shot_accuracies_average_per_class_accuracy_within_each_group():
-    from at.evaluate import shot_accuracies
+    from at.validation import shot_accuracies
     train = torch.tensor([500, 150, 101, 100, 20, 19, 1])
     counts = torch.tensor([10, 10, 4, 5, 5, 2, 0])  # the last class has no test image
     hits = torch.tensor([10, 5, 1, 5, 0, 1, 0])

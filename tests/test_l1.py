@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from at.evaluate import correct
+from attacks.accuracy import correct
 from attacks.l1 import l1_random_start, l1_step, project_l1_ball, project_l1_box
 from attacks.pgd import eps_problem, pgd, project
 
@@ -97,8 +97,8 @@ def test_l1_random_start_and_step():
 
 
 def test_l1_eps_problems():
-    assert eps_problem("--eps", 12, "L1", 3 * 32 * 32) is None
-    assert "l1 diameter" in eps_problem("--eps", 4000, "L1", 3 * 32 * 32)
+    assert eps_problem("--eps", 12, "l1", 3 * 32 * 32) is None
+    assert "l1 diameter" in eps_problem("--eps", 4000, "l1", 3 * 32 * 32)
 
 
 def test_l1_pgd_on_a_trained_model_stays_in_the_threat_model(learned):
