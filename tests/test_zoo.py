@@ -110,6 +110,8 @@ def test_thresholds_are_compared_by_interval():
                "unit": "", "explanation": ""}]
     assert confidence.qualify_checks(checks, 100, 90) == "inconclusive"
     assert checks[0]["status"] == "inconclusive" and "n = 100" in checks[0]["explanation"]
+    from eval.audit import CHECKS
+    assert set(confidence.SHARE_CHECKS) <= set(CHECKS)  # the names qualified are the audit's
 
 
 # --------------------------------------------------------------------------- targets
