@@ -281,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     add_tf32_argument(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # AutoAttack's progress goes to each entry's log file; the console has the progress bar.
+    logging.getLogger("eval.autoattack").propagate = False
     try:
         with evaluation_precision(args.allow_tf32):
             return run(args)
