@@ -5,11 +5,12 @@ AutoAttack's flags (Croce & Hein 2020, arXiv 2003.01690), run on one checkpoint.
 
     python -m eval.audit runs/cifar10_ikl_at --n-ex 1000 --surrogate runs/cifar10_standard
 
-Writes <out_dir>/audit_<weights>.json: {"verdict": "pass" | "warn", "checks": [{"name",
-"status", "value", "threshold", "explanation"}], ...} and robustness_<weights>.png, prints a
-table, exits 0 on either verdict (3 on "warn" with --strict). Each check, its threshold and its
-source are listed in `CHECKS` and explained in docs/reporting.md. --quick shrinks every attack
-budget (for tests and smoke runs; not for a paper).
+Writes <out_dir>/audit_<weights>.json: {"verdict": "pass" | "inconclusive" | "warn",
+"checks": [{"name", "status", "value", "threshold", "explanation"}], ...} and
+robustness_<weights>.png, prints a table, exits 0 on any verdict (3 on "warn" with --strict).
+Each check, its threshold and its source are listed in `CHECKS` and explained in
+docs/reporting.md. --quick shrinks every attack budget (for tests and smoke runs; not for a
+paper).
 """
 from __future__ import annotations
 
@@ -27,15 +28,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from at.checkpoint import write_json
-from at.target import Target, load_target
+from at.target import Target
 from attacks import frozen, pgd
 from attacks.accuracy import correct
 
-from . import aa_flags
+from . import aa_flags, confidence
 from . import autoattack as aa_eval
 from .common import (
     DEFAULT_EPS,
     EvalError,
+    any_target,
     attack_norm,
     autoattack_norm,
     check_eps,
@@ -397,11 +399,13 @@ def audit(t: Target, *, n_ex: int | None = 1000, eps: str | None = None, norm: s
         else:
             checks.append(_outcome(name, *outcome))
     found, aa = a.found, a.found["aa"]
-    verdict = "warn" if any(c["status"] == "warn" for c in checks) else "pass"
+    # Each share's 95 % interval against its threshold (docs/zoo.md#confidence-intervals).
+    verdict = confidence.qualify_checks(checks, len(y), int(a.clean.sum()))
     report = {
         "verdict": verdict, "checks": checks, "skipped": skipped,
         "n_ex": len(y), "eps": eps_text, "eps_float": eps_value, "norm": norm,
         "clean_acc": _acc(a.clean),
+        "clean_ci95": confidence.interval(int(a.clean.sum()), len(y)),
         "pgd": {"steps": budget.pgd_steps, "robust_acc": found["pgd_acc"]},
         "strong_pgd": {"steps": budget.strong_steps, "restarts": budget.restarts,
                        "robust_acc": found["strong_acc"]},
@@ -455,8 +459,8 @@ def table(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     def arguments(p: argparse.ArgumentParser) -> None:
         p.set_defaults(n_ex=1000)
-        p.add_argument("--surrogate", help="run directory or checkpoint of a model (ideally "
-                       "standard-trained, same dataset) for the transfer check")
+        p.add_argument("--surrogate", help="run directory, checkpoint or rb: entry of a model "
+                       "(ideally standard-trained, same dataset) for the transfer check")
         p.add_argument("--surrogate-weights", default="best")
         p.add_argument("--surrogate-arch", help="arch of a bare surrogate checkpoint")
         p.add_argument("--sweep", help="comma-separated ascending eps list for the eps sweep "
@@ -472,10 +476,11 @@ def main(argv: list[str] | None = None) -> int:
         surrogate = None
         if args.surrogate:
             try:
-                surrogate = load_target(args.surrogate, args.surrogate_weights,
-                                        args.surrogate_arch,
-                                        t.dataset if args.surrogate_arch else None,
-                                        next(t.model.parameters()).device, args.data_root)
+                surrogate = any_target(args.surrogate, weights=args.surrogate_weights,
+                                       arch=args.surrogate_arch,
+                                       dataset=t.dataset if args.surrogate_arch else None,
+                                       device=next(t.model.parameters()).device,
+                                       data_root=args.data_root, model_dir=args.model_dir)
             except EvalError as err:
                 raise EvalError(f"--surrogate {args.surrogate}: {err}") from None
             if surrogate.dataset != t.dataset:

@@ -36,7 +36,7 @@ from at.checkpoint import write_json
 from at.target import Target
 from errors import USER_ERRORS, report
 
-from . import aa_flags
+from . import aa_flags, confidence, randomized
 from .common import (
     DEFAULT_EPS,
     EvalError,
@@ -51,6 +51,7 @@ from .common import (
     target_from_arguments,
 )
 from .precision import evaluation_precision, tf32_enabled
+from .zoo_target import claim_fields
 
 VERSIONS = ("standard", "plus", "rand")
 CHUNK_FORMAT = 1
@@ -73,10 +74,13 @@ def stage_names(version: str, norm: str) -> list[str]:
 
 def attack_chunk(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
                  norm: str, version: str, stages: list[str], seed: int, batch_size: int,
-                 device: torch.device, progress: bool = False) -> dict[str, torch.Tensor]:
+                 device: torch.device, progress: bool = False,
+                 draws: int = 0) -> dict[str, torch.Tensor]:
     """Per-example correctness of one chunk: {'clean': bool N, '<attack>': bool N after that
     stage, ...}; the last entry is the AutoAttack robust outcome. `stages` is the version's
-    attack list or a sub-list of it (each attack keeps the version's settings)."""
+    attack list or a sub-list of it (each attack keeps the version's settings). With `draws`
+    (a randomised model), also 'draws_correct': int64 N, how many of `draws` forward passes
+    classify each final point (adversarial where an attack succeeded) correctly."""
     from pyautoattack import AutoAttack
 
     assert not model.training, "AutoAttack needs a model in eval mode"
@@ -85,6 +89,7 @@ def attack_chunk(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, ep
         correct = torch.cat([model(x[i:i + batch_size].to(device)).argmax(1).cpu()
                              == y[i:i + batch_size] for i in range(0, len(x), batch_size)])
     outcome = {"clean": correct.clone()}
+    x_final = x.clone()
     for stage in tqdm(stages, desc="  stages", unit="attack", leave=False, disable=not progress):
         idx = correct.nonzero().flatten()
         if len(idx):
@@ -92,7 +97,11 @@ def attack_chunk(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, ep
             x_adv, y_adv = adversary.run_standard_evaluation(x[idx], y[idx], batch_size=batch_size)
             _check_perturbation(x_adv, x[idx], eps, norm, stage)
             correct[idx] = y_adv.cpu() == y[idx]
+            x_final[idx] = x_adv.cpu()
         outcome[stage] = correct.clone()
+    if draws:
+        outcome["draws_correct"] = randomized.correct_draws(
+            model, x_final, y, batch_size=batch_size, device=device, draws=draws)
     return outcome
 
 
@@ -115,7 +124,9 @@ def _load_chunk(path: Path, fingerprint: dict) -> dict | None:
         ok = saved.get("format") == CHUNK_FORMAT and saved.get("fingerprint") == fingerprint
         outcome = saved["outcome"]
         n = fingerprint["end"] - fingerprint["start"]
-        ok = ok and all(v.dtype == torch.bool and v.shape == (n,) for v in outcome.values())
+        ok = ok and all(v.shape == (n,) and v.dtype == (torch.long if k == "draws_correct"
+                                                        else torch.bool)
+                        for k, v in outcome.items())
     except (ckpt.CheckpointError, KeyError, AttributeError, TypeError) as err:
         log.warning("chunk file %s is unreadable (%s): recomputing it", path, err)
         return None
@@ -169,6 +180,8 @@ class _Plan:
     chunk_size: int
     name: str  # of the result file, its log and its chunk directory
     device: torch.device
+    draws: int = 0  # forward passes scoring each final point (the rand version)
+    switched: dict | None = None  # standard -> rand for a randomised model, and why
 
     @property
     def chunk_dir(self) -> Path:
@@ -188,7 +201,8 @@ class _Plan:
         return {"checkpoint_sha256": t.checkpoint_sha256, "arch": t.arch, "dataset": t.dataset,
                 "version": self.version, "norm": self.norm, "eps": self.eps_value,
                 "stages": self.stages, "seed": self.seed, "batch_size": self.batch_size,
-                "start": start, "end": end, "tf32": tf32_enabled()}
+                "start": start, "end": end, "tf32": tf32_enabled(),
+                **({"draws": self.draws} if self.draws else {})}
 
 
 def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
@@ -210,6 +224,20 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
     if shard is not None and merge:
         raise EvalError("--shard and --merge exclude each other: merge once all shards are done")
     plan = _plan(t, n_ex, version, norm, eps, batch_size, seed, chunk_size, stages)
+    # A randomised defence gets the EOT version, as AutoAttack itself advises when its flag rises.
+    switched = None
+    if version == "standard" and not attacks:
+        flag = randomized.detect(t.model, plan.x, plan.y, plan.device, batch_size)
+        if flag["raised"]:
+            switched = {"requested": "standard", "ran": "rand", "why": flag["message"],
+                        "max_normalized_logit_diff": flag["max_normalized_logit_diff"]}
+            log.warning("the model's outputs change between identical forward passes: running "
+                        "AutoAttack's rand version (EOT) instead of standard")
+            version = "rand"
+            plan = _plan(t, n_ex, version, norm, eps, batch_size, seed, chunk_size,
+                         _stages(version, norm, None))
+    plan.switched = switched
+    plan.draws = randomized.DRAWS if plan.version == "rand" else 0
     if merge and not plan.chunk_dir.is_dir():
         raise EvalError(f"nothing to merge: {plan.chunk_dir} does not exist (run the shards "
                         f"first)")
@@ -222,13 +250,14 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
     if merge:
         _check_mergeable(plan)
     bounds = plan.bounds if shard is None else plan.bounds[shard[0]::shard[1]]
-    totals, clean, seconds, reused = _run_chunks(plan, bounds, progress)
+    totals, clean, seconds, reused, draws = _run_chunks(plan, bounds, progress)
     if shard is not None:
         log.info("shard %d/%d: %d chunks done; merge with --merge once every shard is done",
                  *shard, len(bounds))
         return {"shard": f"{shard[0]}/{shard[1]}", "chunks": len(bounds), "name": plan.name,
                 "chunks_reused": reused, "seconds": round(seconds, 1)}
-    return _result(plan, totals, torch.cat(clean), seconds, reused, started)
+    return _result(plan, totals, torch.cat(clean), seconds, reused, started,
+                   torch.cat(draws) if draws else None)
 
 
 def _stages(version: str, norm: str, attacks: list[str] | None) -> list[str]:
@@ -285,12 +314,13 @@ def _check_mergeable(plan: _Plan) -> None:
 
 
 def _run_chunks(plan: _Plan, bounds: list[tuple[int, int]], progress: bool
-                ) -> tuple[dict[str, int], list[torch.Tensor], float, int]:
+                ) -> tuple[dict[str, int], list[torch.Tensor], float, int, list[torch.Tensor]]:
     """Attack the chunks `bounds` (reusing the finished ones, saving each new one as it ends):
-    correct counts per stage, the clean correctness per chunk, attack seconds, chunks reused."""
+    correct counts per stage, the clean correctness per chunk, attack seconds, chunks reused,
+    and the correct draws per chunk (the rand version; else an empty list)."""
     t, x, y, device = plan.t, plan.x, plan.y, plan.device
     totals = {k: 0 for k in ["clean", *plan.stages]}
-    seconds, reused, clean_parts = 0.0, 0, []
+    seconds, reused, clean_parts, draw_parts = 0.0, 0, [], []
     bar = tqdm(bounds, desc="AutoAttack chunks", unit="chunk", disable=not progress)
     for start, end in bar:
         fingerprint = plan.fingerprint(start, end)
@@ -303,12 +333,14 @@ def _run_chunks(plan: _Plan, bounds: list[tuple[int, int]], progress: bool
                 outcome = attack_chunk(t.model, x[start:end], y[start:end], eps=plan.eps_value,
                                        norm=plan.norm, version=plan.version, stages=plan.stages,
                                        seed=plan.seed, batch_size=plan.batch_size,
-                                       device=device, progress=progress)
+                                       device=device, progress=progress, draws=plan.draws)
             saved = {"format": CHUNK_FORMAT, "fingerprint": fingerprint, "outcome": outcome,
                      "seconds": time.time() - began}
             ckpt.atomic_save(saved, path)
         reused += was_saved
         clean_parts.append(saved["outcome"]["clean"])
+        if plan.draws:
+            draw_parts.append(saved["outcome"]["draws_correct"])
         seconds += saved["seconds"]
         for key in totals:
             totals[key] += int(saved["outcome"][key].sum())
@@ -317,12 +349,13 @@ def _run_chunks(plan: _Plan, bounds: list[tuple[int, int]], progress: bool
         log.info("images %d-%d correct: %s%s", start, end, ", ".join(
             f"{k} {int(saved['outcome'][k].sum())}" for k in totals),
             " (finished earlier, reused)" if was_saved else "")
-    return totals, clean_parts, seconds, reused
+    return totals, clean_parts, seconds, reused, draw_parts
 
 
 def _result(plan: _Plan, totals: dict[str, int], clean: torch.Tensor, seconds: float,
-            reused: int, started: float) -> dict:
-    """The result of the whole evaluation, with AutoAttack's flags; written to <name>.json."""
+            reused: int, started: float, draws: torch.Tensor | None = None) -> dict:
+    """The result of the whole evaluation, with AutoAttack's flags, 95 % intervals and, for the
+    rand version, the accuracy over `draws` (correct draws per point); written to <name>.json."""
     t, n, stages = plan.t, len(plan.y), plan.stages
     stage_results = [{"attack": s, "robust_acc": round(100 * totals[s] / n, 2)} for s in stages]
     flags = aa_flags.compute_flags(t.model, plan.x, plan.y, clean, stage_results,
@@ -331,9 +364,23 @@ def _result(plan: _Plan, totals: dict[str, int], clean: torch.Tensor, seconds: f
                                    device=plan.device, seed=plan.seed)
     for flag in aa_flags.raised(flags):
         log.warning("AutoAttack flag %s: %s", flag, flags[flag]["message"])
+    for s in stage_results:
+        s["ci95"] = confidence.interval(totals[s["attack"]], n)
+    robust_k, rand = totals[stages[-1]], None
+    if draws is not None:  # the worst case over the draws is the robust accuracy
+        robust_k = int((draws == plan.draws).sum())
+        rand = {"draws": plan.draws,
+                "mean_acc": round(100 * draws.sum().item() / (plan.draws * n), 2),
+                "worst_acc": round(100 * robust_k / n, 2),
+                "worst_ci95": confidence.interval(robust_k, n),
+                "single_forward_acc": round(100 * totals[stages[-1]] / n, 2),
+                "why": plan.switched["why"] if plan.switched else "version rand was requested"}
     result = {
         "clean_acc": round(100 * totals["clean"] / n, 2),
-        "robust_acc": round(100 * totals[stages[-1]] / n, 2),
+        "robust_acc": round(100 * robust_k / n, 2),
+        "clean_ci95": confidence.interval(totals["clean"], n),
+        "robust_ci95": confidence.interval(robust_k, n),
+        "randomized": rand, "version_switched": plan.switched,
         "n_ex": n, "n_test": plan.n_test, "full_test_set": n == plan.n_test,
         "eps": plan.eps_text, "eps_float": plan.eps_value, "norm": plan.norm,
         "version": plan.version if plan.full else "custom", "attacks": stages,
@@ -343,6 +390,8 @@ def _result(plan: _Plan, totals: dict[str, int], clean: torch.Tensor, seconds: f
         "seconds_this_call": round(time.time() - started, 1),
         **provenance(t, plan.device),
     }
+    if getattr(t, "claim", None) is not None:  # a RobustBench entry: its leaderboard numbers
+        result.update(claim_fields(t.claim, result["clean_ci95"], result["robust_ci95"]))
     path = t.out_dir / f"{plan.name}.json"
     write_json(result, path)
     result["path"] = str(path)

@@ -63,26 +63,41 @@ def run_command(module: str, doc: str, argv: list[str] | None,
         return report(module, err)
 
 
-def add_target_arguments(parser: argparse.ArgumentParser, *, evaluation: bool = True) -> None:
-    """The arguments every eval entry point takes to say what to evaluate (see `load_target`),
-    and, with `evaluation`, on which images and at which radius."""
-    parser.add_argument("target", help="run directory, or a checkpoint file with --arch/--dataset")
+def add_target_arguments(parser: argparse.ArgumentParser, *, evaluation: bool = True,
+                         zoo: bool = True) -> None:
+    """The arguments every eval entry point takes to say what to evaluate (see `any_target`),
+    with `zoo` those of RobustBench targets (rb:...), and, with `evaluation`, on which images
+    and at which radius."""
+    parser.add_argument("target", help="run directory, a checkpoint file with --arch/--dataset, "
+                        "or a RobustBench entry rb:<dataset>/<threat>/<Name> (docs/zoo.md)")
     parser.add_argument("--weights", default="best", help="best | last | avg (run directories)")
     parser.add_argument("--arch", help="model name for a bare checkpoint (e.g. wrn-34-10)")
     parser.add_argument("--dataset",
-                        help="dataset for a bare checkpoint (cifar10 | cifar100 | digits)")
+                        help="dataset for a bare checkpoint (cifar10 | cifar100 | digits) or "
+                        "an rb:<Name> target (cifar10 | cifar100 | imagenet)")
+    if zoo:
+        _add_zoo_arguments(parser)
     if evaluation:
         parser.add_argument("--data-root", help="dataset directory (default: the run's data.root)")
         parser.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when available)")
         parser.add_argument("--n-ex", type=int,
                             help="evaluate the first N test images (default: all)")
-        parser.add_argument("--norm", default="Linf", help="Linf | L2 | L1")
+        parser.add_argument("--norm", help="Linf | L2 | L1 (default: Linf; an rb: target's "
+                            "threat model)")
         parser.add_argument("--eps", help="radius on the [0,1] scale, e.g. 8/255 (default: "
                             "8/255 for Linf, 0.5 for L2, 12 for L1)")
         parser.add_argument("--batch-size", type=_batch_size, default="auto",
                             help="images per batch; auto (default) fills about half of the "
                             "GPU's memory (500 on a CPU)")
         parser.add_argument("--seed", type=int, default=0)
+
+
+def _add_zoo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threat", help="threat model of an rb:<Name> target (Linf | L2)")
+    parser.add_argument("--model-dir", default="models", help="where rb: targets' checkpoints "
+                        "are, in RobustBench's layout <dataset>/<threat>/<Name>.pt")
+    parser.add_argument("--out", help="results directory (default: <run>/eval, or "
+                        "<model-dir>/../zoo/<dataset>_<threat>/<Name> for rb: targets)")
 
 
 def _batch_size(text: str) -> int | str:
@@ -129,8 +144,41 @@ def resolve_batch_size(batch_size: int | str, t: Target) -> int:
 
 
 def target_from_arguments(args: argparse.Namespace) -> Target:
-    return load_target(args.target, args.weights, args.arch, args.dataset, args.device,
-                       args.data_root)
+    """The target the command line names; fills in --norm (and, for an rb: target, --eps) when
+    not given."""
+    t = _target_from_arguments(args)
+    if hasattr(args, "norm") and args.norm is None:
+        args.norm = getattr(t, "threat", None) or "Linf"
+    if getattr(args, "eps", "") is None and getattr(t, "threat", None) == args.norm:
+        from .zoo_target import LEADERBOARD_EPS  # an rb: target: its leaderboard's radius
+        args.eps = LEADERBOARD_EPS.get((t.dataset, t.threat))
+    return t
+
+
+def _target_from_arguments(args: argparse.Namespace) -> Target:
+    return any_target(args.target, weights=args.weights, arch=args.arch, dataset=args.dataset,
+                      device=getattr(args, "device", None),
+                      data_root=getattr(args, "data_root", None),
+                      threat=getattr(args, "threat", None),
+                      model_dir=getattr(args, "model_dir", "models"),
+                      out=getattr(args, "out", None),
+                      need_data=hasattr(args, "n_ex"))
+
+
+def any_target(target: str | Path, *, weights: str = "best", arch: str | None = None,
+               dataset: str | None = None, device=None, data_root: str | None = None,
+               threat: str | None = None, model_dir: str | Path = "models",
+               out: str | Path | None = None, need_data: bool = True) -> Target:
+    """A run directory, a checkpoint file (`load_target`) or a RobustBench entry 'rb:...'
+    (eval.zoo_target), with its results going to `out` when given."""
+    if isinstance(target, str) and target.startswith("rb:"):
+        from .zoo_target import load_zoo_target
+        return load_zoo_target(target, dataset=dataset, threat=threat, model_dir=model_dir,
+                               device=device, data_root=data_root, out=out, need_data=need_data)
+    t = load_target(target, weights, arch, dataset, device, data_root)
+    if out:
+        t.out_dir = Path(out)
+    return t
 
 
 def load_model(target: str | Path, weights: str = "best", arch: str | None = None,
@@ -143,6 +191,8 @@ def load_model(target: str | Path, weights: str = "best", arch: str | None = Non
 
 def load_test_data(t: Target, n_examples: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `n_examples` test images (all when None) as float32 in [0,1], on the CPU."""
+    if getattr(t, "test_data", None) is not None:  # a zoo entry's own test set (ImageNet)
+        return t.test_data(n_examples)
     try:
         return datasets.load_dataset(t.dataset, "test", root=t.data_root, n_examples=n_examples)
     except ValueError as err:
@@ -194,5 +244,7 @@ def provenance(t: Target, device: torch.device | str) -> dict:
         "git": git_state(), "torch": torch.__version__, "pyautoattack": pyautoattack.__version__,
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "tf32": tf32_enabled(),  # the flags in force (eval/precision.py)
+        **({"robustbench_entry": f"{t.dataset}/{t.threat}/{t.name}"} if hasattr(t, "threat")
+           else {}),
         "command": " ".join(sys.argv),
     }

@@ -346,7 +346,7 @@ def export(args: argparse.Namespace) -> tuple[dict[str, Path], dict, str]:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m eval.export_robustbench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_target_arguments(p, evaluation=False)
+    add_target_arguments(p, evaluation=False, zoo=False)
     p.add_argument("--name", required=True,
                    help="RobustBench model name, <Surname><Year><FirstTitleWord>[_<variant>]")
     p.add_argument("--out", default="export", help="output directory (default: export)")

@@ -18,6 +18,7 @@ from at.checkpoint import write_json
 from at.target import Target
 from attacks.accuracy import correct
 
+from . import confidence
 from .common import (
     DEFAULT_EPS,
     EvalError,
@@ -61,6 +62,8 @@ def evaluate(t: Target, *, attack: str = "pgd", steps: int = 20, n_ex: int | Non
     result = {
         "clean_acc": round(100 * clean.double().mean().item(), 2),
         "robust_acc": round(100 * robust.double().mean().item(), 2),
+        "clean_ci95": confidence.interval(int(clean.sum()), len(y)),
+        "robust_ci95": confidence.interval(int(robust.sum()), len(y)),
         "attack": attack, "loss": ATTACKS[attack], "steps": steps, "step_size": step_text,
         "step_size_float": step_value, "init": "uniform", "restarts": 1,
         "n_ex": len(y), "eps": eps_text, "eps_float": eps_value, "norm": norm, "seed": seed,

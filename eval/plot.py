@@ -18,6 +18,7 @@ from pathlib import Path
 from errors import USER_ERRORS, report
 
 from .common import EvalError
+from .zoo_target import WEIGHTS, is_zoo, results_dir
 
 
 def _results_dir(run: Path) -> Path:
@@ -103,13 +104,19 @@ def robustness_png(out_dir: Path, weights: str, norm: str | None = None) -> Path
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.plot", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", type=Path)
+    p.add_argument("runs", nargs="+", help="run directories, results directories or RobustBench "
+                   "entries rb:<dataset>/<threat>/<Name> (docs/zoo.md)")
+    p.add_argument("--model-dir", default="models", help="RobustBench checkpoints' directory "
+                   "(rb: entries' results are in <model-dir>/../zoo)")
     p.add_argument("--weights", default="best")
     p.add_argument("--norm", help="Linf | L2 | L1 (default: the one with the most results)")
     p.add_argument("--labels", help="comma-separated legend labels, one per run")
     p.add_argument("--out", type=Path, help="figure path (required for several runs)")
     args = p.parse_args(argv)
     try:
+        if any(is_zoo(r) for r in args.runs) and args.weights == "best":
+            args.weights = WEIGHTS  # the label zoo results carry in their file names
+        args.runs = [results_dir(r, args.model_dir) if is_zoo(r) else Path(r) for r in args.runs]
         labels = args.labels.split(",") if args.labels else [r.name for r in args.runs]
         if len(labels) != len(args.runs):
             raise EvalError(f"--labels gives {len(labels)} labels for {len(args.runs)} runs")

@@ -21,7 +21,8 @@ import yaml
 
 from errors import USER_ERRORS, EvalError, report
 
-from . import runs_table
+from . import confidence, runs_table
+from .zoo_target import is_zoo, results_dir
 
 
 def _read(path: Path) -> dict:
@@ -68,7 +69,9 @@ def collect(run_dir: Path) -> list[dict]:
     if not run_dir.is_dir():
         raise EvalError(f"{run_dir} is not a directory (expected a run directory)")
     rows = _final_rows(run_dir)
-    for path in sorted((run_dir / "eval").glob("*.json")):
+    # A run keeps its results in eval/; a RobustBench entry's results directory is itself one.
+    results = run_dir / "eval" if (run_dir / "eval").is_dir() else run_dir
+    for path in sorted(results.glob("*.json")):
         result = _read(path)
         if "robust_acc" not in result:
             continue
@@ -91,15 +94,20 @@ def _row(result: dict) -> dict:
         attack = f"{result['attack'].upper()}-{result['steps']}"
     return {"weights": result["weights"], "attack": attack, "eps": result["eps"],
             "norm": result["norm"], "n_ex": result["n_ex"],
-            "clean": result["clean_acc"], "robust": result["robust_acc"]}
+            "clean": result["clean_acc"], "robust": result["robust_acc"],
+            "robust_ci95": result.get("robust_ci95") or (
+                confidence.of_percent(result["robust_acc"], result["n_ex"])
+                if isinstance(result["n_ex"], int) else None)}
 
 
 def table(rows: list[dict]) -> str:
     lines = [f"{'weights':<8} {'attack':<24} {'eps':>7} {'norm':>5} {'images':>7} "
-             f"{'clean':>7} {'robust':>7}"]
+             f"{'clean':>7} {'robust':>7}  95% CI"]
     for r in rows:
-        lines.append(f"{r['weights']:<8} {r['attack']:<24} {r['eps']:>7} {r['norm']:>5} "
-                     f"{r['n_ex']:>7} {r['clean']:>7.2f} {r['robust']:>7.2f}")
+        ci = r.get("robust_ci95")
+        lines.append((f"{r['weights']:<8} {r['attack']:<24} {r['eps']:>7} {r['norm']:>5} "
+                      f"{r['n_ex']:>7} {r['clean']:>7.2f} {r['robust']:>7.2f}  "
+                      f"{f'[{ci[0]:.2f}, {ci[1]:.2f}]' if ci else '-':<15}").rstrip())
     return "\n".join(lines)
 
 
@@ -113,10 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-run", action="store_true",
                    help="several runs: one row per run instead of per point (seed group)")
     p.add_argument("--plot", metavar="PNG", help="also plot robust vs clean accuracy")
+    p.add_argument("--model-dir", default="models", help="RobustBench checkpoints' directory "
+                   "(rb: targets' results are in <model-dir>/../zoo)")
     args = p.parse_args(argv)
-    paths = [Path(x) for x in args.paths]
-    single = len(paths) == 1 and (paths[0] / "config.yaml").is_file() and not (
-        args.format or args.plot or args.per_run)
+    try:  # rb:<dataset>/<threat>/<Name>: the entry's results directory (docs/zoo.md)
+        paths = [results_dir(x, args.model_dir) if is_zoo(x) else Path(x) for x in args.paths]
+    except USER_ERRORS as err:
+        return report("eval.summary", err)
+    single = len(paths) == 1 and ((paths[0] / "config.yaml").is_file() or is_zoo(
+        args.paths[0])) and not (args.format or args.plot or args.per_run)
     if not single:
         return _many(paths, args)
     try:

@@ -34,15 +34,18 @@ def _dump(path: str, obj: dict) -> None:
 
 
 def write_fake_cifar(root: str, name: str = "cifar10", n_train: int = 50, n_test: int = 20,
-                     seed: int = 0) -> dict[str, np.ndarray]:
-    """Random images/labels written under root; returns train_x/test_x (uint8 N×3×32×32, CHW)
-    and train_y/test_y (int64) exactly as written."""
+                     seed: int = 0, test_labels=None) -> dict[str, np.ndarray]:
+    """Random images/labels written under root (`test_labels`: the first test labels chosen
+    by the caller); returns train_x/test_x (uint8 N×3×32×32, CHW) and train_y/test_y (int64)
+    exactly as written."""
     rng = np.random.RandomState(seed)
     num_classes = {"cifar10": 10, "cifar100": 100}[name]
     out = {}
     for split, n in (("train", n_train), ("test", n_test)):
         out[f"{split}_x"] = rng.randint(0, 256, size=(n, 3, 32, 32)).astype(np.uint8)
         out[f"{split}_y"] = rng.randint(0, num_classes, size=n).astype(np.int64)
+    if test_labels is not None:
+        out["test_y"][:len(test_labels)] = test_labels
     names = [f"class{i}".encode() for i in range(num_classes)]
     if name == "cifar10":
         folder = os.path.join(root, "cifar-10-batches-py")

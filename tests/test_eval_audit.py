@@ -75,10 +75,13 @@ def test_honest_model_passes_and_masked_models_warn_on_the_right_checks(models, 
     kwargs = dict(n_ex=N_EX, eps=EPS, surrogate=surrogate, budget=TINY, batch_size=64)
     honest = audit.audit(t, **{**kwargs, "n_ex": N_HONEST})
     print(audit.table(honest))
-    assert honest["verdict"] == "pass", audit.table(honest)
+    # On 24 images a threshold of a few points lies inside most 95 % intervals: no check may
+    # warn, and the ones that cannot decide say so.
+    assert honest["verdict"] in ("pass", "inconclusive"), audit.table(honest)
+    assert "warn" not in set(_statuses(honest).values()), audit.table(honest)
     assert set(_statuses(honest)) == set(audit.CHECKS) and not honest["skipped"]
     saved = json.loads((t.out_dir / "audit_best.json").read_text())
-    assert saved["verdict"] == "pass" and len(saved["checks"]) == len(audit.CHECKS)
+    assert saved["verdict"] == honest["verdict"] and len(saved["checks"]) == len(audit.CHECKS)
     for c in saved["checks"]:
         assert set(c) >= {"name", "status", "value", "threshold", "explanation"}
     assert saved["sweep"]["robust_acc"][0] == saved["clean_acc"]
@@ -93,17 +96,22 @@ def test_honest_model_passes_and_masked_models_warn_on_the_right_checks(models, 
     print(audit.table(scaled))
     status = _statuses(scaled)
     assert scaled["verdict"] == "warn"
-    for name in ("zero_gradients", "unbounded", "eps_sweep", "pgd_vs_autoattack", "transfer"):
+    # Checks whose value is a share of 24 images warn only when the 95 % interval clears the
+    # threshold: a gap of a few images is "inconclusive at n = 24", never a pass.
+    for name in ("zero_gradients", "unbounded", "eps_sweep"):
         assert status[name] == "warn", (name, audit.table(scaled))
-    for name in ("determinism", "batchnorm_modes"):  # nothing wrong there
-        assert status[name] == "pass", (name, audit.table(scaled))
+    for name in ("pgd_vs_autoattack", "transfer"):
+        assert status[name] in ("warn", "inconclusive"), (name, audit.table(scaled))
+    assert status["determinism"] == "pass", audit.table(scaled)  # nothing wrong there
+    assert status["batchnorm_modes"] != "warn", audit.table(scaled)
 
     quant = audit.audit(masked(t, QuantizedInputs, tmp_path), **kwargs)
     print(audit.table(quant))
     status = _statuses(quant)
     assert quant["verdict"] == "warn"
-    for name in ("zero_gradients", "unbounded", "eps_sweep", "transfer", "autoattack_flags"):
+    for name in ("zero_gradients", "unbounded", "eps_sweep", "autoattack_flags"):
         assert status[name] == "warn", (name, audit.table(quant))
+    assert status["transfer"] in ("warn", "inconclusive"), audit.table(quant)
     assert "zero_gradients" in quant["autoattack"]["flags_raised"]
 
 
