@@ -75,8 +75,8 @@ def test_honest_model_passes_and_masked_models_warn_on_the_right_checks(models, 
     kwargs = dict(n_ex=N_EX, eps=EPS, surrogate=surrogate, budget=TINY, batch_size=64)
     honest = audit.audit(t, **{**kwargs, "n_ex": N_HONEST})
     print(audit.table(honest))
-    # A threshold of a few points can lie inside a 95 % interval even at N_HONEST images: no check may
-    # warn, and the ones that cannot decide say so.
+    # A threshold of a few points can lie inside a 95 % interval even at N_HONEST images: no
+    # check may warn, and the ones that cannot decide say so.
     assert honest["verdict"] in ("pass", "inconclusive"), audit.table(honest)
     assert "warn" not in set(_statuses(honest).values()), audit.table(honest)
     assert set(_statuses(honest)) == set(audit.CHECKS) and not honest["skipped"]

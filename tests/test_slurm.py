@@ -1,12 +1,9 @@
 """Training on a real one-node Slurm (tests/slurm_cluster.py: Debian's slurm-wlm and munge,
-installed when missing and the tests run as root): sbatch sh/slurm_train.sh trains to the end on a CPU node;
-stopped by each signal Slurm sends (to the job steps, to the whole job, ahead of a real time limit)
-it saves, requeues itself and resumes to the weights of the uninterrupted run; a signal during the
-final test leaves a finished run; `at.sweep --slurm` job arrays run end to end, and preempting one
-task leaves the other alone. Bad input is one line and exit status 1.
-
-The scenario jobs are submitted together (one CPU each, as many side by side as the node has CPUs)
-and driven by threads; each wait is bounded and a failure shows the job's output file."""
+installed when missing and the tests run as root): sbatch sh/slurm_train.sh trains to the end on
+a CPU node; stopped by each signal Slurm sends (to the job steps, to the whole job, ahead of a
+real time limit) it saves, requeues itself and resumes to the weights of the uninterrupted run; a
+signal during the final test leaves a finished run; `at.sweep --slurm` job arrays run end to end,
+and preempting one task leaves the other alone. Bad input is one line and exit status 1."""
 from __future__ import annotations
 
 import json

@@ -25,10 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eval import confidence, randomized
 from eval import autoattack as aa_eval
+from eval import confidence, randomized, zoo
 from eval import pgd as pgd_eval
-from eval import zoo
 from eval.common import any_target
 from eval.robustbench_import import robustbench
 
