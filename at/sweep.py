@@ -52,6 +52,7 @@ import yaml
 from .checkpoint import atomic_write
 from .config import ConfigError, _read_yaml, load_config, parse_value
 from .errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, USER_ERRORS, did_you_mean, report
+from .lock import LOCK_FILE, Lock, acquire
 
 SPEC_FIELDS = ("base", "overrides", "grid", "random", "seeds", "out_root", "eval", "slurm")
 RANDOM_FIELDS = ("samples", "seed", "params")
@@ -397,6 +398,19 @@ def check_root(spec: Spec, runs: list[Run], resume: bool) -> None:
     atomic_write(state_path, lambda f: f.write(text.encode()))
 
 
+def claim_root(root: Path) -> Lock:
+    """The sweep root for this process alone: a second sweep on it is refused, naming this one
+    (the runs themselves are locked by at.train)."""
+    if root.exists() and not root.is_dir():
+        raise SweepError(f"out_root {root} is a file, not a directory")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return acquire(root / LOCK_FILE, f"out_root {root}", "at.sweep")
+    except OSError as err:
+        raise SweepError(f"cannot write to out_root {root} ({err.strerror or err}); choose "
+                         f"another out_root") from None
+
+
 def run_state(run: Run) -> str:
     """done (final.json written) | resume (the directory holds a started run) | new."""
     if (run.out_dir / "final.json").is_file():
@@ -583,6 +597,7 @@ def main(argv: list[str] | None = None) -> int:
             if run_state(chosen[0]) != "done":
                 raise SweepError(f"{chosen[0].out_dir} has not finished (no final.json)")
             return run_local(spec, chosen)
+        _root_lock = claim_root(spec.out_root)  # held until the sweep ends (at/lock.py)
         check_root(spec, runs, args.resume)
         if args.slurm:
             script = spec.out_root / "sweep.sbatch"

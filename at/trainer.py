@@ -70,6 +70,15 @@ class Trainer:
                  splits: datasets.Splits | None = None):
         """`splits`: data to train on instead of loading `data.name` (benchmarks); the config
         still decides everything else."""
+        self._lock = None
+        try:
+            self._build(cfg, resume, splits)
+        except BaseException:  # the run directory is free again for the next attempt
+            if self._lock is not None:
+                self._lock.release()
+            raise
+
+    def _build(self, cfg: dict, resume: bool, splits: datasets.Splits | None) -> None:
         check_config(cfg)
         self.early_stop = EarlyStop.from_config(cfg)  # train.early_stop (at/early_stop.py)
         self.cfg, self.out = cfg, Path(cfg["out_dir"])
@@ -80,10 +89,12 @@ class Trainer:
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.main = self.rank == 0
         # Rank 0 inspects the run directory (the others would see the files it writes next).
+        # It holds the directory's writer lock until fit() ends (at/lock.py).
         verdict = None
         if self.main:
             try:
-                verdict = ("resume" if run_dir.check_out_dir(self.out, resume) else "new", None)
+                self._lock, found = run_dir.claim(self.out, resume)
+                verdict = ("resume" if found else "new", None)
             except RunError as err:
                 verdict = ("error", str(err))
         verdict = distributed.broadcast_object(verdict)
@@ -340,6 +351,8 @@ class Trainer:
                 signal.signal(signum, handler)
             if self.log is not None:
                 self.log.close()
+            if self._lock is not None:
+                self._lock.release()
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from at import checkpoint as ckpt
 from at.errors import USER_ERRORS, report
+from at.lock import acquire
 
 from . import aa_flags
 from .common import (
@@ -237,6 +238,12 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
         path = path_of(start, end)
         saved = _load_chunk(path, fingerprint)
         was_saved = saved is not None
+        chunk_lock = None
+        if saved is None:  # one process computes a chunk (at/lock.py); it may have just finished
+            chunk_lock = acquire(path.with_name(path.name + ".lock"),
+                                 f"AutoAttack chunk {path}", "eval.autoattack")
+            saved = _load_chunk(path, fingerprint)
+            was_saved = saved is not None
         if saved is None:
             began = time.time()
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -247,6 +254,8 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
             saved = {"format": CHUNK_FORMAT, "fingerprint": fingerprint, "outcome": outcome,
                      "seconds": time.time() - began}
             ckpt.atomic_save(saved, path)
+        if chunk_lock is not None:
+            chunk_lock.release()
         reused += was_saved
         clean_parts.append(saved["outcome"]["clean"])
         seconds += saved["seconds"]
