@@ -5,11 +5,12 @@ AutoAttack's flags (Croce & Hein 2020, arXiv 2003.01690), run on one checkpoint.
 
     python -m eval.audit runs/cifar10_ikl_at --n-ex 1000 --surrogate runs/cifar10_standard
 
-Writes <out_dir>/audit_<weights>.json: {"verdict": "pass" | "warn", "checks": [{"name",
-"status", "value", "threshold", "explanation"}], ...} and robustness_<weights>.png, prints a
-table, exits 0 on either verdict (3 on "warn" with --strict). Each check, its threshold and its
-source are listed in `CHECKS` and explained in docs/reporting.md. --quick shrinks every attack
-budget (for tests and smoke runs; not for a paper).
+Writes <out_dir>/audit_<norm>_eps<eps>_n<images>_<weights>.json (audit-quick_... with --quick;
+each setting its own file): {"verdict": "pass" | "warn", "checks": [{"name", "status", "value",
+"threshold", "explanation"}], ...} and robustness_<weights>.png, prints a table, exits 0 on
+either verdict (3 on "warn" with --strict). Each check, its threshold and its source are listed
+in `CHECKS` and explained in docs/reporting.md. --quick shrinks every attack budget (for tests and
+smoke runs; not for a paper).
 """
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ from .common import (
     write_json,
 )
 from .precision import add_tf32_argument, evaluation_precision
+from .results import audit_name
 
 NORMS = {"Linf": "linf", "L2": "l2", "L1": "l1"}
 SWEEP_FACTORS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # x eps; 8 x 8/255 = 64/255 under Linf
@@ -255,7 +257,7 @@ def audit(t: Target, *, n_ex: int | None = 1000, eps: str | None = None, norm: s
           surrogate: Target | None = None, sweep: list[tuple[str, float]] | None = None,
           budget: Budget = FULL, batch_size: int = 500, seed: int = 0) -> dict:
     """Run every check on the first `n_ex` test images; returns the report that is also
-    written to <out_dir>/audit_<weights>.json."""
+    written to <out_dir>/audit_<norm>_eps<eps>_n<images>_<weights>.json (`audit_name`)."""
     if norm not in NORMS:
         raise EvalError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
     eps_text, eps_value = parse_eps(eps if eps is not None else DEFAULT_EPS[norm])
@@ -365,7 +367,8 @@ def audit(t: Target, *, n_ex: int | None = 1000, eps: str | None = None, norm: s
         "timings": timings, "seconds": round(time.time() - started, 1),
         **provenance(t, device),
     }
-    path = t.out_dir / f"audit_{t.weights}.json"
+    # Keyed by its settings: a quick or smaller audit never replaces a full one.
+    path = t.out_dir / f"{audit_name(norm, eps_value, len(y), t.weights, budget != FULL)}.json"
     write_json(report, path)
     report["path"] = str(path)
     try:

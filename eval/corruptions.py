@@ -34,6 +34,7 @@ from .common import (
     write_json,
 )
 from .precision import add_tf32_argument, evaluation_precision
+from .results import corruptions_name
 
 # RobustBench's list (robustbench.data.CORRUPTIONS): the 15 of the benchmark.
 CORRUPTIONS = ("shot_noise", "motion_blur", "snow", "pixelate", "gaussian_noise", "defocus_blur",
@@ -79,7 +80,8 @@ def evaluate(t: Target, root: str | Path, *, n_ex: int | None = None,
              corruptions: list[str] | None = None, severities: list[int] | None = None,
              batch_size: int = 500) -> dict:
     """Accuracy (percent) of `t` on the first `n_ex` images of each severity of each
-    corruption; also written to <out_dir>/corruptions_n<n>_<weights>.json."""
+    corruption; also written to <out_dir>/corruptions_n<n>_<weights>.json (a subset of the
+    corruptions or severities to corruptions-<subset>_s<severities>_n<n>_<weights>.json)."""
     folder = corruptions_dir(Path(root), t.dataset)
     corruptions = list(corruptions or CORRUPTIONS)
     unknown = [c for c in corruptions if c not in CORRUPTIONS]
@@ -130,7 +132,9 @@ def evaluate(t: Target, root: str | Path, *, n_ex: int | None = None,
         "seconds": round(time.time() - started, 1),
         **provenance(t, next(t.model.parameters()).device),
     }
-    path = t.out_dir / f"corruptions_n{n}_{t.weights}.json"
+    # A subset (corruptions, severities, images) has its own file: it never replaces the full one.
+    name = corruptions_name(corruptions, list(CORRUPTIONS), severities, n, t.weights)
+    path = t.out_dir / f"{name}.json"
     write_json(result, path)
     result["path"] = str(path)
     return result

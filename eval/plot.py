@@ -18,6 +18,7 @@ from pathlib import Path
 from at.errors import USER_ERRORS, report
 
 from .common import EvalError
+from .results import fullest
 
 
 def _results_dir(run: Path) -> Path:
@@ -27,28 +28,40 @@ def _results_dir(run: Path) -> Path:
 
 
 def collect(run: Path, weights: str) -> dict:
-    """{'points': [(family, norm, eps, acc)], 'sweeps': [(norm, [eps], [acc])]} of one run."""
+    """{'points': [(family, norm, eps, acc)], 'sweeps': [(norm, [eps], [acc])], 'notes': [...]}
+    of one run. Of several results at one point (or several audits of one norm), the full-budget
+    one is drawn (eval/results.py) and a note names it."""
     out = _results_dir(run)
-    points, sweeps = [], []
+    points, audits = {}, {}
     for path in sorted(out.glob("*.json")):
         try:
             r = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as err:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
             raise EvalError(f"{path} is unreadable ({err})") from None
         if not isinstance(r, dict) or r.get("weights", weights) != weights:
             continue
-        if path.name.startswith("audit_") and "sweep" in r:
-            sweeps.append((r["norm"], r["sweep"]["eps"], r["sweep"]["robust_acc"]))
-            if "autoattack" in r:
-                points.append(("AutoAttack (audit)", r["norm"], r["eps_float"],
-                               r["autoattack"]["robust_acc"]))
+        if path.name.startswith("audit") and "sweep" in r:
+            audits.setdefault(r["norm"], []).append((path, r))
         elif "eps_float" in r and "robust_acc" in r:
             if path.name.startswith("autoattack"):
                 family = "AutoAttack" if r.get("version") == "standard" else "AutoAttack (subset)"
             else:
                 family = f"{r.get('attack', 'pgd').upper()}-{r.get('steps', '?')}"
-            points.append((family, r.get("norm", "Linf"), r["eps_float"], r["robust_acc"]))
-    return {"points": points, "sweeps": sweeps}
+            key = (family, r.get("norm", "Linf"), r["eps_float"])
+            points.setdefault(key, []).append((path, r))
+    sweeps, notes, drawn = [], [], []
+    for norm, found in audits.items():
+        _, r, note = fullest(found, f"{run}: {norm} eps sweep")
+        sweeps.append((norm, r["sweep"]["eps"], r["sweep"]["robust_acc"]))
+        if "autoattack" in r:
+            drawn.append(("AutoAttack (audit)", norm, r["eps_float"],
+                          r["autoattack"]["robust_acc"]))
+        notes += [note] if note else []
+    for (family, norm, eps), found in points.items():
+        _, r, note = fullest(found, f"{run}: {family} at {norm} eps {eps:.6g}")
+        drawn.append((family, norm, eps, r["robust_acc"]))
+        notes += [note] if note else []
+    return {"points": drawn, "sweeps": sweeps, "notes": notes}
 
 
 def _scale(norm: str) -> tuple[float, str]:
@@ -121,6 +134,9 @@ def main(argv: list[str] | None = None) -> int:
         path = draw(collected, out, args.norm)
     except USER_ERRORS as err:
         return report("eval.plot", err)
+    for _, r in collected:
+        for note in r["notes"]:
+            print(f"eval.plot: {note}", file=sys.stderr)
     print(f"-> {path}")
     return 0
 

@@ -20,6 +20,8 @@ import yaml
 
 from at.errors import UserError
 
+from .results import fullest
+
 # Keys that do not change what a run trains: runs differing only in these are seeds of a point.
 NEUTRAL = ("seed", "out_dir", "device", "data.root", "data.download", "data.workers",
            "data.lists", "log.", "checkpoint.", "eval.batch_size", "speed.compile",
@@ -44,6 +46,7 @@ class RunResult:
     audit: str | None = None
     eval_eps: list[tuple[str, float]] = field(default_factory=list)  # (what, eps) evaluated at
     stopped_epoch: int | None = None
+    notes: list[str] = field(default_factory=list)  # which result file was used, of several
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -78,14 +81,6 @@ def find_runs(paths: list[Path]) -> list[Path]:
     return runs
 
 
-def _pick(results: list[dict]) -> dict | None:
-    """The result of the best weights if there is one (the checkpoint a paper would report),
-    on the most images."""
-    if not results:
-        return None
-    return max(results, key=lambda r: (r.get("weights") == "best", r.get("n_ex") or 0))
-
-
 def read_run(path: Path) -> RunResult:
     try:
         raw = yaml.safe_load((path / "config.yaml").read_text()) or {}
@@ -117,23 +112,30 @@ def read_run(path: Path) -> RunResult:
         if row.get("eps") is not None:
             result.eval_eps.append(("final.json PGD", row["eps"]))
         result.stopped_epoch = (final.get("early_stop") or {}).get("stopped_epoch")
-    evals = [_json(p) for p in sorted((path / "eval").glob("*.json"))] \
+    found = [(p, _json(p)) for p in sorted((path / "eval").glob("*.json"))] \
         if (path / "eval").is_dir() else []
-    aa = _pick([r for r in evals if isinstance(r, dict) and "version" in r
-                and r.get("robust_acc") is not None])
-    if aa is not None:
-        m["autoattack"] = aa["robust_acc"]
-        eps = aa.get("eps_float", aa.get("eps"))
+    found = [(p, r) for p, r in found if isinstance(r, dict)]
+    # Several AutoAttack results or audits: the best weights' full-budget one, named in a note.
+    weights = [(p, r) for p, r in found if r.get("weights", "best") == "best"]
+    aa = [(p, r) for p, r in (weights if any("version" in r for _, r in weights) else found)
+          if "version" in r and r.get("robust_acc") is not None]
+    if aa:
+        _, chosen, note = fullest(aa, f"{path}: AutoAttack")
+        result.notes += [note] if note else []
+        m["autoattack"] = chosen["robust_acc"]
+        eps = chosen.get("eps_float", chosen.get("eps"))
         if isinstance(eps, (int, float)):
             result.eval_eps.append(("AutoAttack", float(eps)))
-    for r in evals:
-        if isinstance(r, dict) and "version" not in r and isinstance(r.get("eps_float"), float):
+    for _, r in found:
+        if "version" not in r and isinstance(r.get("eps_float"), float):
             result.eval_eps.append((f"{str(r.get('attack', 'pgd')).upper()}-{r.get('steps')}",
                                     r["eps_float"]))
-    audits = sorted((path / "eval").glob("audit_*.json")) if (path / "eval").is_dir() else []
-    if audits:
-        chosen = next((a for a in audits if a.name == "audit_best.json"), audits[0])
-        result.audit = str(_json(chosen).get("verdict"))
+    audits = [(p, r) for p, r in found if p.name.startswith("audit") and "verdict" in r]
+    best_audits = [(p, r) for p, r in audits if r.get("weights", "best") == "best"] or audits
+    if best_audits:
+        _, chosen, note = fullest(best_audits, f"{path}: audit verdict")
+        result.notes += [note] if note else []
+        result.audit = str(chosen.get("verdict"))
     return result
 
 

@@ -151,6 +151,8 @@ def _many(paths: list[Path], args: argparse.Namespace) -> int:
             runs_table.plot(groups, differing, Path(args.plot))
     except (*USER_ERRORS, OSError) as err:  # an unreadable file of a run, too
         return report("eval.summary", err)
+    for note in (n for r in runs for n in r.notes):
+        print(f"eval.summary: {note}", file=sys.stderr)
     warnings = runs_table.eps_warnings(runs)
     for w in warnings:
         print(f"eval.summary: warning: {w}", file=sys.stderr)
