@@ -35,6 +35,7 @@ from at.errors import USER_ERRORS, report
 from at.lock import acquire
 
 from . import aa_flags
+from .aa_chunks import chunk_size_hint, clean_problem, outcome_problem
 from .common import (
     DEFAULT_EPS,
     EvalError,
@@ -216,19 +217,27 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
             path = path_of(start, end)
             try:
                 saved = ckpt.load(path) if path.exists() else None
-            except ckpt.CheckpointError:
-                saved = {}
-            problem = _merge_problem(path, saved, fingerprint_of(start, end))
+                problem = _merge_problem(path, saved, fingerprint_of(start, end))
+            except ckpt.CheckpointError as err:
+                problem = f"unreadable ({err})"
             if problem:
                 problems.append((path.name, problem))
+                continue
+            if saved is not None:  # ours: is it whole and consistent (eval/aa_chunks.py)?
+                broken = saved.get("format") != CHUNK_FORMAT and "another chunk format" or \
+                    outcome_problem(saved.get("outcome") or {}, stages, end - start)
+                if broken:
+                    raise EvalError(f"refusing to merge {path}: {broken}; remove it and run "
+                                    f"its shard again")
         missing = [n for n, p in problems if p == "missing"]
         foreign = [f"{n}: {p}" for n, p in problems if p != "missing"]
         if foreign:
             raise EvalError(f"refusing to merge chunks of another evaluation: {foreign[0]}"
                             + (f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""))
         if missing:
+            hint = chunk_size_hint(chunk_dir, {path_of(*b).name for b in bounds})
             raise EvalError(f"cannot merge yet: {len(missing)} of {len(bounds)} chunks missing "
-                            f"({', '.join(missing)}); run the shards that own them")
+                            f"({', '.join(missing)}){hint or '; run the shards that own them'}")
     if shard is not None:
         bounds = bounds[shard[0]::shard[1]]
     clean_parts = []
@@ -237,25 +246,32 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
         fingerprint = fingerprint_of(start, end)
         path = path_of(start, end)
         saved = _load_chunk(path, fingerprint)
-        was_saved = saved is not None
-        chunk_lock = None
+        if saved is None and merge:  # checked above; a merge never attacks
+            raise EvalError(f"refusing to merge {path}: it is not a chunk of this evaluation")
         if saved is None:  # one process computes a chunk (at/lock.py); it may have just finished
             chunk_lock = acquire(path.with_name(path.name + ".lock"),
                                  f"AutoAttack chunk {path}", "eval.autoattack")
             saved = _load_chunk(path, fingerprint)
-            was_saved = saved is not None
+            if saved is not None:
+                chunk_lock.release()
+        was_saved = saved is not None
+        if was_saved:  # from disk: refused by name if AutoAttack cannot have written it
+            problem = outcome_problem(saved["outcome"], stages, end - start) or clean_problem(
+                t.model, x[start:end], y[start:end], saved["outcome"]["clean"], batch_size)
+            if problem:
+                raise EvalError(f"{'refusing to merge' if merge else 'refusing to reuse'} "
+                                f"{path}: {problem}; remove it to compute it again")
         if saved is None:
             began = time.time()
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with chunk_lock, torch.random.fork_rng(
+                    devices=[device] if device.type == "cuda" else []):
                 outcome = attack_chunk(t.model, x[start:end], y[start:end], eps=eps_value,
                                        norm=norm, version=version, stages=stages, seed=seed,
                                        batch_size=batch_size, device=device,
                                        progress=progress)
-            saved = {"format": CHUNK_FORMAT, "fingerprint": fingerprint, "outcome": outcome,
-                     "seconds": time.time() - began}
-            ckpt.atomic_save(saved, path)
-        if chunk_lock is not None:
-            chunk_lock.release()
+                saved = {"format": CHUNK_FORMAT, "fingerprint": fingerprint,
+                         "outcome": outcome, "seconds": time.time() - began}
+                ckpt.atomic_save(saved, path)
         reused += was_saved
         clean_parts.append(saved["outcome"]["clean"])
         seconds += saved["seconds"]
