@@ -22,7 +22,8 @@ A spec (docs/sweeps.md; example: configs/digits/sweep_beta.yaml):
 Run directory names come from the swept values alone, so they are the same every time the spec is
 expanded: a sweep that is killed and started again skips finished runs (final.json and the
 evaluations done) and resumes the others (at.train --resume). <out_root>/sweep.json records a hash
-of the runs; a root that holds runs of another spec is refused unless --resume.
+of each run; a spec that only adds runs (seeds, grid values) or corrects `reported:` continues
+the sweep, and a root that holds runs of another spec is refused unless --resume.
 
 Exit status: 0 every run and evaluation succeeded; 1 a bad spec (one line) or a failed run (the
 others still ran); 75 / 130 stopped by SIGTERM / Ctrl-C (start it again to continue).
@@ -369,8 +370,32 @@ def spec_hash(runs: list[Run]) -> str:
 
 
 # ---- the sweep root ---------------------------------------------------------------------------
-def check_root(spec: Spec, runs: list[Run], resume: bool) -> None:
-    """Refuse a root holding runs of another spec (unless `resume`); record this spec's hash."""
+def run_hash(run: Run) -> str:
+    """A hash of what one run trains: its resolved config without out_dir and without the
+    `reported:` target (a corrected target changes no run)."""
+    doc = {k: v for k, v in run.config.items() if k not in ("out_dir", "reported")}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _conflict(state: dict, runs: list[Run]) -> str | None:
+    """Why the root's recorded runs are not a subset of this spec's (None when this spec only
+    adds runs: more seeds, more grid values, a corrected `reported:` target)."""
+    mine = {r.name: run_hash(r) for r in runs}
+    if isinstance(state.get("run_hashes"), dict):
+        other = [n for n, h in state["run_hashes"].items() if mine.get(n) != h]
+        return None if not other else state["hash"]
+    # A sweep.json without per-run hashes: its spec hash over the runs it names.
+    known = state.get("runs")
+    if isinstance(known, list) and set(known) <= set(mine) and \
+            spec_hash([r for r in runs if r.name in set(known)]) == state["hash"]:
+        return None
+    return state["hash"]
+
+
+def check_root(spec: Spec, runs: list[Run], resume: bool) -> dict:
+    """Refuse a root holding runs of another spec (unless `resume`); a spec that only adds runs
+    to the recorded ones continues there. Returns the state to record once every other check
+    passed (`write_state`): a refused command changes nothing."""
     root, digest = spec.out_root, spec_hash(runs)
     state_path = root / STATE_FILE
     if root.exists() and not root.is_dir():
@@ -378,7 +403,9 @@ def check_root(spec: Spec, runs: list[Run], resume: bool) -> None:
     previous = None
     if state_path.is_file():
         try:
-            previous = json.loads(state_path.read_text())["hash"]
+            state = json.loads(state_path.read_text())
+            state["hash"]
+            previous = _conflict(state, runs)
         except (OSError, ValueError, KeyError, TypeError):
             raise SweepError(f"{state_path} is unreadable; remove it to start the sweep "
                              f"again there (the runs are kept)") from None
@@ -390,12 +417,24 @@ def check_root(spec: Spec, runs: list[Run], resume: bool) -> None:
         raise SweepError(f"out_root {root} holds runs of another spec ({previous}, this spec: "
                          f"{digest}); pass --resume to continue there anyway, or choose "
                          f"another out_root")
+    return {"hash": digest, "spec": str(spec.path), "base": str(spec.base),
+            "runs": [r.name for r in runs], "run_hashes": {r.name: run_hash(r) for r in runs},
+            "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def write_state(root: Path, state: dict) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    doc = {"hash": digest, "spec": str(spec.path), "base": str(spec.base),
-           "runs": [r.name for r in runs], "written": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                   time.gmtime())}
-    text = json.dumps(doc, indent=2) + "\n"
-    atomic_write(state_path, lambda f: f.write(text.encode()))
+    text = json.dumps(state, indent=2) + "\n"
+    atomic_write(root / STATE_FILE, lambda f: f.write(text.encode()))
+
+
+def _run_dir_above(root: Path) -> Path | None:
+    """The run directory that `root` is or lies inside, if any."""
+    for path in [root, *root.absolute().parents]:
+        if (path / "config.yaml").is_file() and any(
+                (path / name).exists() for name in ("metrics.jsonl", "last.pt", "final.json")):
+            return path
+    return None
 
 
 def claim_root(root: Path) -> Lock:
@@ -403,6 +442,10 @@ def claim_root(root: Path) -> Lock:
     (the runs themselves are locked by at.train)."""
     if root.exists() and not root.is_dir():
         raise SweepError(f"out_root {root} is a file, not a directory")
+    run = _run_dir_above(root)
+    if run is not None:  # its runs would land among a run's files (and its summary pool them)
+        raise SweepError(f"out_root {root} is inside the run directory {run}; choose an "
+                         f"out_root outside any run")
     try:
         root.mkdir(parents=True, exist_ok=True)
         return acquire(root / LOCK_FILE, f"out_root {root}", "at.sweep")
@@ -421,17 +464,41 @@ def run_state(run: Run) -> str:
 
 
 def _check_done_run(spec: Spec, run: Run) -> None:
-    """A finished run in place of one of ours must have trained what the spec says."""
+    """A finished run in place of one of ours must have trained what the spec says (its
+    `reported:` target may differ: see `update_reported`)."""
     try:
         saved = _flat(yaml.safe_load((run.out_dir / "config.yaml").read_text()) or {})
     except (OSError, yaml.YAMLError):
         raise SweepError(f"{run.out_dir}/config.yaml is unreadable") from None
     want = _flat(run.config)
     for key in [*spec.overrides, *run.overrides, "seed"]:
+        if key == "reported" or key.startswith("reported."):
+            continue
         if key in want and saved.get(key) != want[key]:
             raise SweepError(f"{run.out_dir} holds a run with {key}={saved.get(key)!r}, not "
                              f"{want[key]!r}: another spec's run; remove it or choose another "
                              f"out_root")
+
+
+def update_reported(run: Run) -> bool:
+    """A finished run's config.yaml gets the spec's `reported:` target when the spec corrected
+    it (the target describes the run, it changed nothing in it; at.train --resume does the same
+    for a run that is not finished). Whether it changed."""
+    path = run.out_dir / "config.yaml"
+    doc = yaml.safe_load(path.read_text()) or {}
+    if doc.get("reported") == run.config.get("reported"):
+        return False
+    doc["reported"] = run.config.get("reported")
+    text = yaml.safe_dump(doc, sort_keys=False)
+    atomic_write(path, lambda f: f.write(text.encode()))
+    return True
+
+
+def _check_evals(spec: Spec) -> None:
+    missing = [n for n, _ in spec.evals if importlib.util.find_spec(EVALS[n]) is None]
+    if missing:
+        raise SweepError(f"eval {missing[0]!r} needs python -m {EVALS[missing[0]]}, which "
+                         f"this checkout does not have")
 
 
 def _evals_done(run: Run) -> dict:
@@ -472,10 +539,7 @@ class _Child:
 
 
 def run_local(spec: Spec, runs: list[Run]) -> int:
-    missing = [n for n, _ in spec.evals if importlib.util.find_spec(EVALS[n]) is None]
-    if missing:
-        raise SweepError(f"eval {missing[0]!r} needs python -m {EVALS[missing[0]]}, which "
-                         f"this checkout does not have")
+    _check_evals(spec)
     child = _Child()
     previous = signal.signal(signal.SIGTERM, child)
     failed = []
@@ -598,7 +662,17 @@ def main(argv: list[str] | None = None) -> int:
                 raise SweepError(f"{chosen[0].out_dir} has not finished (no final.json)")
             return run_local(spec, chosen)
         _root_lock = claim_root(spec.out_root)  # held until the sweep ends (at/lock.py)
-        check_root(spec, runs, args.resume)
+        state = check_root(spec, runs, args.resume)
+        # Everything that can refuse the command is checked before sweep.json is written.
+        _check_evals(spec)
+        done = [r for r in runs if run_state(r) == "done"]
+        for run in done:
+            _check_done_run(spec, run)
+        write_state(spec.out_root, state)
+        for run in done:
+            if update_reported(run):
+                print(f"at.sweep: {run.name}: reported: target updated in its config.yaml",
+                      flush=True)
         if args.slurm:
             script = spec.out_root / "sweep.sbatch"
             text = slurm_script(spec, runs)
