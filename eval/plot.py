@@ -18,7 +18,10 @@ from pathlib import Path
 from at.errors import USER_ERRORS, report
 
 from .common import EvalError
+from .figures import figure_format, save
 from .results import fullest
+
+NORMS = ("Linf", "L2", "L1")
 
 
 def _results_dir(run: Path) -> Path:
@@ -78,6 +81,8 @@ def draw(runs: list[tuple[str, dict]], path: Path, norm: str | None = None) -> P
     if not norms:
         raise EvalError("no results to plot (run eval.pgd, eval.autoattack or eval.audit first)")
     norm = norm or max(set(norms), key=norms.count)
+    if norm not in norms:  # an empty figure would look like a result
+        raise EvalError(f"no {norm} results to plot (there are {', '.join(sorted(set(norms)))})")
     factor, xlabel = _scale(norm)
     fig, ax = plt.subplots(figsize=(5, 3.6))
     markers = {"AutoAttack": "*", "AutoAttack (audit)": "*", "AutoAttack (subset)": "P"}
@@ -100,12 +105,19 @@ def draw(runs: list[tuple[str, dict]], path: Path, norm: str | None = None) -> P
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=150)
+    save(fig, path, dpi=150)  # in the format of path's suffix, never half-written
     plt.close(fig)
-    tmp.replace(path)  # never a half-written figure
     return path
+
+
+def parse_norm(text: str | None) -> str | None:
+    """--norm in any case (linf, as the configs write it, or Linf); None stays None."""
+    if text is None:
+        return None
+    for norm in NORMS:
+        if text.lower() == norm.lower():
+            return norm
+    raise EvalError(f"unknown norm {text!r}; valid: {', '.join(NORMS)}")
 
 
 def robustness_png(out_dir: Path, weights: str, norm: str | None = None) -> Path:
@@ -118,11 +130,16 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", type=Path)
     p.add_argument("--weights", default="best")
-    p.add_argument("--norm", help="Linf | L2 | L1 (default: the one with the most results)")
+    p.add_argument("--norm", help="Linf | L2 | L1, in any case (default: the one with the most "
+                   "results)")
     p.add_argument("--labels", help="comma-separated legend labels, one per run")
-    p.add_argument("--out", type=Path, help="figure path (required for several runs)")
+    p.add_argument("--out", type=Path, help="figure path (required for several runs); its "
+                   "suffix sets the format (.png, .pdf, .svg, ...)")
     args = p.parse_args(argv)
     try:
+        norm = parse_norm(args.norm)
+        if args.out is not None:
+            figure_format(args.out)  # a suffix it cannot write is refused before any work
         labels = args.labels.split(",") if args.labels else [r.name for r in args.runs]
         if len(labels) != len(args.runs):
             raise EvalError(f"--labels gives {len(labels)} labels for {len(args.runs)} runs")
@@ -131,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         collected = [(label if len(args.runs) > 1 else "", collect(run, args.weights))
                      for label, run in zip(labels, args.runs)]
         out = args.out or _results_dir(args.runs[0]) / f"robustness_{args.weights}.png"
-        path = draw(collected, out, args.norm)
+        path = draw(collected, out, norm)
     except USER_ERRORS as err:
         return report("eval.plot", err)
     for _, r in collected:

@@ -47,6 +47,7 @@ class RunResult:
     eval_eps: list[tuple[str, float]] = field(default_factory=list)  # (what, eps) evaluated at
     stopped_epoch: int | None = None
     notes: list[str] = field(default_factory=list)  # which result file was used, of several
+    weights_sha256: str | None = None  # of best.pt (else last.pt): tells a copied run
 
 
 def _flat(tree: dict, prefix: str = "") -> dict[str, Any]:
@@ -104,6 +105,10 @@ def read_run(path: Path) -> RunResult:
     m["val_pgd_last"] = val[-1] if val else None
     m["val_pgd_avg"] = avg[-1] if avg else None
     result = RunResult(path, config, m)
+    weights = next((path / n for n in ("best.pt", "last.pt") if (path / n).is_file()), None)
+    if weights is not None:
+        from at.target import sha256
+        result.weights_sha256 = sha256(weights)
     if (path / "final.json").is_file():
         final = _json(path / "final.json")
         row = final.get("best") or final.get("last") or {}
@@ -137,6 +142,22 @@ def read_run(path: Path) -> RunResult:
         result.notes += [note] if note else []
         result.audit = str(chosen.get("verdict"))
     return result
+
+
+def drop_copies(runs: list[RunResult]) -> tuple[list[RunResult], list[str]]:
+    """The runs with copies left out: a run with the seed and the weights (file hash) of an
+    earlier one is the same run (copied, or trained twice identically) and would pool as two
+    seeds with no spread. Returns (kept, one note per copy naming both)."""
+    kept, seen, notes = [], {}, []
+    for run in runs:
+        key = (json.dumps(run.config.get("seed")), run.weights_sha256)
+        if run.weights_sha256 is not None and key in seen:
+            notes.append(f"{run.path} is a copy of {seen[key].path} (seed "
+                         f"{run.config.get('seed')}, same weights): counted once")
+            continue
+        seen[key] = run
+        kept.append(run)
+    return kept, notes
 
 
 def _neutral(key: str) -> bool:
@@ -320,8 +341,9 @@ def plot(groups: list[Group], differing: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from at.checkpoint import atomic_write
+    from .figures import figure_format, save
 
+    figure_format(path)  # refused before anything is drawn
     robust = "autoattack" if all(r.metrics["autoattack"] is not None
                                  for g in groups for r in g.runs) else "test_pgd"
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -344,5 +366,5 @@ def plot(groups: list[Group], differing: list[str], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
+    save(fig, path, dpi=80)  # in the format of path's suffix
     plt.close(fig)
