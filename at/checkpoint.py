@@ -45,23 +45,46 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     `path` is always either the previous complete file or the new complete file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    f = None
     try:
         # mkstemp creates the file 0600 (private while half-written); the finished file gets the
         # permissions any other new file would (0644 under the usual umask 022).
         os.chmod(tmp, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as raw:
+            f = _Recording(raw)
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if f is not None and f.error is not None and not isinstance(err, OSError):
+            # torch.save turns the file's own error (a full disk) into a RuntimeError ("unexpected
+            # pos ..."): the caller gets the OSError that says what happened.
+            raise f.error from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+class _Recording:
+    """A file that remembers the OSError its last failed write raised."""
+
+    def __init__(self, f: BinaryIO):
+        self._f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:

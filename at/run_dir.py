@@ -235,8 +235,9 @@ def _write(tr, obj: dict, name: str) -> None:
         ckpt.atomic_save(obj, path)
     except OSError as err:
         why = "disk full" if err.errno == errno.ENOSPC else err.strerror or str(err)
-        raise RunError(f"could not write {path} ({why}); the previous {name} is intact"
-                       ) from None
+        kept = f"the previous {name} is intact" if path.exists() else \
+            f"no {name} was written; free space and run again with --resume"
+        raise RunError(f"could not write {path} ({why}); {kept}") from None
     if name == "last.pt":
         tr._last_save = time.time()
 

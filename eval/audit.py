@@ -39,6 +39,7 @@ from .common import (
     Target,
     add_target_arguments,
     check_eps,
+    check_writable,
     load_target,
     load_test_data,
     parse_eps,
@@ -261,6 +262,7 @@ def audit(t: Target, *, n_ex: int | None = 1000, eps: str | None = None, norm: s
     if norm not in NORMS:
         raise EvalError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
     eps_text, eps_value = parse_eps(eps if eps is not None else DEFAULT_EPS[norm])
+    check_writable(t.out_dir)  # before any computation
     x, y = load_test_data(t, n_ex)
     check_eps(eps_value, norm, x)
     model = t.model

@@ -42,6 +42,7 @@ from .common import (
     Target,
     add_target_arguments,
     check_eps,
+    check_writable,
     load_test_data,
     parse_eps,
     provenance,
@@ -179,6 +180,7 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
     if shard is not None and merge:
         raise EvalError("--shard and --merge exclude each other: merge once all shards are done")
     eps_text, eps_value = parse_eps(eps if eps is not None else DEFAULT_EPS[norm])
+    check_writable(t.out_dir)  # before any computation
     x, y = load_test_data(t, n_ex)
     check_eps(eps_value, norm, x)
     n_test = len(load_test_data(t, None)[1]) if n_ex is not None else len(y)

@@ -7,9 +7,12 @@ made by somebody else never executes code from it.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
+import os
 import sys
+import tempfile
 from fractions import Fraction
 from pathlib import Path
 
@@ -181,5 +184,28 @@ def write_text(text: str, path: Path) -> None:
     ckpt.atomic_write(path, lambda f: f.write(text.encode()))
 
 
+def check_writable(folder: Path) -> None:
+    """Before any computation: `folder` (created if needed) takes a file, so that hours of
+    attacks never end in a read-only or missing place."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise EvalError(f"cannot write results to {folder} ({err.strerror or err}); make it "
+                        f"writable, or evaluate a copy of the run or checkpoint elsewhere"
+                        ) from None
+
+
 def write_json(obj: dict, path: Path) -> None:
-    write_text(json.dumps(obj, indent=2) + "\n", path)
+    """The result file; when it cannot be written (a full disk), the result is printed on
+    stdout first, so that the computation is not lost, and the error says so."""
+    text = json.dumps(obj, indent=2) + "\n"
+    try:
+        write_text(text, path)
+    except OSError as err:
+        print(text, end="", flush=True)
+        why = "disk full" if err.errno == errno.ENOSPC else err.strerror or str(err)
+        raise EvalError(f"could not write {path} ({why}); the result is printed on stdout "
+                        f"above") from None

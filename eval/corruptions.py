@@ -28,6 +28,7 @@ from .common import (
     EvalError,
     Target,
     add_target_arguments,
+    check_writable,
     provenance,
     resolve_batch_size,
     target_from_arguments,
@@ -97,6 +98,7 @@ def evaluate(t: Target, root: str | Path, *, n_ex: int | None = None,
     if missing:
         raise EvalError(f"{folder} lacks {len(missing)} corruption files ({', '.join(missing)}"
                         f".npy); choose others with --corruptions")
+    check_writable(t.out_dir)  # before any computation
     labels = load_npy(folder / "labels.npy", (SHAPE[0],), integer=True)
     classes = datasets.NUM_CLASSES[t.dataset]
     used = np.concatenate([np.asarray(labels[(s - 1) * PER_SEVERITY:(s - 1) * PER_SEVERITY + n])

@@ -23,6 +23,7 @@ from .common import (
     Target,
     add_target_arguments,
     check_eps,
+    check_writable,
     load_test_data,
     parse_eps,
     provenance,
@@ -53,6 +54,7 @@ def evaluate(t: Target, *, attack: str = "pgd", steps: int = 20, n_ex: int | Non
     step_text, step_value = parse_eps(step_size) if step_size else (
         ("2/255", 2 / 255) if (norm, eps_text) == ("Linf", "8/255") else
         (f"{eps_text}/4", eps_value / 4))
+    check_writable(t.out_dir)  # before any computation
     x, y = load_test_data(t, n_ex)
     check_eps(eps_value, norm, x)
     started = time.time()
