@@ -8,6 +8,7 @@ from attacks.pgd import INITS, NORMS, eps_problem
 from attacks.utils import BN_MODES
 
 from . import averaging, speed
+from .config_values import check_values
 from .early_stop import EarlyStop
 from .errors import RunError
 from .schedules import ATTACK_SCHEDULES, LR_SCHEDULES
@@ -90,6 +91,7 @@ def check_config(cfg: dict) -> None:
     if problem:
         raise RunError(problem)
     # The sections whose modules check them (ConfigError).
+    check_values(cfg)  # names, seed, finite numbers (at/config_values.py)
     speed.check(cfg["speed"])
     averaging.check_config(cfg["avg"])
     EarlyStop.from_config(cfg)  # train.early_stop

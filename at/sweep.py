@@ -52,7 +52,14 @@ import yaml
 
 from .checkpoint import atomic_write
 from .config import ConfigError, _read_yaml, load_config, parse_value
-from .errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, USER_ERRORS, did_you_mean, report
+from .errors import (
+    EXIT_INTERRUPTED,
+    EXIT_PREEMPTED,
+    USER_ERRORS,
+    UserError,
+    did_you_mean,
+    report,
+)
 from .lock import LOCK_FILE, Lock, acquire
 
 SPEC_FIELDS = ("base", "overrides", "grid", "random", "seeds", "out_root", "eval", "slurm")
@@ -165,7 +172,10 @@ def _draw(path: Path, key: str, spec: Any, rng: random.Random) -> Any:
         if kind in ("uniform", "log_uniform", "randint") and ok:
             low, high = args
             if kind == "randint":
-                return rng.randint(int(low), int(high))
+                if not all(isinstance(a, int) for a in args):
+                    raise _fail(path, f"random key {key!r}: randint takes two integers, got "
+                                      f"{args!r}")
+                return rng.randint(low, high)
             if kind == "log_uniform":
                 if low <= 0:
                     raise _fail(path, f"random key {key!r}: log_uniform needs low > 0")
@@ -200,7 +210,13 @@ def load_spec(path: str | Path, out_root: str | None = None) -> Spec:
             raise _fail(path, f"`{name}:` must be a mapping of dotted config keys")
         return {str(k): v for k, v in value.items()}
 
-    overrides = mapping("overrides")
+    overrides = {}
+    for key, value in mapping("overrides").items():
+        if isinstance(value, dict) and value and (key in sections or key == "reported"):
+            # `optim: {lr: 0.2}` is `optim.lr: 0.2` (a mapping never replaces a section)
+            overrides.update(_flat(value, f"{key}."))
+        else:
+            overrides[key] = value
     for key in overrides:
         _check_key(path, key, "overrides", known)
     grid_raw = mapping("grid")
@@ -228,7 +244,10 @@ def load_spec(path: str | Path, out_root: str | None = None) -> Spec:
             _check_key(path, key, "random", known)
             if key in grid:
                 raise _fail(path, f"key {key!r} is both in grid and in random")
-        rnd = {"samples": samples, "seed": int(rnd.get("seed") or 0),
+        seed = rnd.get("seed") or 0
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise _fail(path, f"random.seed must be an integer, got {seed!r}")
+        rnd = {"samples": samples, "seed": seed,
                "params": {str(k): v for k, v in params.items()}}
     for key in overrides:
         if key in grid or (rnd and key in rnd["params"]):
@@ -262,8 +281,31 @@ def load_spec(path: str | Path, out_root: str | None = None) -> Spec:
     slurm = raw.get("slurm") or {}
     if not isinstance(slurm, dict):
         raise _fail(path, "`slurm:` must be a mapping of sbatch options (e.g. time: 48:00:00)")
+    for key, value in slurm.items():
+        _check_slurm(path, key, value)
     return Spec(path, base, {k: parse_value(v, k) for k, v in overrides.items()}, grid, rnd,
                 seeds, Path(root), evals, slurm)
+
+
+# sbatch options that take no value (`requeue: null` writes `#SBATCH --requeue`).
+SLURM_FLAGS = ("requeue", "no-requeue", "exclusive", "overcommit", "contiguous", "hold",
+               "no-kill", "oversubscribe", "spread-job", "use-min-nodes")
+
+
+def _check_slurm(path: Path, key: Any, value: Any) -> None:
+    """One `slurm:` option that makes one valid `#SBATCH --key=value` line."""
+    if not (isinstance(key, str) and re.fullmatch(r"[a-z][a-z0-9-]*", key)):
+        raise _fail(path, f"slurm: option {key!r} is not an sbatch option name (e.g. time, "
+                          f"mem, partition)")
+    if value is None:
+        if key not in SLURM_FLAGS:
+            raise _fail(path, f"slurm.{key} has no value; only the flags "
+                              f"{', '.join(SLURM_FLAGS)} take none")
+        return
+    if isinstance(value, (bool, list, dict)) or not isinstance(value, (str, int, float)):
+        raise _fail(path, f"slurm.{key} must be one string or number, got {value!r}")
+    if isinstance(value, str) and (not value.strip() or re.search(r"[\n\r]", value)):
+        raise _fail(path, f"slurm.{key} must be one non-empty line, got {value!r}")
 
 
 def _flat_sections(tree: dict, prefix: str = "") -> list[str]:
@@ -310,6 +352,28 @@ def _value_text(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]", "-", text)
 
 
+REDRAWS = 100  # draws of one sample before a search is declared too narrow for its samples
+
+
+def _samples(spec: Spec) -> list[dict]:
+    """`samples` distinct random points (seeded: the same every time). A draw equal to an
+    earlier one (a narrow choice list, a randint range, rounding) is drawn again."""
+    rng = random.Random(spec.random["seed"])
+    samples: list[dict] = []
+    for i in range(spec.random["samples"]):
+        for _ in range(REDRAWS):
+            sample = {k: parse_value(_draw(spec.path, k, v, rng), k)
+                      for k, v in spec.random["params"].items()}
+            if sample not in samples:
+                break
+        else:
+            raise _fail(spec.path, f"random: {spec.random['samples']} samples asked, but "
+                                   f"after {REDRAWS} draws sample {i + 1} still repeats one of "
+                                   f"the first {i}: the search space has too few points")
+        samples.append(sample)
+    return samples
+
+
 def expand(spec: Spec) -> list[Run]:
     """Every run of the spec, in order (grid points, then random samples, then seeds)."""
     keys = list(spec.grid)
@@ -317,10 +381,7 @@ def expand(spec: Spec) -> list[Run]:
         *(spec.grid[k] for k in keys))] or [{}]
     samples = [{}]
     if spec.random:
-        rng = random.Random(spec.random["seed"])  # the same draws every time
-        samples = [{k: parse_value(_draw(spec.path, k, v, rng), k)
-                    for k, v in spec.random["params"].items()}
-                   for _ in range(spec.random["samples"])]
+        samples = _samples(spec)
     labels = _labels(keys + (list(spec.random["params"]) if spec.random else []))
     runs, seen = [], {}
     for point in grid_points:
@@ -340,7 +401,7 @@ def expand(spec: Spec) -> list[Run]:
     for run in runs:
         try:
             run.config = load_config(spec.base, train_args(spec, run))
-        except ConfigError as err:
+        except UserError as err:  # every run checked before the first one starts
             raise _fail(spec.path, f"run {run.name}: {err}") from None
     return runs
 

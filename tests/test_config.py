@@ -121,6 +121,39 @@ def test_duplicate_keys_and_syntax_errors_name_the_line(tmp_path):
         load_config(broken)
 
 
+def test_merge_keys_non_utf8_and_one_line_duplicates(tmp_path):
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("optim: {<<: {lr: 0.05, epochs: 2}, epochs: 3}\n")  # own keys win
+    cfg = load_config(merged)
+    assert (cfg["optim"]["lr"], cfg["optim"]["epochs"]) == (0.05, 3)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("optim:\n  lr: 0.05  # caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.yaml is not UTF-8 text \(byte 0xe9 at "
+                                          r"offset 24\); save it as UTF-8"):
+        load_config(latin)
+    same_line = tmp_path / "same_line.yaml"
+    same_line.write_text("optim: {lr: 0.05, lr: 0.1}\n")
+    with pytest.raises(ConfigError, match="duplicate key 'lr'"):
+        load_config(same_line)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("optim.lr=.inf", "optim.lr is inf"),
+    ("method.ikl_at.beta=.nan", "method.ikl_at.beta is nan"),
+    ("optim.weight_decay=-.inf", "optim.weight_decay is -inf"),
+    ("seed=-1", "seed must be an integer in [0, 2**32 - 1]"),
+    (f"seed={2**32}", "got 4294967296"),
+    ("model.name=wrn-99-9", "unknown model (model.name) 'wrn-99-9'"),
+    ("data.name=mnistt", "unknown dataset (data.name) 'mnistt'"),
+    ("method.name=IKL_AT", "unknown method (method.name) 'IKL_AT'"),
+])
+def test_values_that_would_fail_late_are_refused_at_load(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(BASE_CONFIG.parent / "digits" / "ikl_at.yaml", [override])
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert load_config(None, [f"seed={2**32 - 1}"])["seed"] == 2**32 - 1
+
+
 def test_a_division_by_zero_names_its_key(tmp_path):
     with pytest.raises(ConfigError, match=r"^attack.eps: division by zero in '8/0'"):
         load_config(None, ["attack.eps=8/0"])

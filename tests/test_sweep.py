@@ -294,11 +294,41 @@ def test_adding_a_seed_or_correcting_the_target_continues_the_sweep(tmp_path):
      ["'optim.momentum'", "log_uniform"]),
     ({"random": {"samples": 2, "params": {"optim.lr": [0.1]}}}, ["'optim.lr'", "both"]),
     ({"colour": "red"}, ["'colour'", "unknown spec field"]),
+    # Every run's config is checked before the first run starts.
+    ({"grid": {"model.name": ["wrn-16-1", "wrn-99-9"]}}, ["wrn-99-9", "unknown model"]),
+    ({"grid": {"data.name": ["digits", "mnistt"]}}, ["'mnistt'", "unknown dataset"]),
+    ({"overrides": TARGET, "grid": {"method.name": ["ikl_at", "IKL_AT"]}},
+     ["'IKL_AT'", "unknown method"]),
+    ({"seeds": [-1]}, ["run lr0.05_seed-1", "numpy's range"]),
+    ({"random": {"samples": 2, "seed": "abc", "params": {"optim.momentum": [0.8, 0.9]}}},
+     ["random.seed must be an integer", "'abc'"]),
+    ({"random": {"samples": 2, "params": {"train.skip_nonfinite": {"randint": [1.5, 3.7]}}}},
+     ["'train.skip_nonfinite'", "randint takes two integers"]),
+    ({"random": {"samples": 3, "params": {"optim.momentum": [0.8, 0.9]}}},
+     ["3 samples asked", "too few points"]),
+    ({"slurm": {"time": "1:00\nrm -rf x"}}, ["slurm.time", "one non-empty line"]),
+    ({"slurm": {"time": ["1:00", "2:00"]}}, ["slurm.time", "one string or number"]),
+    ({"slurm": {"mem": None}}, ["slurm.mem has no value"]),
+    ({"slurm": {"mem 4G": 1}}, ["'mem 4G'", "not an sbatch option name"]),
 ])
 def test_bad_specs_are_one_line_errors_naming_the_problem(tmp_path, capsys, fields, needles):
     spec = write_spec(tmp_path / "s.yaml", tmp_path / "root", **fields)
     one_line_error(capsys, sweep.main([str(spec), "--print"]), *needles)
     assert not (tmp_path / "root").exists()
+
+
+def test_nested_overrides_and_colliding_random_draws(tmp_path):
+    spec = sweep.load_spec(write_spec(tmp_path / "s.yaml", tmp_path / "root",
+                                      overrides={**CHEAP, "optim": {"momentum": 0.8}}))
+    assert all(r.config["optim"]["momentum"] == 0.8 for r in sweep.expand(spec))
+    # Five draws from three values: the repeated draws are drawn again, all points distinct.
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"base": str(DIGITS), "out_root": str(tmp_path / "root"),
+                                    "random": {"samples": 3, "seed": 0, "params": {
+                                        "optim.momentum": [0.7, 0.8, 0.9]}}}))
+    spec = sweep.load_spec(path)
+    values = sorted({r.config["optim"]["momentum"] for r in sweep.expand(spec)})
+    assert values == [0.7, 0.8, 0.9]
 
 
 def test_ranges_random_search_and_names_are_stable(tmp_path):
