@@ -30,6 +30,7 @@ from at.errors import USER_ERRORS
 from at.errors import report as report_error
 from at.evaluate import correct
 from attacks import frozen, pgd
+from attacks.pgd import eps_problem
 
 from . import aa_flags
 from . import autoattack as aa_eval
@@ -262,9 +263,16 @@ def audit(t: Target, *, n_ex: int | None = 1000, eps: str | None = None, norm: s
     if norm not in NORMS:
         raise EvalError(f"unknown norm {norm!r}; valid: {', '.join(NORMS)}")
     eps_text, eps_value = parse_eps(eps if eps is not None else DEFAULT_EPS[norm])
+    if eps_value == 0:
+        raise EvalError("--eps 0: an audit needs a radius > 0 (at 0 every attack measures the "
+                        "clean accuracy and every check passes)")
     check_writable(t.out_dir)  # before any computation
     x, y = load_test_data(t, n_ex)
     check_eps(eps_value, norm, x)
+    for text, value in sweep or []:  # a radius the eps check refuses is no point of a curve
+        problem = value and eps_problem("--sweep", value, norm, x[0].numel())
+        if problem:
+            raise EvalError(problem)
     model = t.model
     device = next(model.parameters()).device
     n_classes = _logits(model, x[:2], 2).shape[1]
@@ -429,8 +437,15 @@ def main(argv: list[str] | None = None) -> int:
                                         args.surrogate_arch,
                                         t.dataset if args.surrogate_arch else None,
                                         next(t.model.parameters()).device, args.data_root)
-            except EvalError as err:
-                raise EvalError(f"--surrogate {args.surrogate}: {err}") from None
+            except EvalError as err:  # named by the surrogate's own flags
+                why = str(err).replace("--arch and --dataset", "--surrogate-arch (its dataset "
+                                       "is the model's)").replace("--weights",
+                                                                   "--surrogate-weights")
+                raise EvalError(f"--surrogate {args.surrogate}: {why}") from None
+            if surrogate.checkpoint_sha256 == t.checkpoint_sha256:
+                raise EvalError(f"--surrogate {args.surrogate} holds the audited weights "
+                                f"themselves; a transfer check needs another model (ideally "
+                                f"a standard-trained one)")
             if surrogate.dataset != t.dataset:
                 raise EvalError(f"the surrogate was trained on {surrogate.dataset}, the model "
                                 f"on {t.dataset}")
