@@ -212,7 +212,10 @@ def test_reported_blocks_are_validated_and_recorded(tmp_path):
     assert load_run_config(tmp_path / "run")["reported"] == cfg["reported"]  # the run records it
     bad = {"  autoattak: 57.1\n": "unknown field 'autoattak'",
            "  seeds: [0, x]\n": "reported.seeds",
-           "  runs: 0\n": "reported.runs"}
+           "  runs: 0\n": "reported.runs",
+           "  seeds: [0, 1, 2]\n  runs: 5\n": "reported.seeds lists 3 seeds but reported.runs "
+                                             "is 5",
+           "  seeds: [0, 0]\n": "reported.seeds repeats a seed"}
     for line, message in bad.items():
         exp.write_text("reported:\n  clean: 85.3\n  source: a paper\n" + line)
         with pytest.raises(ConfigError, match=re.escape(message)) as err:
@@ -225,9 +228,20 @@ def test_reported_blocks_are_validated_and_recorded(tmp_path):
                           (["reported.clean=85", "reported.source=x", "reported.autoattack=50",
                             "reported.norm=linf"], "reported.eps"),
                           (["reported.clean=85", "reported.source=x", "reported.eps=0.031"],
-                           "give reported.autoattack")]:
+                           "give reported.autoattack"),
+                          (["reported.clean=85", "reported.source=x", "reported.autoattack=50",
+                            "reported.norm=linf", "reported.eps=8"], "(0, 1)"),
+                          (["reported.clean=85", "reported.source=x", "reported.autoattack=50",
+                            "reported.norm=l1", "reported.eps=.inf"], "finite")]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_config(None, args)
+    # AutoAttack's own L1 radius (12) and an L2 one above 1 are radii on the [0,1] scale.
+    for norm, eps in (("l1", "12"), ("l2", "1.5")):
+        cfg = load_config(None, ["reported.clean=85", "reported.source=x",
+                                 "reported.autoattack=50", f"reported.norm={norm}",
+                                 f"reported.eps={eps}", "reported.seeds=[0, 1]",
+                                 "reported.runs=2"])
+        assert cfg["reported"]["eps"] == float(eps)
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)
