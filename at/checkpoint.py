@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -112,19 +113,35 @@ def load(path: str | Path, map_location: Any = "cpu") -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except pickle.UnpicklingError as err:
-        if "allowed global" not in str(err):  # not a pickle of objects at all
-            raise CheckpointError(f"cannot load checkpoint {path}: not a valid checkpoint (no "
-                                  f"torch.save file)") from err
         # torch's own message advises weights_only=False, which would run the file's code: wrong
-        # advice for a file of unknown origin.
-        raise CheckpointError(f"cannot load checkpoint {path}: refused, it is not a plain "
-                              f"checkpoint of tensors (loading it fully could execute code from "
-                              f"the file; do so only for a file you made yourself)") from err
+        # advice for a file of unknown origin. Its wording changes between versions ("... was
+        # not an allowed global", "unsupported GLOBAL x whose module y is blocked").
+        text = str(err)
+        named = re.search(r"GLOBAL ([\w.]+)", text)
+        if named or "allowed global" in text or _is_pickle(path):
+            what = f" (it names {named.group(1)}, which a full load would import and may call)" \
+                if named else ""
+            raise CheckpointError(f"cannot load checkpoint {path}: refused, it is not a plain "
+                                  f"checkpoint of tensors{what}; loading it fully could execute "
+                                  f"code from the file: do so only for a file you made "
+                                  f"yourself") from err
+        raise CheckpointError(f"cannot load checkpoint {path}: not a valid checkpoint (no "
+                              f"torch.save file)") from err
     except Exception as err:  # truncated zip, not a torch file, ...
         text = str(err).strip()
         first = text.splitlines()[0].split(". ")[0] if text else ""
         raise CheckpointError(f"cannot load checkpoint {path}: not a valid checkpoint "
                               f"({type(err).__name__}: {first})") from err
+
+
+def _is_pickle(path: str | Path) -> bool:
+    """Whether the file starts as a pickle of protocol 2 or later does (its PROTO opcode): one
+    the safe loader refused for what it holds, not for being no pickle at all."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(1) == pickle.PROTO
+    except OSError:
+        return False
 
 
 def first_nonfinite(obj: Any, prefix: str = "") -> str | None:

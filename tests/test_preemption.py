@@ -260,6 +260,31 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path):
     assert proc.returncode == 1 and "not a valid checkpoint" in proc.stderr, proc.stderr
 
 
+class CallsSystem:
+    """Unpickling this would run a shell command (torch names its module "blocked")."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_a_pickle_that_calls_a_function_is_refused_as_such(tmp_path, protocol):
+    import pickle
+
+    from at.checkpoint import CheckpointError
+    path, marker = tmp_path / "evil.pt", tmp_path / "pwned"
+    with open(path, "wb") as f:  # a plain pickle, as torch.save's legacy format writes
+        pickle.dump({"format": 2, "extra": CallsSystem(marker)}, f, protocol=protocol)
+    with pytest.raises(CheckpointError, match="refused, it is not a plain checkpoint of tensors"
+                                              ".*could execute code") as err:
+        load(path)
+    assert protocol != 2 or "it names posix.system" in str(err.value)
+    assert not marker.exists()
+
+
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
 def test_atomic_writes_follow_the_umask(tmp_path, umask, mode):
     # A fresh process: the umask is read once, when at.checkpoint is imported.
