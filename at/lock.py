@@ -86,7 +86,10 @@ def acquire(path: str | Path, what: str, prog: str) -> Lock:
         raise
     who = {"pid": os.getpid(), "host": socket.gethostname(),
            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "command": " ".join(sys.argv)[:200]}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, (json.dumps(who) + "\n").encode(), 0)
+           "command": " ".join(sys.argv)[:100]}
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(who) + "\n").encode(), 0)
+    except OSError:  # a full disk: the lock holds all the same, it only names nobody
+        pass
     return Lock(path, fd)

@@ -273,7 +273,12 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
                                        progress=progress)
                 saved = {"format": CHUNK_FORMAT, "fingerprint": fingerprint,
                          "outcome": outcome, "seconds": time.time() - began}
-                ckpt.atomic_save(saved, path)
+                try:
+                    ckpt.atomic_save(saved, path)
+                except OSError as err:  # a full disk: the chunks saved so far are kept
+                    raise EvalError(f"could not write {path} ({err.strerror or err}); the "
+                                    f"chunks saved before it are kept: free space and run the "
+                                    f"same command again to continue") from None
         reused += was_saved
         clean_parts.append(saved["outcome"]["clean"])
         seconds += saved["seconds"]

@@ -115,3 +115,19 @@ def test_a_result_that_cannot_be_saved_is_printed(tmp_path, monkeypatch, capsys)
     assert "(disk full); the result is printed on stdout above" in out.err
     result = json.loads(out.out)
     assert result["n_ex"] == 8 and 0 <= result["robust_acc"] <= result["clean_acc"]
+
+
+def test_a_full_disk_while_saving_an_autoattack_chunk_is_one_line(tmp_path, monkeypatch, capsys):
+    from eval import autoattack
+    path = _checkpoint(tmp_path)
+
+    def full(obj, where):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(autoattack.ckpt, "atomic_save", full)
+    code = autoattack.main([str(path), "--arch", "wrn-16-1", "--dataset", "digits", "--device",
+                            "cpu", "--n-ex", "4", "--attacks", "apgd-ce"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and err.count("\n") == 1, err
+    assert "chunk_000000_000004.pt (No space left on device); the chunks saved before it are " \
+           "kept" in err
