@@ -9,6 +9,7 @@ import json
 import os
 import pickle
 import random
+import re
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
@@ -46,17 +47,23 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     `path` is always either the previous complete file or the new complete file."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    f = None
     try:
         # mkstemp creates the file 0600 (private while half-written); the finished file gets the
         # permissions any other new file would (0644 under the usual umask 022).
         os.chmod(tmp, 0o666 & ~_UMASK)
-        with os.fdopen(fd, "wb") as f:
+        with os.fdopen(fd, "wb") as raw:
+            f = _Recording(raw)
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if f is not None and f.error is not None and not isinstance(err, OSError):
+            # torch.save turns the file's own error (a full disk) into a RuntimeError ("unexpected
+            # pos ..."): the caller gets the OSError that says what happened.
+            raise f.error from None
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -75,6 +82,21 @@ def write_text(text: str, path: Path) -> None:
 def write_json(obj: Any, path: Path, indent: int | None = 2) -> None:
     """`obj` as JSON through `write_text` (one line with indent=None), ending in a newline."""
     write_text(json.dumps(obj, indent=indent) + "\n", path)
+class _Recording:
+    """A file that remembers the OSError its last failed write raised."""
+
+    def __init__(self, f: BinaryIO):
+        self._f, self.error = f, None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._f, name)
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
@@ -102,19 +124,35 @@ def load(path: str | Path, map_location: Any = "cpu") -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint not found: {path}") from None
     except pickle.UnpicklingError as err:
-        if "allowed global" not in str(err):  # not a pickle of objects at all
-            raise CheckpointError(f"cannot load checkpoint {path}: not a valid checkpoint (no "
-                                  f"torch.save file)") from err
         # torch's own message advises weights_only=False, which would run the file's code: wrong
-        # advice for a file of unknown origin.
-        raise CheckpointError(f"cannot load checkpoint {path}: refused, it is not a plain "
-                              f"checkpoint of tensors (loading it fully could execute code from "
-                              f"the file; do so only for a file you made yourself)") from err
+        # advice for a file of unknown origin. Its wording changes between versions ("... was
+        # not an allowed global", "unsupported GLOBAL x whose module y is blocked").
+        text = str(err)
+        named = re.search(r"GLOBAL ([\w.]+)", text)
+        if named or "allowed global" in text or _is_pickle(path):
+            what = f" (it names {named.group(1)}, which a full load would import and may call)" \
+                if named else ""
+            raise CheckpointError(f"cannot load checkpoint {path}: refused, it is not a plain "
+                                  f"checkpoint of tensors{what}; loading it fully could execute "
+                                  f"code from the file: do so only for a file you made "
+                                  f"yourself") from err
+        raise CheckpointError(f"cannot load checkpoint {path}: not a valid checkpoint (no "
+                              f"torch.save file)") from err
     except Exception as err:  # truncated zip, not a torch file, ...
         text = str(err).strip()
         first = text.splitlines()[0].split(". ")[0] if text else ""
         raise CheckpointError(f"cannot load checkpoint {path}: not a valid checkpoint "
                               f"({type(err).__name__}: {first})") from err
+
+
+def _is_pickle(path: str | Path) -> bool:
+    """Whether the file starts as a pickle of protocol 2 or later does (its PROTO opcode): one
+    the safe loader refused for what it holds, not for being no pickle at all."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(1) == pickle.PROTO
+    except OSError:
+        return False
 
 
 def first_nonfinite(obj: Any, prefix: str = "") -> str | None:

@@ -34,12 +34,15 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         first_line: dict = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *anchor`: merged by the base class; its own keys win
             key = self.construct_object(key_node, deep=deep)
-            try:
-                line = first_line.setdefault(key, key_node.start_mark.line)
+            mark = key_node.start_mark
+            try:  # line and column: `{lr: 1, lr: 2}` repeats a key on one line
+                line, column = first_line.setdefault(key, (mark.line, mark.column))
             except TypeError:  # an unhashable key: the base class reports it
                 continue
-            if line != key_node.start_mark.line:
+            if (line, column) != (mark.line, mark.column):
                 raise yaml.constructor.ConstructorError(
                     None, None, f"duplicate key {key!r} (first given on line {line + 1})",
                     key_node.start_mark)
@@ -130,7 +133,10 @@ def read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.object[err.start]:#04x} at "
+                          f"offset {err.start}); save it as UTF-8") from None
     except yaml.MarkedYAMLError as err:  # the line is the part a user needs
         mark = err.problem_mark or err.context_mark
         where = f", line {mark.line + 1}" if mark is not None else ""

@@ -9,6 +9,7 @@ from attacks.utils import BN_MODES
 from errors import RunError
 
 from . import averaging, early_stop, speed
+from .config_values import check_values
 from .schedules import ATTACK_SCHEDULES, LR_SCHEDULES
 
 
@@ -80,6 +81,7 @@ def check_config(cfg: dict) -> None:
     if problem:
         raise RunError(problem)
     # The sections whose modules check them (ConfigError).
+    check_values(cfg)  # names, seed, finite numbers (at/config_values.py)
     speed.check(cfg["speed"])
     averaging.check_config(cfg["avg"])
     early_stop.check_config(cfg)

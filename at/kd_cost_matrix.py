@@ -193,6 +193,9 @@ def compute(target: str, kind: str = "cka", per_class: int = 0, weights: str = "
             ) -> dict:
     """`features` None: map for CIFAR-sized data, logits for image-file datasets (WKD's
     choices)."""
+    if per_class < 0 or batch_size < 1:
+        raise ConfigError(f"--per-class must be >= 0 (0 = every image of each class) and "
+                          f"--batch-size >= 1, got {per_class} and {batch_size}")
     model, dataset, root, sha, data_cfg = _teacher(target, weights, device, dataset, data_root)
     if features is None:
         features = "logits" if dataset in datasets.FOLDER_DATASETS else "map"
@@ -204,10 +207,22 @@ def compute(target: str, kind: str = "cka", per_class: int = 0, weights: str = "
                                              device_, workers)
         rows, per_image = feature_rows(model, batches, features)
         cost = cka_cost(list(rows.view(classes, n * per_image, -1)), device_)
+    problem = _nonfinite(cost)
+    if problem:  # a class whose features are constant (CKA's 0/0), or a diverged teacher
+        raise ConfigError(f"the {kind} cost matrix of {target} holds {problem}; nothing saved")
     return {"format": FORMAT, "kind": kind, "cost": cost, "teacher": str(target),
             "weights": weights, "checkpoint_sha256": sha,
             "features": features if kind == "cka" else None,
             "per_class": per_class if kind == "cka" else None}
+
+
+def _nonfinite(cost: Tensor) -> str | None:
+    """'NaN/inf costs (3 of them, the first between classes i and j)', or None."""
+    bad = (~torch.isfinite(cost)).nonzero()
+    if not len(bad):
+        return None
+    i, j = (int(v) for v in bad[0])
+    return f"NaN/inf costs ({len(bad)} of them, the first between classes {i} and {j})"
 
 
 def load_cost_matrix(path: str, num_classes: int, sharpen: float = 1.0) -> Tensor:
@@ -218,6 +233,10 @@ def load_cost_matrix(path: str, num_classes: int, sharpen: float = 1.0) -> Tenso
                                                                           num_classes):
         raise ConfigError(f"{path} is not a {num_classes}-class cost matrix made by "
                          f"python -m at.kd_cost_matrix")
+    problem = _nonfinite(cost)
+    if problem:
+        raise ConfigError(f"{path} holds {problem}; make it again with "
+                          f"python -m at.kd_cost_matrix")
     return (1 - torch.exp(-sharpen * cost)).clamp_min(0.0).float() + 1e-8
 
 

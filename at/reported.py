@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from attacks.pgd import NORMS
@@ -54,10 +55,14 @@ def check_reported(block: Any, source: str = "") -> dict | None:
             raise ConfigError(f"reported.norm must be one of {', '.join(NORMS)} when "
                                 f"reported.autoattack is given, got {out['norm']!r}{where}")
         eps = out["eps"]
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < 1:
-            raise ConfigError(f"reported.eps must be a radius in (0, 1) on the [0,1] scale "
-                                f"(e.g. 8/255) when reported.autoattack is given, got "
-                                f"{eps!r}{where}")
+        # L-inf radii are below 1 on the [0,1] scale; L2 and L1 ones need not be (AutoAttack's
+        # L1 default is 12).
+        upper = 1 if out["norm"] == "linf" else math.inf
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < upper:
+            span = "(0, 1) on the [0,1] scale (e.g. 8/255)" if upper == 1 else \
+                "> 0 and finite (e.g. 0.5 for l2, 12 for l1)"
+            raise ConfigError(f"reported.eps must be a radius {span} when "
+                                f"reported.autoattack is given, got {eps!r}{where}")
         out["eps"] = float(eps)
     elif out["norm"] is not None or out["eps"] is not None:
         raise ConfigError(f"reported.norm / reported.eps describe the AutoAttack number; give "
@@ -70,4 +75,9 @@ def check_reported(block: Any, source: str = "") -> dict | None:
     runs = out["runs"]
     if runs is not None and (isinstance(runs, bool) or not isinstance(runs, int) or runs < 1):
         raise ConfigError(f"reported.runs must be an integer >= 1, got {runs!r}{where}")
+    if seeds is not None and runs is not None and len(seeds) != runs:
+        raise ConfigError(f"reported.seeds lists {len(seeds)} seeds but reported.runs is "
+                            f"{runs}{where}")
+    if seeds is not None and len(set(seeds)) != len(seeds):
+        raise ConfigError(f"reported.seeds repeats a seed: {seeds}{where}")
     return out

@@ -23,6 +23,7 @@ from errors import NonFiniteLoss, RunError
 from . import checkpoint as ckpt
 from . import distributed
 from .config import dump_config, flatten, git_state
+from .lock import LOCK_FILE, Lock, acquire
 from .optim import match_state_layout
 
 CHECKPOINT_FORMAT = 2  # 2: loader state with epoch and real-image permutation; no rng state
@@ -51,6 +52,39 @@ class RunState:
     partial: dict | None = None
 
 
+def claim(out: Path, resume: bool) -> tuple[Lock, bool]:
+    """Take the run directory for this process (created if needed; at/lock.py: a second
+    writer is refused, naming the first) and check it (`check_out_dir`): (the lock, whether
+    there is a checkpoint to resume). Nothing is left behind when the check refuses."""
+    if out.exists() and not out.is_dir():
+        raise RunError(f"out_dir {out} is a file, not a directory; choose another out_dir")
+    existed = out.is_dir()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = acquire(out / LOCK_FILE, f"out_dir {out}", "at.train")
+    except OSError as err:  # a read-only or otherwise unwritable place
+        raise RunError(f"cannot write to out_dir {out} ({err.strerror or err}); "
+                       f"choose another out_dir") from None
+    try:
+        if resume and not existed:
+            raise RunError(f"--resume: no last.pt in {out}")
+        return lock, check_out_dir(out, resume)
+    except RunError:
+        lock.release()
+        if not existed:  # the directory this call made, holding only the lock file
+            (out / LOCK_FILE).unlink(missing_ok=True)
+            try:
+                out.rmdir()
+            except OSError:  # another process wrote there meanwhile: its files stay
+                pass
+        raise
+
+
+def _leftover(name: str) -> bool:
+    """The lock file, or the temporary file of a write that was cut short (atomic_write)."""
+    return name == LOCK_FILE or (name.startswith(".") and name.endswith((".tmp", ".link")))
+
+
 def check_out_dir(out: Path, resume: bool) -> bool:
     """Whether there is a checkpoint to resume; refuses to write over another run."""
     if out.exists() and not out.is_dir():
@@ -58,7 +92,14 @@ def check_out_dir(out: Path, resume: bool) -> bool:
     if resume and ((out / "last.pt").exists()
                    or (out / PREVIOUS_CHECKPOINT).exists()):  # last.pt moved aside
         return True
-    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    present = sorted(p.name for p in out.iterdir() if not _leftover(p.name)) \
+        if out.is_dir() else []
+    if "config.yaml" in present and "last.pt" not in present \
+            and PREVIOUS_CHECKPOINT not in present:
+        # best.pt is written just before the epoch's last.pt: a run whose first last.pt
+        # could not be written (a full disk) holds only it, and starts again like a run
+        # that stopped before its first checkpoint.
+        present = [n for n in present if n != "best.pt"]
     if not resume:
         if present and not set(present) - PRE_CHECKPOINT_FILES:
             raise RunError(f"out_dir {out} holds a run that stopped before its first "
@@ -221,8 +262,9 @@ def _write(tr, obj: dict, name: str) -> None:
         ckpt.atomic_save(obj, path)
     except OSError as err:
         why = "disk full" if err.errno == errno.ENOSPC else err.strerror or str(err)
-        raise RunError(f"could not write {path} ({why}); the previous {name} is intact"
-                       ) from None
+        kept = f"the previous {name} is intact" if path.exists() else \
+            f"no {name} was written; free space and run again with --resume"
+        raise RunError(f"could not write {path} ({why}); {kept}") from None
 
 
 def save_partial(tr, step: int, sums: dict[str, float], seen: int, skipped: int,

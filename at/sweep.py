@@ -22,7 +22,8 @@ A spec (docs/sweeps.md; example: configs/digits/sweep_beta.yaml):
 Run directory names come from the swept values alone, so they are the same every time the spec is
 expanded: a sweep that is killed and started again skips finished runs (final.json and the
 evaluations done) and resumes the others (at.train --resume). <out_root>/sweep.json records a hash
-of the runs; a root that holds runs of another spec is refused unless --resume.
+of each run; a spec that only adds runs (seeds, grid values) or corrects `reported:` continues
+the sweep, and a root that holds runs of another spec is refused unless --resume.
 
 Exit status: 0 every run and evaluation succeeded; 1 a bad spec (one line) or a failed run (the
 others still ran); 75 / 130 stopped by SIGTERM / Ctrl-C (start it again to continue).
@@ -50,10 +51,19 @@ from typing import Any
 
 import yaml
 
-from errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, USER_ERRORS, ConfigError, report, unknown
+from errors import (
+    EXIT_INTERRUPTED,
+    EXIT_PREEMPTED,
+    USER_ERRORS,
+    ConfigError,
+    UserError,
+    report,
+    unknown,
+)
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, write_json
 from .config import REPO_ROOT, flatten, load_config, parse_value, read_yaml, sections
+from .lock import LOCK_FILE, Lock, acquire
 
 SPEC_FIELDS = ("base", "overrides", "grid", "random", "seeds", "out_root", "eval", "slurm")
 RANDOM_FIELDS = ("samples", "seed", "params")
@@ -150,7 +160,10 @@ def _draw(path: Path, key: str, spec: Any, rng: random.Random) -> Any:
         if kind in ("uniform", "log_uniform", "randint") and ok:
             low, high = args
             if kind == "randint":
-                return rng.randint(int(low), int(high))
+                if not all(isinstance(a, int) for a in args):
+                    raise _fail(path, f"random key {key!r}: randint takes two integers, got "
+                                      f"{args!r}")
+                return rng.randint(low, high)
             if kind == "log_uniform":
                 if low <= 0:
                     raise _fail(path, f"random key {key!r}: log_uniform needs low > 0")
@@ -186,7 +199,13 @@ def load_spec(path: str | Path, out_root: str | None = None) -> Spec:
             raise _fail(path, f"`{name}:` must be a mapping of dotted config keys")
         return {str(k): v for k, v in value.items()}
 
-    overrides = mapping("overrides")
+    overrides = {}
+    for key, value in mapping("overrides").items():
+        if isinstance(value, dict) and value and (key in known_sections or key == "reported"):
+            # `optim: {lr: 0.2}` is `optim.lr: 0.2` (a mapping never replaces a section)
+            overrides.update(flatten(value, prefix=f"{key}."))
+        else:
+            overrides[key] = value
     for key in overrides:
         _check_key(path, key, "overrides", known)
     grid_raw = mapping("grid")
@@ -214,7 +233,10 @@ def load_spec(path: str | Path, out_root: str | None = None) -> Spec:
             _check_key(path, key, "random", known)
             if key in grid:
                 raise _fail(path, f"key {key!r} is both in grid and in random")
-        rnd = {"samples": samples, "seed": int(rnd.get("seed") or 0),
+        seed = rnd.get("seed") or 0
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise _fail(path, f"random.seed must be an integer, got {seed!r}")
+        rnd = {"samples": samples, "seed": seed,
                "params": {str(k): v for k, v in params.items()}}
     for key in overrides:
         if key in grid or (rnd and key in rnd["params"]):
@@ -248,8 +270,31 @@ def load_spec(path: str | Path, out_root: str | None = None) -> Spec:
     slurm = raw.get("slurm") or {}
     if not isinstance(slurm, dict):
         raise _fail(path, "`slurm:` must be a mapping of sbatch options (e.g. time: 48:00:00)")
+    for key, value in slurm.items():
+        _check_slurm(path, key, value)
     return Spec(path, base, {k: parse_value(v, k) for k, v in overrides.items()}, grid, rnd,
                 seeds, Path(root), evals, slurm)
+
+
+# sbatch options that take no value (`requeue: null` writes `#SBATCH --requeue`).
+SLURM_FLAGS = ("requeue", "no-requeue", "exclusive", "overcommit", "contiguous", "hold",
+               "no-kill", "oversubscribe", "spread-job", "use-min-nodes")
+
+
+def _check_slurm(path: Path, key: Any, value: Any) -> None:
+    """One `slurm:` option that makes one valid `#SBATCH --key=value` line."""
+    if not (isinstance(key, str) and re.fullmatch(r"[a-z][a-z0-9-]*", key)):
+        raise _fail(path, f"slurm: option {key!r} is not an sbatch option name (e.g. time, "
+                          f"mem, partition)")
+    if value is None:
+        if key not in SLURM_FLAGS:
+            raise _fail(path, f"slurm.{key} has no value; only the flags "
+                              f"{', '.join(SLURM_FLAGS)} take none")
+        return
+    if isinstance(value, (bool, list, dict)) or not isinstance(value, (str, int, float)):
+        raise _fail(path, f"slurm.{key} must be one string or number, got {value!r}")
+    if isinstance(value, str) and (not value.strip() or re.search(r"[\n\r]", value)):
+        raise _fail(path, f"slurm.{key} must be one non-empty line, got {value!r}")
 
 
 # ---- points, names, configs -------------------------------------------------------------------
@@ -288,6 +333,28 @@ def _value_text(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]", "-", text)
 
 
+REDRAWS = 100  # draws of one sample before a search is declared too narrow for its samples
+
+
+def _samples(spec: Spec) -> list[dict]:
+    """`samples` distinct random points (seeded: the same every time). A draw equal to an
+    earlier one (a narrow choice list, a randint range, rounding) is drawn again."""
+    rng = random.Random(spec.random["seed"])
+    samples: list[dict] = []
+    for i in range(spec.random["samples"]):
+        for _ in range(REDRAWS):
+            sample = {k: parse_value(_draw(spec.path, k, v, rng), k)
+                      for k, v in spec.random["params"].items()}
+            if sample not in samples:
+                break
+        else:
+            raise _fail(spec.path, f"random: {spec.random['samples']} samples asked, but "
+                                   f"after {REDRAWS} draws sample {i + 1} still repeats one of "
+                                   f"the first {i}: the search space has too few points")
+        samples.append(sample)
+    return samples
+
+
 def expand(spec: Spec) -> list[Run]:
     """Every run of the spec, in order (grid points, then random samples, then seeds)."""
     keys = list(spec.grid)
@@ -295,10 +362,7 @@ def expand(spec: Spec) -> list[Run]:
         *(spec.grid[k] for k in keys))] or [{}]
     samples = [{}]
     if spec.random:
-        rng = random.Random(spec.random["seed"])  # the same draws every time
-        samples = [{k: parse_value(_draw(spec.path, k, v, rng), k)
-                    for k, v in spec.random["params"].items()}
-                   for _ in range(spec.random["samples"])]
+        samples = _samples(spec)
     labels = _labels(keys + (list(spec.random["params"]) if spec.random else []))
     runs, seen = [], {}
     for point in grid_points:
@@ -318,7 +382,7 @@ def expand(spec: Spec) -> list[Run]:
     for run in runs:
         try:
             run.config = load_config(spec.base, train_args(spec, run))
-        except ConfigError as err:
+        except UserError as err:  # every run checked before the first one starts
             raise _fail(spec.path, f"run {run.name}: {err}") from None
     return runs
 
@@ -348,8 +412,32 @@ def spec_hash(runs: list[Run]) -> str:
 
 
 # ---- the sweep root ---------------------------------------------------------------------------
-def check_root(spec: Spec, runs: list[Run], resume: bool) -> None:
-    """Refuse a root holding runs of another spec (unless `resume`); record this spec's hash."""
+def run_hash(run: Run) -> str:
+    """A hash of what one run trains: its resolved config without out_dir and without the
+    `reported:` target (a corrected target changes no run)."""
+    doc = {k: v for k, v in run.config.items() if k not in ("out_dir", "reported")}
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _conflict(state: dict, runs: list[Run]) -> str | None:
+    """Why the root's recorded runs are not a subset of this spec's (None when this spec only
+    adds runs: more seeds, more grid values, a corrected `reported:` target)."""
+    mine = {r.name: run_hash(r) for r in runs}
+    if isinstance(state.get("run_hashes"), dict):
+        other = [n for n, h in state["run_hashes"].items() if mine.get(n) != h]
+        return None if not other else state["hash"]
+    # A sweep.json without per-run hashes: its spec hash over the runs it names.
+    known = state.get("runs")
+    if isinstance(known, list) and set(known) <= set(mine) and \
+            spec_hash([r for r in runs if r.name in set(known)]) == state["hash"]:
+        return None
+    return state["hash"]
+
+
+def check_root(spec: Spec, runs: list[Run], resume: bool) -> dict:
+    """Refuse a root holding runs of another spec (unless `resume`); a spec that only adds runs
+    to the recorded ones continues there. Returns the state to record once every other check
+    passed (`write_state`): a refused command changes nothing."""
     root, digest = spec.out_root, spec_hash(runs)
     state_path = root / STATE_FILE
     if root.exists() and not root.is_dir():
@@ -357,7 +445,9 @@ def check_root(spec: Spec, runs: list[Run], resume: bool) -> None:
     previous = None
     if state_path.is_file():
         try:
-            previous = json.loads(state_path.read_text())["hash"]
+            state = json.loads(state_path.read_text())
+            state["hash"]
+            previous = _conflict(state, runs)
         except (OSError, ValueError, KeyError, TypeError):
             raise ConfigError(f"{state_path} is unreadable; remove it to start the sweep "
                              f"again there (the runs are kept)") from None
@@ -369,12 +459,39 @@ def check_root(spec: Spec, runs: list[Run], resume: bool) -> None:
         raise ConfigError(f"out_root {root} holds runs of another spec ({previous}, this spec: "
                          f"{digest}); pass --resume to continue there anyway, or choose "
                          f"another out_root")
-    root.mkdir(parents=True, exist_ok=True)
-    doc = {"hash": digest, "spec": str(spec.path), "base": str(spec.base),
-           "runs": [r.name for r in runs], "written": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                   time.gmtime())}
-    text = json.dumps(doc, indent=2) + "\n"
-    atomic_write(state_path, lambda f: f.write(text.encode()))
+    return {"hash": digest, "spec": str(spec.path), "base": str(spec.base),
+            "runs": [r.name for r in runs], "run_hashes": {r.name: run_hash(r) for r in runs},
+            "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def write_state(root: Path, state: dict) -> None:
+    write_json(state, root / STATE_FILE)
+
+
+def _run_dir_above(root: Path) -> Path | None:
+    """The run directory that `root` is or lies inside, if any."""
+    for path in [root, *root.absolute().parents]:
+        if (path / "config.yaml").is_file() and any(
+                (path / name).exists() for name in ("metrics.jsonl", "last.pt", "final.json")):
+            return path
+    return None
+
+
+def claim_root(root: Path) -> Lock:
+    """The sweep root for this process alone: a second sweep on it is refused, naming this one
+    (the runs themselves are locked by at.train)."""
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"out_root {root} is a file, not a directory")
+    run = _run_dir_above(root)
+    if run is not None:  # its runs would land among a run's files (and its summary pool them)
+        raise ConfigError(f"out_root {root} is inside the run directory {run}; choose an "
+                         f"out_root outside any run")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        return acquire(root / LOCK_FILE, f"out_root {root}", "at.sweep")
+    except OSError as err:
+        raise ConfigError(f"cannot write to out_root {root} ({err.strerror or err}); choose "
+                         f"another out_root") from None
 
 
 def run_state(run: Run) -> str:
@@ -387,17 +504,41 @@ def run_state(run: Run) -> str:
 
 
 def _check_done_run(spec: Spec, run: Run) -> None:
-    """A finished run in place of one of ours must have trained what the spec says."""
+    """A finished run in place of one of ours must have trained what the spec says (its
+    `reported:` target may differ: see `update_reported`)."""
     try:
         saved = flatten(yaml.safe_load((run.out_dir / "config.yaml").read_text()) or {})
     except (OSError, yaml.YAMLError):
         raise ConfigError(f"{run.out_dir}/config.yaml is unreadable") from None
     want = flatten(run.config)
     for key in [*spec.overrides, *run.overrides, "seed"]:
+        if key == "reported" or key.startswith("reported."):
+            continue
         if key in want and saved.get(key) != want[key]:
             raise ConfigError(f"{run.out_dir} holds a run with {key}={saved.get(key)!r}, not "
                              f"{want[key]!r}: another spec's run; remove it or choose another "
                              f"out_root")
+
+
+def update_reported(run: Run) -> bool:
+    """A finished run's config.yaml gets the spec's `reported:` target when the spec corrected
+    it (the target describes the run, it changed nothing in it; at.train --resume does the same
+    for a run that is not finished). Whether it changed."""
+    path = run.out_dir / "config.yaml"
+    doc = yaml.safe_load(path.read_text()) or {}
+    if doc.get("reported") == run.config.get("reported"):
+        return False
+    doc["reported"] = run.config.get("reported")
+    text = yaml.safe_dump(doc, sort_keys=False)
+    atomic_write(path, lambda f: f.write(text.encode()))
+    return True
+
+
+def _check_evals(spec: Spec) -> None:
+    missing = [n for n, _ in spec.evals if importlib.util.find_spec(EVALS[n]) is None]
+    if missing:
+        raise ConfigError(f"eval {missing[0]!r} needs python -m {EVALS[missing[0]]}, which "
+                         f"this checkout does not have")
 
 
 def _evals_done(run: Run) -> dict:
@@ -438,10 +579,7 @@ class _Child:
 
 
 def run_local(spec: Spec, runs: list[Run]) -> int:
-    missing = [n for n, _ in spec.evals if importlib.util.find_spec(EVALS[n]) is None]
-    if missing:
-        raise ConfigError(f"eval {missing[0]!r} needs python -m {EVALS[missing[0]]}, which "
-                         f"this checkout does not have")
+    _check_evals(spec)
     child = _Child()
     previous = signal.signal(signal.SIGTERM, child)
     failed = []
@@ -602,7 +740,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.slurm:  # before the root is touched: a refused option leaves nothing behind
             text = slurm_script(spec, runs)
             check_slurm_options(spec, text)
-        check_root(spec, runs, args.resume)
+        _root_lock = claim_root(spec.out_root)  # held until the sweep ends (at/lock.py)
+        state = check_root(spec, runs, args.resume)
+        # Everything that can refuse the command is checked before sweep.json is written.
+        _check_evals(spec)
+        done = [r for r in runs if run_state(r) == "done"]
+        for run in done:
+            _check_done_run(spec, run)
+        write_state(spec.out_root, state)
+        for run in done:
+            if update_reported(run):
+                print(f"at.sweep: {run.name}: reported: target updated in its config.yaml",
+                      flush=True)
         if args.slurm:
             script = spec.out_root / "sweep.sbatch"
             atomic_write(script, lambda f: f.write(text.encode()))

@@ -66,6 +66,15 @@ class Trainer:
                  splits: datasets.Splits | None = None):
         """`cfg`: a config from load_config (which checked it); `splits`: data to train on
         instead of loading `data.name` (benchmarks); the config still decides everything else."""
+        self._lock = None
+        try:
+            self._build(cfg, resume, splits)
+        except BaseException:  # the run directory is free again for the next attempt
+            if self._lock is not None:
+                self._lock.release()
+            raise
+
+    def _build(self, cfg: dict, resume: bool, splits: datasets.Splits | None) -> None:
         self.early_stop = EarlyStop.from_config(cfg)
         self.cfg, self.out = cfg, Path(cfg["out_dir"])
         if distributed.launched():
@@ -75,10 +84,12 @@ class Trainer:
         self.rank, self.world = distributed.rank(), distributed.world_size()
         self.main = self.rank == 0
         # Rank 0 inspects the run directory (the others would see the files it writes next).
+        # It holds the directory's writer lock until fit() ends (at/lock.py).
         verdict = None
         if self.main:
             try:
-                verdict = ("resume" if run_dir.check_out_dir(self.out, resume) else "new", None)
+                self._lock, found = run_dir.claim(self.out, resume)
+                verdict = ("resume" if found else "new", None)
             except RunError as err:
                 verdict = ("error", str(err))
         verdict = distributed.broadcast_object(verdict)
@@ -341,6 +352,8 @@ class Trainer:
                 signal.signal(signum, handler)
             if self.log is not None:
                 self.log.close()
+            if self._lock is not None:
+                self._lock.release()
 
     def _improved(self, record: dict) -> bool:
         """Whether this epoch's weights become best.pt: a higher validation PGD accuracy than

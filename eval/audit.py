@@ -5,12 +5,12 @@ AutoAttack's flags (Croce & Hein 2020, arXiv 2003.01690), run on one checkpoint.
 
     python -m eval.audit runs/cifar10_ikl_at --n-ex 1000 --surrogate runs/cifar10_standard
 
-Writes <out_dir>/audit_<weights>.json: {"verdict": "pass" | "inconclusive" | "warn",
-"checks": [{"name", "status", "value", "threshold", "explanation"}], ...} and
-robustness_<weights>.png, prints a table, exits 0 on any verdict (3 on "warn" with --strict).
-Each check, its threshold and its source are listed in `CHECKS` and explained in
-docs/reporting.md. --quick shrinks every attack budget (for tests and smoke runs; not for a
-paper).
+Writes <out_dir>/audit_<norm>_eps<eps>_n<images>_<weights>.json (audit-quick_... with --quick;
+each setting its own file): {"verdict": "pass" | "inconclusive" | "warn", "checks": [{"name",
+"status", "value", "threshold", "explanation"}], ...} and robustness_<weights>.png, prints a
+table, exits 0 on any verdict (3 on "warn" with --strict). Each check, its threshold and its
+source are listed in `CHECKS` and explained in docs/reporting.md. --quick shrinks every attack
+budget (for tests and smoke runs; not for a paper).
 """
 from __future__ import annotations
 
@@ -27,10 +27,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from at.checkpoint import write_json
 from at.target import Target
 from attacks import frozen, pgd
 from attacks.accuracy import correct
+from attacks.pgd import eps_problem
 
 from . import aa_flags, confidence
 from . import autoattack as aa_eval
@@ -41,13 +41,16 @@ from .common import (
     attack_norm,
     autoattack_norm,
     check_eps,
+    check_writable,
     load_test_data,
     parse_eps,
     provenance,
     resolve_batch_size,
     run_command,
     target_from_arguments,
+    write_result,
 )
+from .results import audit_name
 
 SWEEP_FACTORS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)  # x eps; 8 x 8/255 = 64/255 under Linf
 
@@ -373,11 +376,19 @@ def audit(t: Target, *, n_ex: int | None = 1000, eps: str | None = None, norm: s
           surrogate: Target | None = None, sweep: list[tuple[str, float]] | None = None,
           budget: Budget = FULL, batch_size: int = 500, seed: int = 0) -> dict:
     """Run every check on the first `n_ex` test images; returns the report that is also
-    written to <out_dir>/audit_<weights>.json."""
+    written to <out_dir>/audit_<norm>_eps<eps>_n<images>_<weights>.json (`audit_name`)."""
     threat = attack_norm(norm)
     eps_text, eps_value = parse_eps(eps if eps is not None else DEFAULT_EPS[threat])
+    if eps_value == 0:
+        raise EvalError("--eps 0: an audit needs a radius > 0 (at 0 every attack measures the "
+                        "clean accuracy and every check passes)")
+    check_writable(t.out_dir)  # before any computation
     x, y = load_test_data(t, n_ex)
     check_eps(eps_value, threat, x)
+    for text, value in sweep or []:  # a radius the eps check refuses is no point of a curve
+        problem = value and eps_problem("--sweep", value, threat, x[0].numel())
+        if problem:
+            raise EvalError(problem)
     device = next(t.model.parameters()).device
     n_classes = _logits(t.model, x[:2], 2).shape[1]
     if surrogate is not None:
@@ -424,8 +435,9 @@ def audit(t: Target, *, n_ex: int | None = 1000, eps: str | None = None, norm: s
         "timings": a.timings, "seconds": round(time.time() - started, 1),
         **provenance(t, device),
     }
-    path = t.out_dir / f"audit_{t.weights}.json"
-    write_json(report, path)
+    # Keyed by its settings: a quick or smaller audit never replaces a full one.
+    path = t.out_dir / f"{audit_name(threat, eps_value, len(y), t.weights, budget != FULL)}.json"
+    write_result(report, path)
     report["path"] = str(path)
     try:
         from .plot import robustness_png
@@ -481,8 +493,15 @@ def main(argv: list[str] | None = None) -> int:
                                        dataset=t.dataset if args.surrogate_arch else None,
                                        device=next(t.model.parameters()).device,
                                        data_root=args.data_root, model_dir=args.model_dir)
-            except EvalError as err:
-                raise EvalError(f"--surrogate {args.surrogate}: {err}") from None
+            except EvalError as err:  # named by the surrogate's own flags
+                why = str(err).replace("--arch and --dataset", "--surrogate-arch (its dataset "
+                                       "is the model's)").replace("--weights",
+                                                                   "--surrogate-weights")
+                raise EvalError(f"--surrogate {args.surrogate}: {why}") from None
+            if surrogate.checkpoint_sha256 == t.checkpoint_sha256:
+                raise EvalError(f"--surrogate {args.surrogate} holds the audited weights "
+                                f"themselves; a transfer check needs another model (ideally "
+                                f"a standard-trained one)")
             if surrogate.dataset != t.dataset:
                 raise EvalError(f"the surrogate was trained on {surrogate.dataset}, the model "
                                 f"on {t.dataset}")

@@ -32,16 +32,18 @@ import torch
 from tqdm import tqdm
 
 from at import checkpoint as ckpt
-from at.checkpoint import write_json
+from at.lock import acquire
 from at.target import Target
 from errors import USER_ERRORS, report
 
 from . import aa_flags, confidence, randomized
+from .aa_chunks import chunk_size_hint, clean_problem, outcome_problem
 from .common import (
     DEFAULT_EPS,
     EvalError,
     attack_norm,
     check_eps,
+    check_writable,
     load_test_data,
     parse_eps,
     provenance,
@@ -49,6 +51,7 @@ from .common import (
     result_name,
     run_command,
     target_from_arguments,
+    write_result,
 )
 from .precision import evaluation_precision, tf32_enabled
 from .zoo_target import claim_fields
@@ -250,7 +253,7 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
     if merge:
         _check_mergeable(plan)
     bounds = plan.bounds if shard is None else plan.bounds[shard[0]::shard[1]]
-    totals, clean, seconds, reused, draws = _run_chunks(plan, bounds, progress)
+    totals, clean, seconds, reused, draws = _run_chunks(plan, bounds, progress, merge)
     if shard is not None:
         log.info("shard %d/%d: %d chunks done; merge with --merge once every shard is done",
                  *shard, len(bounds))
@@ -279,6 +282,7 @@ def _plan(t: Target, n_ex: int | None, version: str, norm: str, eps: str | None,
     threat = attack_norm(norm)
     full = stages == stage_names(version, norm)
     eps_text, eps_value = parse_eps(eps if eps is not None else DEFAULT_EPS[threat])
+    check_writable(t.out_dir)  # before any computation
     x, y = load_test_data(t, n_ex)
     check_eps(eps_value, threat, x)
     n_test = len(load_test_data(t, None)[1]) if n_ex is not None else len(y)
@@ -292,32 +296,42 @@ def _plan(t: Target, n_ex: int | None, version: str, norm: str, eps: str | None,
 
 
 def _check_mergeable(plan: _Plan) -> None:
-    """--merge: every chunk is there and belongs to this evaluation."""
+    """--merge: every chunk is there, belongs to this evaluation and is whole and consistent
+    (eval/aa_chunks.py)."""
     problems = []
     for start, end in plan.bounds:
         path = plan.chunk_path(start, end)
         try:
             saved = ckpt.load(path) if path.exists() else None
-        except ckpt.CheckpointError:
-            saved = {}
-        problem = _merge_problem(path, saved, plan.fingerprint(start, end))
+            problem = _merge_problem(path, saved, plan.fingerprint(start, end))
+        except ckpt.CheckpointError as err:
+            problem = f"unreadable ({err})"
         if problem:
             problems.append((path.name, problem))
+            continue
+        if saved is not None:
+            broken = saved.get("format") != CHUNK_FORMAT and "another chunk format" or \
+                outcome_problem(saved.get("outcome") or {}, plan.stages, end - start)
+            if broken:
+                raise EvalError(f"refusing to merge {path}: {broken}; remove it and run its "
+                                f"shard again")
     missing = [n for n, p in problems if p == "missing"]
     foreign = [f"{n}: {p}" for n, p in problems if p != "missing"]
     if foreign:
         raise EvalError(f"refusing to merge chunks of another evaluation: {foreign[0]}"
                         + (f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""))
     if missing:
+        hint = chunk_size_hint(plan.chunk_dir, {plan.chunk_path(*b).name for b in plan.bounds})
         raise EvalError(f"cannot merge yet: {len(missing)} of {len(plan.bounds)} chunks missing "
-                        f"({', '.join(missing)}); run the shards that own them")
+                        f"({', '.join(missing)}){hint or '; run the shards that own them'}")
 
 
-def _run_chunks(plan: _Plan, bounds: list[tuple[int, int]], progress: bool
+def _run_chunks(plan: _Plan, bounds: list[tuple[int, int]], progress: bool, merge: bool = False
                 ) -> tuple[dict[str, int], list[torch.Tensor], float, int, list[torch.Tensor]]:
-    """Attack the chunks `bounds` (reusing the finished ones, saving each new one as it ends):
-    correct counts per stage, the clean correctness per chunk, attack seconds, chunks reused,
-    and the correct draws per chunk (the rand version; else an empty list)."""
+    """Attack the chunks `bounds` (reusing the finished ones, saving each new one as it ends;
+    with `merge` attacking none): correct counts per stage, the clean correctness per chunk,
+    attack seconds, chunks reused, and the correct draws per chunk (the rand version; else an
+    empty list)."""
     t, x, y, device = plan.t, plan.x, plan.y, plan.device
     totals = {k: 0 for k in ["clean", *plan.stages]}
     seconds, reused, clean_parts, draw_parts = 0.0, 0, [], []
@@ -326,17 +340,39 @@ def _run_chunks(plan: _Plan, bounds: list[tuple[int, int]], progress: bool
         fingerprint = plan.fingerprint(start, end)
         path = plan.chunk_path(start, end)
         saved = _load_chunk(path, fingerprint)
+        if saved is None and merge:  # checked by _check_mergeable; a merge never attacks
+            raise EvalError(f"refusing to merge {path}: it is not a chunk of this evaluation")
+        if saved is None:  # one process computes a chunk (at/lock.py); it may have just finished
+            chunk_lock = acquire(path.with_name(path.name + ".lock"),
+                                 f"AutoAttack chunk {path}", "eval.autoattack")
+            saved = _load_chunk(path, fingerprint)
+            if saved is not None:
+                chunk_lock.release()
         was_saved = saved is not None
+        if was_saved:  # from disk: refused by name if AutoAttack cannot have written it
+            problem = outcome_problem(saved["outcome"], plan.stages, end - start)
+            if problem is None and not plan.draws:  # a randomised model's clean pass varies
+                problem = clean_problem(t.model, x[start:end], y[start:end],
+                                        saved["outcome"]["clean"], plan.batch_size)
+            if problem:
+                raise EvalError(f"{'refusing to merge' if merge else 'refusing to reuse'} "
+                                f"{path}: {problem}; remove it to compute it again")
         if saved is None:
             began = time.time()
-            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            with chunk_lock, torch.random.fork_rng(
+                    devices=[device] if device.type == "cuda" else []):
                 outcome = attack_chunk(t.model, x[start:end], y[start:end], eps=plan.eps_value,
                                        norm=plan.norm, version=plan.version, stages=plan.stages,
                                        seed=plan.seed, batch_size=plan.batch_size,
                                        device=device, progress=progress, draws=plan.draws)
-            saved = {"format": CHUNK_FORMAT, "fingerprint": fingerprint, "outcome": outcome,
-                     "seconds": time.time() - began}
-            ckpt.atomic_save(saved, path)
+                saved = {"format": CHUNK_FORMAT, "fingerprint": fingerprint,
+                         "outcome": outcome, "seconds": time.time() - began}
+                try:
+                    ckpt.atomic_save(saved, path)
+                except OSError as err:  # a full disk: the chunks saved so far are kept
+                    raise EvalError(f"could not write {path} ({err.strerror or err}); the "
+                                    f"chunks saved before it are kept: free space and run the "
+                                    f"same command again to continue") from None
         reused += was_saved
         clean_parts.append(saved["outcome"]["clean"])
         if plan.draws:
@@ -393,7 +429,7 @@ def _result(plan: _Plan, totals: dict[str, int], clean: torch.Tensor, seconds: f
     if getattr(t, "claim", None) is not None:  # a RobustBench entry: its leaderboard numbers
         result.update(claim_fields(t.claim, result["clean_ci95"], result["robust_ci95"]))
     path = t.out_dir / f"{plan.name}.json"
-    write_json(result, path)
+    write_result(result, path)
     result["path"] = str(path)
     log.info("clean %.2f%%  AutoAttack %.2f%%  (%s)", result["clean_acc"], result["robust_acc"],
              ", ".join(f"after {s['attack']} {s['robust_acc']:.2f}%" for s in result["stages"]))

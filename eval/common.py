@@ -7,8 +7,12 @@ made by somebody else never executes code from it.
 from __future__ import annotations
 
 import argparse
+import errno
+import json
 import math
+import os
 import sys
+import tempfile
 from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
@@ -17,6 +21,7 @@ import torch
 from torch import nn
 
 import data as datasets
+from at import checkpoint as ckpt
 from at.config import git_state
 from at.target import Target, load_target
 from attacks.pgd import NORMS, eps_problem
@@ -248,3 +253,30 @@ def provenance(t: Target, device: torch.device | str) -> dict:
            else {}),
         "command": " ".join(sys.argv),
     }
+
+
+def check_writable(folder: Path) -> None:
+    """Before any computation: `folder` (created if needed) takes a file, so that hours of
+    attacks never end in a read-only or missing place."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise EvalError(f"cannot write results to {folder} ({err.strerror or err}); make it "
+                        f"writable, or evaluate a copy of the run or checkpoint elsewhere"
+                        ) from None
+
+
+def write_result(obj: dict, path: Path) -> None:
+    """The result file (atomic, at.checkpoint.write_json); when it cannot be written (a full
+    disk), the result is printed on stdout first, so that the computation is not lost, and the
+    error says so."""
+    try:
+        ckpt.write_json(obj, path)
+    except OSError as err:
+        print(json.dumps(obj, indent=2), flush=True)
+        why = "disk full" if err.errno == errno.ENOSPC else err.strerror or str(err)
+        raise EvalError(f"could not write {path} ({why}); the result is printed on stdout "
+                        f"above") from None

@@ -21,17 +21,19 @@ import numpy as np
 import torch
 
 import data as datasets
-from at.checkpoint import write_json
 from at.target import Target
 from attacks.accuracy import correct
 
 from .common import (
     EvalError,
+    check_writable,
     provenance,
     resolve_batch_size,
     run_command,
     target_from_arguments,
+    write_result,
 )
+from .results import corruptions_name
 
 # RobustBench's list (robustbench.data.CORRUPTIONS): the 15 of the benchmark.
 CORRUPTIONS = ("shot_noise", "motion_blur", "snow", "pixelate", "gaussian_noise", "defocus_blur",
@@ -77,7 +79,8 @@ def evaluate(t: Target, root: str | Path, *, n_ex: int | None = None,
              corruptions: list[str] | None = None, severities: list[int] | None = None,
              batch_size: int = 500) -> dict:
     """Accuracy (percent) of `t` on the first `n_ex` images of each severity of each
-    corruption; also written to <out_dir>/corruptions_n<n>_<weights>.json."""
+    corruption; also written to <out_dir>/corruptions_n<n>_<weights>.json (a subset of the
+    corruptions or severities to corruptions-<subset>_s<severities>_n<n>_<weights>.json)."""
     folder = corruptions_dir(Path(root), t.dataset)
     corruptions = list(corruptions or CORRUPTIONS)
     unknown = [c for c in corruptions if c not in CORRUPTIONS]
@@ -93,6 +96,7 @@ def evaluate(t: Target, root: str | Path, *, n_ex: int | None = None,
     if missing:
         raise EvalError(f"{folder} lacks {len(missing)} corruption files ({', '.join(missing)}"
                         f".npy); choose others with --corruptions")
+    check_writable(t.out_dir)  # before any computation
     labels = load_npy(folder / "labels.npy", (SHAPE[0],), integer=True)
     classes = datasets.NUM_CLASSES[t.dataset]
     used = np.concatenate([np.asarray(labels[(s - 1) * PER_SEVERITY:(s - 1) * PER_SEVERITY + n])
@@ -128,8 +132,10 @@ def evaluate(t: Target, root: str | Path, *, n_ex: int | None = None,
         "seconds": round(time.time() - started, 1),
         **provenance(t, next(t.model.parameters()).device),
     }
-    path = t.out_dir / f"corruptions_n{n}_{t.weights}.json"
-    write_json(result, path)
+    # A subset (corruptions, severities, images) has its own file: it never replaces the full one.
+    name = corruptions_name(corruptions, list(CORRUPTIONS), severities, n, t.weights)
+    path = t.out_dir / f"{name}.json"
+    write_result(result, path)
     result["path"] = str(path)
     return result
 

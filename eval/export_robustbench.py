@@ -36,7 +36,7 @@ from at.target import Target, load_target
 from errors import USER_ERRORS, report
 from models import NORMALIZATION
 
-from .common import EvalError, add_target_arguments, attack_norm, parse_eps
+from .common import EvalError, add_target_arguments, attack_norm, check_writable, parse_eps
 from .robustbench_arch import zoo_namespace
 
 # Leaderboards RobustBench keeps for the CIFAR datasets: (dataset, norm) -> eps. CIFAR-100 has
@@ -298,6 +298,13 @@ def export(args: argparse.Namespace) -> tuple[dict[str, Path], dict, str]:
     """Check everything, then write the three files; returns their paths, the card and the
     AutoAttack result file it holds."""
     name = check_name(args.name)
+    out = Path(args.out)
+    # Checked before any work, creating nothing: the nearest existing folder must take files.
+    there = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not there.is_dir():
+        raise EvalError(f"--out {out}: {there} is a file; give the directory the export goes "
+                        f"to (default: export)")
+    check_writable(there)
     t = load_target(args.target, args.weights, args.arch, args.dataset, device="cpu")
     check_arch(t.arch)
     aa = read_autoattack(t, args.target)
@@ -318,7 +325,6 @@ def export(args: argparse.Namespace) -> tuple[dict[str, Path], dict, str]:
     state = export_state(t.model)
     checked_rb = verify(state, t, constructor)
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"checkpoint": out / f"{name}.pt", "zoo_entry": out / f"{name}_zoo_entry.txt",
              "card": out / f"{name}.json"}

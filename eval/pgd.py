@@ -14,7 +14,6 @@ import argparse
 import sys
 import time
 
-from at.checkpoint import write_json
 from at.target import Target
 from attacks.accuracy import correct
 
@@ -24,6 +23,7 @@ from .common import (
     EvalError,
     attack_norm,
     check_eps,
+    check_writable,
     load_test_data,
     parse_eps,
     provenance,
@@ -31,6 +31,7 @@ from .common import (
     result_name,
     run_command,
     target_from_arguments,
+    write_result,
 )
 
 ATTACKS = {"pgd": "ce", "cw": "cw"}
@@ -51,6 +52,7 @@ def evaluate(t: Target, *, attack: str = "pgd", steps: int = 20, n_ex: int | Non
     step_text, step_value = parse_eps(step_size) if step_size else (
         ("2/255", 2 / 255) if (name, eps_text) == ("linf", "8/255") else
         (f"{eps_text}/4", eps_value / 4))
+    check_writable(t.out_dir)  # before any computation
     x, y = load_test_data(t, n_ex)
     check_eps(eps_value, name, x)
     started = time.time()
@@ -71,7 +73,7 @@ def evaluate(t: Target, *, attack: str = "pgd", steps: int = 20, n_ex: int | Non
         **provenance(t, device),
     }
     path = t.out_dir / f"{result_name(f'{attack}{steps}', norm, eps_value, len(y), t.weights)}.json"
-    write_json(result, path)
+    write_result(result, path)
     result["path"] = str(path)
     return result
 

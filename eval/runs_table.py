@@ -20,6 +20,8 @@ import yaml
 
 from errors import EvalError
 
+from .results import fullest
+
 # Keys that do not change what a run trains: runs differing only in these are seeds of a point.
 NEUTRAL = ("seed", "out_dir", "device", "data.root", "data.download", "data.workers",
            "data.lists", "log.", "checkpoint.", "eval.batch_size", "speed.compile",
@@ -41,6 +43,8 @@ class RunResult:
     audit: str | None = None
     eval_eps: list[tuple[str, float]] = field(default_factory=list)  # (what, eps) evaluated at
     stopped_epoch: int | None = None
+    notes: list[str] = field(default_factory=list)  # which result file was used, of several
+    weights_sha256: str | None = None  # of best.pt (else last.pt): tells a copied run
 
 
 def _json(path: Path) -> Any:
@@ -63,14 +67,6 @@ def find_runs(paths: list[Path]) -> list[Path]:
             raise EvalError(f"no runs in {path} (no config.yaml in it or below it)")
         runs += [p for p in found if p not in runs]
     return runs
-
-
-def _pick(results: list[dict]) -> dict | None:
-    """The result of the best weights if there is one (the checkpoint a paper would report),
-    on the most images."""
-    if not results:
-        return None
-    return max(results, key=lambda r: (r.get("weights") == "best", r.get("n_ex") or 0))
 
 
 def read_run(path: Path) -> RunResult:
@@ -97,6 +93,10 @@ def read_run(path: Path) -> RunResult:
     m["val_pgd_last"] = val[-1] if val else None
     m["val_pgd_avg"] = avg[-1] if avg else None
     result = RunResult(path, config, m)
+    weights = next((path / n for n in ("best.pt", "last.pt") if (path / n).is_file()), None)
+    if weights is not None:
+        from at.target import sha256
+        result.weights_sha256 = sha256(weights)
     if (path / "final.json").is_file():
         final = _json(path / "final.json")
         row = final.get("best") or final.get("last") or {}
@@ -105,24 +105,47 @@ def read_run(path: Path) -> RunResult:
         if row.get("eps") is not None:
             result.eval_eps.append(("final.json PGD", row["eps"]))
         result.stopped_epoch = (final.get("early_stop") or {}).get("stopped_epoch")
-    evals = [_json(p) for p in sorted((path / "eval").glob("*.json"))] \
+    found = [(p, _json(p)) for p in sorted((path / "eval").glob("*.json"))] \
         if (path / "eval").is_dir() else []
-    aa = _pick([r for r in evals if isinstance(r, dict) and "version" in r
-                and r.get("robust_acc") is not None])
-    if aa is not None:
-        m["autoattack"] = aa["robust_acc"]
-        eps = aa.get("eps_float", aa.get("eps"))
+    found = [(p, r) for p, r in found if isinstance(r, dict)]
+    # Several AutoAttack results or audits: the best weights' full-budget one, named in a note.
+    weights = [(p, r) for p, r in found if r.get("weights", "best") == "best"]
+    aa = [(p, r) for p, r in (weights if any("version" in r for _, r in weights) else found)
+          if "version" in r and r.get("robust_acc") is not None]
+    if aa:
+        _, chosen, note = fullest(aa, f"{path}: AutoAttack")
+        result.notes += [note] if note else []
+        m["autoattack"] = chosen["robust_acc"]
+        eps = chosen.get("eps_float", chosen.get("eps"))
         if isinstance(eps, (int, float)):
             result.eval_eps.append(("AutoAttack", float(eps)))
-    for r in evals:
-        if isinstance(r, dict) and "version" not in r and isinstance(r.get("eps_float"), float):
+    for _, r in found:
+        if "version" not in r and isinstance(r.get("eps_float"), float):
             result.eval_eps.append((f"{str(r.get('attack', 'pgd')).upper()}-{r.get('steps')}",
                                     r["eps_float"]))
-    audits = sorted((path / "eval").glob("audit_*.json")) if (path / "eval").is_dir() else []
-    if audits:
-        chosen = next((a for a in audits if a.name == "audit_best.json"), audits[0])
-        result.audit = str(_json(chosen).get("verdict"))
+    audits = [(p, r) for p, r in found if p.name.startswith("audit") and "verdict" in r]
+    best_audits = [(p, r) for p, r in audits if r.get("weights", "best") == "best"] or audits
+    if best_audits:
+        _, chosen, note = fullest(best_audits, f"{path}: audit verdict")
+        result.notes += [note] if note else []
+        result.audit = str(chosen.get("verdict"))
     return result
+
+
+def drop_copies(runs: list[RunResult]) -> tuple[list[RunResult], list[str]]:
+    """The runs with copies left out: a run with the seed and the weights (file hash) of an
+    earlier one is the same run (copied, or trained twice identically) and would pool as two
+    seeds with no spread. Returns (kept, one note per copy naming both)."""
+    kept, seen, notes = [], {}, []
+    for run in runs:
+        key = (json.dumps(run.config.get("seed")), run.weights_sha256)
+        if run.weights_sha256 is not None and key in seen:
+            notes.append(f"{run.path} is a copy of {seen[key].path} (seed "
+                         f"{run.config.get('seed')}, same weights): counted once")
+            continue
+        seen[key] = run
+        kept.append(run)
+    return kept, notes
 
 
 def _neutral(key: str) -> bool:
@@ -306,8 +329,9 @@ def plot(groups: list[Group], differing: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from at.checkpoint import atomic_write
+    from .figures import figure_format, save
 
+    figure_format(path)  # refused before anything is drawn
     robust = "autoattack" if all(r.metrics["autoattack"] is not None
                                  for g in groups for r in g.runs) else "test_pgd"
     fig, ax = plt.subplots(figsize=(6, 4.5))
@@ -330,5 +354,5 @@ def plot(groups: list[Group], differing: list[str], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=80))
+    save(fig, path, dpi=80)  # in the format of path's suffix
     plt.close(fig)

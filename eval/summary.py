@@ -22,6 +22,7 @@ import yaml
 from errors import USER_ERRORS, EvalError, report
 
 from . import confidence, runs_table
+from .figures import figure_format
 from .zoo_target import is_zoo, results_dir
 
 
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="several runs: markdown (default), csv or json")
     p.add_argument("--per-run", action="store_true",
                    help="several runs: one row per run instead of per point (seed group)")
-    p.add_argument("--plot", metavar="PNG", help="also plot robust vs clean accuracy")
+    p.add_argument("--plot", metavar="FIG", help="also plot robust vs clean accuracy (the "
+                   "suffix sets the format: .png, .pdf, .svg, ...)")
     p.add_argument("--model-dir", default="models", help="RobustBench checkpoints' directory "
                    "(rb: targets' results are in <model-dir>/../zoo)")
     args = p.parse_args(argv)
@@ -146,7 +148,10 @@ def main(argv: list[str] | None = None) -> int:
 def _many(paths: list[Path], args: argparse.Namespace) -> int:
     """The comparison table of several runs (runs_table)."""
     try:
+        if args.plot:
+            figure_format(Path(args.plot))  # a suffix it cannot write, before any work
         runs = [runs_table.read_run(p) for p in runs_table.find_runs(paths)]
+        runs, copies = runs_table.drop_copies(runs)
         if args.per_run:  # every run its own group: give each a distinct (neutral-free) key
             for i, r in enumerate(runs):
                 r.config["_run"] = i
@@ -160,13 +165,15 @@ def _many(paths: list[Path], args: argparse.Namespace) -> int:
             runs_table.plot(groups, differing, Path(args.plot))
     except (*USER_ERRORS, OSError) as err:  # an unreadable file of a run, too
         return report("eval.summary", err)
+    for note in copies + [n for r in runs for n in r.notes]:
+        print(f"eval.summary: {note}", file=sys.stderr)
     warnings = runs_table.eps_warnings(runs)
     for w in warnings:
         print(f"eval.summary: warning: {w}", file=sys.stderr)
     rows = runs_table.records(groups, differing)
     if args.format == "json":
-        print(json.dumps({"groups": rows, "differing_keys": differing, "warnings": warnings},
-                         indent=2, default=str))
+        print(json.dumps({"groups": rows, "differing_keys": differing, "warnings": warnings,
+                          "copies": copies}, indent=2, default=str))
     elif args.format == "csv":
         print(runs_table.csv_text(rows), end="")
     else:

@@ -27,14 +27,13 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from at.checkpoint import write_json
 from errors import USER_ERRORS, EvalError, report
 
 from . import audit as audit_eval
 from . import autoattack as aa_eval
 from . import confidence
 from . import zoo_target as zt
-from .common import DEFAULT_EPS, attack_norm, eps_token, parse_eps
+from .common import DEFAULT_EPS, attack_norm, eps_token, parse_eps, write_result
 from .precision import add_tf32_argument, evaluation_precision
 
 ROW_FORMAT = 1
@@ -116,7 +115,7 @@ def evaluate_entry(name: str, args: argparse.Namespace, root: Path, eps_text: st
         "checkpoint_sha256": t.checkpoint_sha256, "settings": settings,
         "claims_commit": zt.claims()["commit"],
     }
-    write_json(row, row_path(root, name, settings))
+    write_result(row, row_path(root, name, settings))
     return row
 
 
@@ -184,7 +183,7 @@ def write_table(rows: list[dict], root: Path, args: argparse.Namespace, eps_text
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".md").write_text(markdown(rows, header))
     stem.with_suffix(".csv").write_text(csv_text(rows))
-    write_json({"header": header, "rows": rows, "claims_commit": zt.claims()["commit"]},
+    write_result({"header": header, "rows": rows, "claims_commit": zt.claims()["commit"]},
                stem.with_suffix(".json"))
     return stem.with_suffix(".md")
 

@@ -121,6 +121,39 @@ def test_duplicate_keys_and_syntax_errors_name_the_line(tmp_path):
         load_config(broken)
 
 
+def test_merge_keys_non_utf8_and_one_line_duplicates(tmp_path):
+    merged = tmp_path / "merged.yaml"
+    merged.write_text("optim: {<<: {lr: 0.05, epochs: 2}, epochs: 3}\n")  # own keys win
+    cfg = load_config(merged)
+    assert (cfg["optim"]["lr"], cfg["optim"]["epochs"]) == (0.05, 3)
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("optim:\n  lr: 0.05  # caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin.yaml is not UTF-8 text \(byte 0xe9 at "
+                                          r"offset 24\); save it as UTF-8"):
+        load_config(latin)
+    same_line = tmp_path / "same_line.yaml"
+    same_line.write_text("optim: {lr: 0.05, lr: 0.1}\n")
+    with pytest.raises(ConfigError, match="duplicate key 'lr'"):
+        load_config(same_line)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("optim.lr=.inf", "optim.lr is inf"),
+    ("method.ikl_at.beta=.nan", "method.ikl_at.beta is nan"),
+    ("optim.weight_decay=-.inf", "optim.weight_decay is -inf"),
+    ("seed=-1", "seed must be an integer in [0, 2**32 - 1]"),
+    (f"seed={2**32}", "got 4294967296"),
+    ("model.name=wrn-99-9", "unknown model (model.name) 'wrn-99-9'"),
+    ("data.name=mnistt", "unknown dataset (data.name) 'mnistt'"),
+    ("method.name=IKL_AT", "unknown method (method.name) 'IKL_AT'"),
+])
+def test_values_that_would_fail_late_are_refused_at_load(override, needle):
+    with pytest.raises(ConfigError) as err:
+        load_config(BASE_CONFIG.parent / "digits" / "ikl_at.yaml", [override])
+    assert needle in str(err.value) and "\n" not in str(err.value)
+    assert load_config(None, [f"seed={2**32 - 1}"])["seed"] == 2**32 - 1
+
+
 def test_a_division_by_zero_names_its_key(tmp_path):
     with pytest.raises(ConfigError, match=r"^attack.eps: division by zero in '8/0'"):
         load_config(None, ["attack.eps=8/0"])
@@ -179,7 +212,10 @@ def test_reported_blocks_are_validated_and_recorded(tmp_path):
     assert load_run_config(tmp_path / "run")["reported"] == cfg["reported"]  # the run records it
     bad = {"  autoattak: 57.1\n": "unknown field 'autoattak'",
            "  seeds: [0, x]\n": "reported.seeds",
-           "  runs: 0\n": "reported.runs"}
+           "  runs: 0\n": "reported.runs",
+           "  seeds: [0, 1, 2]\n  runs: 5\n": "reported.seeds lists 3 seeds but reported.runs "
+                                             "is 5",
+           "  seeds: [0, 0]\n": "reported.seeds repeats a seed"}
     for line, message in bad.items():
         exp.write_text("reported:\n  clean: 85.3\n  source: a paper\n" + line)
         with pytest.raises(ConfigError, match=re.escape(message)) as err:
@@ -192,9 +228,20 @@ def test_reported_blocks_are_validated_and_recorded(tmp_path):
                           (["reported.clean=85", "reported.source=x", "reported.autoattack=50",
                             "reported.norm=linf"], "reported.eps"),
                           (["reported.clean=85", "reported.source=x", "reported.eps=0.031"],
-                           "give reported.autoattack")]:
+                           "give reported.autoattack"),
+                          (["reported.clean=85", "reported.source=x", "reported.autoattack=50",
+                            "reported.norm=linf", "reported.eps=8"], "(0, 1)"),
+                          (["reported.clean=85", "reported.source=x", "reported.autoattack=50",
+                            "reported.norm=l1", "reported.eps=.inf"], "finite")]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_config(None, args)
+    # AutoAttack's own L1 radius (12) and an L2 one above 1 are radii on the [0,1] scale.
+    for norm, eps in (("l1", "12"), ("l2", "1.5")):
+        cfg = load_config(None, ["reported.clean=85", "reported.source=x",
+                                 "reported.autoattack=50", f"reported.norm={norm}",
+                                 f"reported.eps={eps}", "reported.seeds=[0, 1]",
+                                 "reported.runs=2"])
+        assert cfg["reported"]["eps"] == float(eps)
 
 
 @pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.name)

@@ -110,6 +110,20 @@ def test_cost_matrix_out_is_checked_before_the_computation(tmp_path, capsys, out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]  # the probe is gone
 
 
+def test_negative_per_class_and_nan_costs_are_refused(tmp_path, capsys):
+    assert cost_matrix_main([str(tmp_path / "no_run"), "--out", str(tmp_path / "c.pt"),
+                             "--per-class", "-3", "--device", "cpu"]) == 1
+    _one_line_error(capsys, "--per-class must be >= 0")
+    assert not (tmp_path / "c.pt").exists()
+    from at.kd_cost_matrix import FORMAT, load_cost_matrix
+    cost = torch.rand(10, 10)
+    cost[2, 7] = float("nan")
+    torch.save({"format": FORMAT, "kind": "cka", "cost": cost}, tmp_path / "nan.pt")
+    with pytest.raises(ValueError, match=r"nan.pt holds NaN/inf costs \(1 of them, the first "
+                                         r"between classes 2 and 7\)"):
+        load_cost_matrix(str(tmp_path / "nan.pt"), 10)
+
+
 def test_cost_matrix_failed_save_keeps_the_previous_file(tmp_path, capsys, monkeypatch):
     # A one-epoch plain-training teacher is enough for the classifier-weight (fc) cost.
     teacher = tmp_path / "teacher"

@@ -80,7 +80,8 @@ def test_honest_model_passes_and_masked_models_warn_on_the_right_checks(models, 
     assert honest["verdict"] in ("pass", "inconclusive"), audit.table(honest)
     assert "warn" not in set(_statuses(honest).values()), audit.table(honest)
     assert set(_statuses(honest)) == set(audit.CHECKS) and not honest["skipped"]
-    saved = json.loads((t.out_dir / "audit_best.json").read_text())
+    saved = json.loads((t.out_dir / f"audit-quick_linf_eps16-255_n{N_HONEST}_best.json"
+                        ).read_text())
     assert saved["verdict"] == honest["verdict"] and len(saved["checks"]) == len(audit.CHECKS)
     for c in saved["checks"]:
         assert set(c) >= {"name", "status", "value", "threshold", "explanation"}
@@ -135,7 +136,7 @@ def test_audit_cli_strict_exit(learned, tmp_path, capsys):
                        "--sweep", "0,1/255"])
     printed = capsys.readouterr().out
     assert code == 3, printed
-    report = json.loads((out / "eval" / "audit_best.json").read_text())
+    report = json.loads((out / "eval" / "audit-quick_linf_eps8-255_n4_best.json").read_text())
     assert report["verdict"] == "warn" and report["sweep"]["eps_text"] == ["0", "1/255"]
     assert "eps_sweep          WARN" in printed and "verdict: WARN" in printed
 
@@ -146,7 +147,7 @@ def test_surrogate_with_other_classes_is_refused(digits_run, tmp_path, capsys):
     other = replace(t, model=build_model("wrn-16-1", 100).eval())
     with pytest.raises(EvalError, match="the surrogate has 100 classes, the model 10"):
         audit.audit(t, n_ex=4, surrogate=other, budget=TINY)
-    assert not (t.out_dir / "audit_best.json").exists()
+    assert not list(t.out_dir.glob("audit*.json"))
     # On the command line: a CIFAR-100 checkpoint of the same net, one line naming it.
     torch.save(build_model("wrn-16-1", 100).state_dict(), tmp_path / "c100.pt")
     code = audit.main([str(t.run_dir), "--device", "cpu", "--n-ex", "4", "--quick",

@@ -4,6 +4,7 @@ the rows the test reads are written; the rest of each file stays a sparse hole."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ import torch
 from at.target import load_target
 from eval import corruptions
 from eval.common import EvalError
+from eval.results import corruptions_name
 from models import build_model
 
 N = 12
@@ -60,14 +62,30 @@ def test_per_corruption_and_severity_accuracy(target, tmp_path, capsys):
     assert r["mean_per_severity"]["1"] == pytest.approx(
         (r["accuracy"]["fog"]["1"] + r["accuracy"]["snow"]["1"]) / 2, abs=0.01)
     assert r["full_benchmark"] is False
-    saved = json.loads((target.out_dir / f"corruptions_n{N}_net.json").read_text())
-    assert saved["accuracy"] == r["accuracy"]
-    # The CLI, with the folder itself as the root.
+    saved_path = target.out_dir / f"corruptions-fog+snow_s12345_n{N}_net.json"
+    saved = json.loads(saved_path.read_text())
+    assert saved["accuracy"] == r["accuracy"] and saved_path.name == Path(r["path"]).name
+    # The CLI, with the folder itself as the root: another subset is another file, and the
+    # first result stays as it was.
+    before = saved_path.read_bytes()
     assert corruptions.main([str(target.checkpoint), "--arch", "wrn-16-1", "--dataset",
                              "cifar10", "--device", "cpu", "--corruptions-root",
                              str(root / "CIFAR-10-C"), "--corruptions", "fog", "--n-ex",
                              str(N), "--severities", "1,2"]) == 0
     assert "fog" in capsys.readouterr().out
+    assert saved_path.read_bytes() == before
+    other = json.loads((target.out_dir / f"corruptions-fog_s12_n{N}_net.json").read_text())
+    assert other["severities"] == [1, 2] and other["corruptions"] == ["fog"]
+
+
+def test_result_names_keep_the_full_benchmark_name_and_key_subsets():
+    every = list(corruptions.CORRUPTIONS)
+    assert corruptions_name(every, every, [1, 2, 3, 4, 5], 10000, "best") == \
+        "corruptions_n10000_best"
+    names = {corruptions_name(every[:k], every, [1, 2, 3, 4, 5], 10000, "best")
+             for k in range(1, 15)}
+    names |= {corruptions_name(every, every, [s], 10000, "best") for s in range(1, 6)}
+    assert len(names) == 14 + 5 and "corruptions_n10000_best" not in names
 
 
 def test_bad_corruption_data_gives_one_line_errors(target, tmp_path, capsys):

@@ -396,3 +396,12 @@ def test_zoo_constructor_computes_our_model(arch, dataset):
     theirs = eval(text, dict(_rb_namespace()))
     theirs.load_state_dict(ex.export_state(ours), strict=True)
     assert_same_logits(theirs, ours)
+
+
+def test_out_onto_an_existing_file_is_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "export"
+    out.write_text("not a directory")
+    rc, _, err = export(capsys, tmp_path / "no_such_run", "--name", "Smith2026Tiny", "--out", out)
+    assert rc == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"--out {out}: {out} is a file" in err  # before the missing run is looked at
+    assert out.read_text() == "not a directory"

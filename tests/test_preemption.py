@@ -246,7 +246,8 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
                                        r"previous (best|last)\.pt is intact"):
         Trainer(_quick(out, "optim.epochs=2"), resume=True).fit()
     assert {name: (out / name).read_bytes() for name in before} == before
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []  # no temp files
+    # No temporary files; the lock file stays (it names the last writer).
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".lock"]
 
 
 def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, capsys):
@@ -264,6 +265,31 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, capsys):
     assert main([*COMMON, f"out_dir={out}", "--resume"]) == 1
     err = capsys.readouterr().err
     assert "not a valid checkpoint" in err, err
+
+
+class CallsSystem:
+    """Unpickling this would run a shell command (torch names its module "blocked")."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_a_pickle_that_calls_a_function_is_refused_as_such(tmp_path, protocol):
+    import pickle
+
+    from at.checkpoint import CheckpointError
+    path, marker = tmp_path / "evil.pt", tmp_path / "pwned"
+    with open(path, "wb") as f:  # a plain pickle, as torch.save's legacy format writes
+        pickle.dump({"format": 2, "extra": CallsSystem(marker)}, f, protocol=protocol)
+    with pytest.raises(CheckpointError, match="refused, it is not a plain checkpoint of tensors"
+                                              ".*could execute code") as err:
+        load(path)
+    assert protocol != 2 or "it names posix.system" in str(err.value)
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])

@@ -204,13 +204,14 @@ def test_a_root_of_another_spec_is_refused_unless_resume(tmp_path, capsys):
     root = tmp_path / "root"
     assert sweep.main([str(write_spec(tmp_path / "a.yaml", root)), "--slurm"]) == 0
     state = (root / "sweep.json").read_text()
-    other = write_spec(tmp_path / "b.yaml", root, seeds=[0, 1, 2])
+    # Another spec: it drops the lr0.1 runs (adding runs alone would continue the sweep).
+    other = write_spec(tmp_path / "b.yaml", root, grid={"optim.lr": [0.05, 0.2]})
     capsys.readouterr()
     one_line_error(capsys, sweep.main([str(other), "--slurm"]), str(root), "another spec",
                    "--resume")
     assert (root / "sweep.json").read_text() == state  # nothing overwritten
     assert sweep.main([str(other), "--slurm", "--resume"]) == 0
-    assert json.loads((root / "sweep.json").read_text())["runs"][-1] == "lr0.1_seed2"
+    assert json.loads((root / "sweep.json").read_text())["runs"][-1] == "lr0.2_seed1"
     # A root holding plain runs that no spec recorded is another spec's too.
     plain = tmp_path / "plain"
     (plain / "somerun").mkdir(parents=True)
@@ -218,6 +219,66 @@ def test_a_root_of_another_spec_is_refused_unless_resume(tmp_path, capsys):
     capsys.readouterr()
     one_line_error(capsys, sweep.main([str(write_spec(tmp_path / "c.yaml", plain)), "--slurm"]),
                    "somerun")
+
+
+def _finished(spec_path: Path, name: str) -> Path:
+    """Run `name` of the spec as a finished run on disk (its config.yaml and final.json, as
+    at.train writes them)."""
+    from at.config import dump_config
+    spec = sweep.load_spec(spec_path)
+    run = next(r for r in sweep.expand(spec) if r.name == name)
+    run.out_dir.mkdir(parents=True)
+    dump_config(run.config, run.out_dir / "config.yaml")
+    (run.out_dir / "final.json").write_text("{}")
+    return run.out_dir
+
+
+def test_a_refused_command_leaves_the_sweep_state_as_it_was(tmp_path, capsys):
+    root = tmp_path / "root"
+    mine = write_spec(tmp_path / "a.yaml", root)
+    assert sweep.main([str(mine), "--slurm"]) == 0
+    _finished(mine, "lr0.05_seed0")
+    state = (root / "sweep.json").read_text()
+    # --resume with another spec, refused because a finished run trained something else:
+    # sweep.json still records the first spec, which therefore continues as before.
+    other = write_spec(tmp_path / "b.yaml", root, overrides={**CHEAP, **TARGET,
+                                                             "optim.momentum": 0.8})
+    capsys.readouterr()
+    one_line_error(capsys, sweep.main([str(other), "--slurm", "--resume"]), "lr0.05_seed0",
+                   "momentum")
+    assert (root / "sweep.json").read_text() == state
+    assert sweep.main([str(mine), "--slurm"]) == 0
+
+
+def test_an_out_root_inside_a_run_directory_is_refused(tmp_path, capsys):
+    run = _finished(write_spec(tmp_path / "a.yaml", tmp_path / "root"), "lr0.1_seed1")
+    spec = write_spec(tmp_path / "b.yaml", tmp_path / "root")
+    capsys.readouterr()
+    one_line_error(capsys, sweep.main([str(spec), "--slurm", "--out-root", str(run / "sub")]),
+                   f"inside the run directory {run}")
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "final.json"]
+
+
+@pytest.mark.slow
+def test_adding_a_seed_or_correcting_the_target_continues_the_sweep(tmp_path):
+    root = tmp_path / "root"
+    quicker = {**CHEAP, **TARGET, "eval.final_pgd": False}
+    first = write_spec(tmp_path / "a.yaml", root, grid={"optim.lr": [0.05]}, seeds=[0],
+                       overrides=quicker)
+    done = run_sweep(str(first))
+    assert done.returncode == 0, done.stderr[-2000:]
+    weights = (root / "lr0.05_seed0" / "best.pt").read_bytes()
+    more = write_spec(tmp_path / "b.yaml", root, grid={"optim.lr": [0.05]}, seeds=[0, 1],
+                      overrides={**quicker, "reported.clean": 96.5})
+    again = run_sweep(str(more))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "[1/2] lr0.05_seed0: finished, skipped" in again.stdout
+    assert "[2/2] lr0.05_seed1: training" in again.stdout
+    assert (root / "lr0.05_seed1" / "final.json").is_file()
+    assert (root / "lr0.05_seed0" / "best.pt").read_bytes() == weights  # not trained again
+    for name in ("lr0.05_seed0", "lr0.05_seed1"):  # the corrected target, in both
+        config = yaml.safe_load((root / name / "config.yaml").read_text())
+        assert config["reported"]["clean"] == 96.5
 
 
 @pytest.mark.parametrize("fields, needles", [
@@ -234,11 +295,41 @@ def test_a_root_of_another_spec_is_refused_unless_resume(tmp_path, capsys):
      ["'optim.momentum'", "log_uniform"]),
     ({"random": {"samples": 2, "params": {"optim.lr": [0.1]}}}, ["'optim.lr'", "both"]),
     ({"colour": "red"}, ["'colour'", "unknown spec field"]),
+    # Every run's config is checked before the first run starts.
+    ({"grid": {"model.name": ["wrn-16-1", "wrn-99-9"]}}, ["wrn-99-9", "unknown model"]),
+    ({"grid": {"data.name": ["digits", "mnistt"]}}, ["'mnistt'", "unknown dataset"]),
+    ({"overrides": TARGET, "grid": {"method.name": ["ikl_at", "IKL_AT"]}},
+     ["'IKL_AT'", "unknown method"]),
+    ({"seeds": [-1]}, ["run lr0.05_seed-1", "numpy's range"]),
+    ({"random": {"samples": 2, "seed": "abc", "params": {"optim.momentum": [0.8, 0.9]}}},
+     ["random.seed must be an integer", "'abc'"]),
+    ({"random": {"samples": 2, "params": {"train.skip_nonfinite": {"randint": [1.5, 3.7]}}}},
+     ["'train.skip_nonfinite'", "randint takes two integers"]),
+    ({"random": {"samples": 3, "params": {"optim.momentum": [0.8, 0.9]}}},
+     ["3 samples asked", "too few points"]),
+    ({"slurm": {"time": "1:00\nrm -rf x"}}, ["slurm.time", "one non-empty line"]),
+    ({"slurm": {"time": ["1:00", "2:00"]}}, ["slurm.time", "one string or number"]),
+    ({"slurm": {"mem": None}}, ["slurm.mem has no value"]),
+    ({"slurm": {"mem 4G": 1}}, ["'mem 4G'", "not an sbatch option name"]),
 ])
 def test_bad_specs_are_one_line_errors_naming_the_problem(tmp_path, capsys, fields, needles):
     spec = write_spec(tmp_path / "s.yaml", tmp_path / "root", **fields)
     one_line_error(capsys, sweep.main([str(spec), "--print"]), *needles)
     assert not (tmp_path / "root").exists()
+
+
+def test_nested_overrides_and_colliding_random_draws(tmp_path):
+    spec = sweep.load_spec(write_spec(tmp_path / "s.yaml", tmp_path / "root",
+                                      overrides={**CHEAP, "optim": {"momentum": 0.8}}))
+    assert all(r.config["optim"]["momentum"] == 0.8 for r in sweep.expand(spec))
+    # Five draws from three values: the repeated draws are drawn again, all points distinct.
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"base": str(DIGITS), "out_root": str(tmp_path / "root"),
+                                    "random": {"samples": 3, "seed": 0, "params": {
+                                        "optim.momentum": [0.7, 0.8, 0.9]}}}))
+    spec = sweep.load_spec(path)
+    values = sorted({r.config["optim"]["momentum"] for r in sweep.expand(spec)})
+    assert values == [0.7, 0.8, 0.9]
 
 
 def test_ranges_random_search_and_names_are_stable(tmp_path):

@@ -1,0 +1,133 @@
+"""Full and unwritable disks: torch's own error on a full disk is the one-line disk-full error, a
+run whose first last.pt could not be written starts again with --resume, and the evaluations
+check that they can write before computing and print a result they could not save."""
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+
+import torch
+from conftest import DIGITS
+
+import models
+from at import checkpoint
+from at.train import main as train_main
+from eval import common, pgd
+
+QUICK = ["attack.schedule=fixed", "attack.steps=1", "optim.epochs=1", "data.val_size=1037",
+         "optim.batch_size=256", "eval.every=100", "eval.final_pgd=false", "eval.n_test=50",
+         "eval.pgd_steps=1", "log.plot=false", "method.name=standard"]
+
+
+class FullAfter(io.RawIOBase):
+    """A file on a disk that fills up after `room` bytes: its writes then fail with ENOSPC, as
+    the operating system's do (torch.save turns that into a RuntimeError of its own)."""
+
+    def __init__(self, f, room: int):
+        self.f, self.room = f, room
+
+    def writable(self):
+        return True
+
+    def write(self, data):
+        if len(data) > self.room:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        self.room -= len(data)
+        return self.f.write(data)
+
+    def fileno(self):
+        return self.f.fileno()
+
+    def flush(self):
+        self.f.flush()
+
+    def close(self):
+        self.f.close()
+        super().close()
+
+
+def _one_line(capsys, code, *needles):
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+
+
+def test_a_full_disk_at_the_first_last_pt_is_one_line_and_recoverable(tmp_path, monkeypatch,
+                                                                       capsys):
+    out = tmp_path / "run"
+    fdopen = os.fdopen
+
+    def full_for_last_pt(fd, *args, **kwargs):
+        f = fdopen(fd, *args, **kwargs)
+        if ".last.pt." in os.readlink(f"/proc/self/fd/{fd}"):
+            return FullAfter(f, room=4096)
+        return f
+
+    monkeypatch.setattr(checkpoint.os, "fdopen", full_for_last_pt)
+    code = train_main(["-c", str(DIGITS), *QUICK, f"out_dir={out}"])
+    _one_line(capsys, code, f"could not write {out / 'last.pt'} (disk full)",
+              "run again with --resume")
+    monkeypatch.undo()
+    left = sorted(p.name for p in out.iterdir())
+    assert "best.pt" in left and "last.pt" not in left  # best.pt is written first
+    assert not [n for n in left if n.endswith(".tmp")]
+    # Space freed: --resume starts the run again (it has no checkpoint to resume).
+    assert train_main(["-c", str(DIGITS), *QUICK, f"out_dir={out}", "--resume"]) == 0
+    assert "starting from epoch 1" in capsys.readouterr().err
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
+
+
+def _checkpoint(tmp_path):
+    torch.manual_seed(0)
+    path = tmp_path / "net.pt"
+    torch.save(models.build_model("wrn-16-1", 10, dataset="digits").state_dict(), path)
+    return path
+
+
+def test_an_unwritable_results_folder_is_refused_before_computing(tmp_path, monkeypatch,
+                                                                   capsys):
+    path = _checkpoint(tmp_path)
+    (tmp_path / "eval").write_text("a file where the results folder would go")
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the test data was loaded: the computation started")
+
+    monkeypatch.setattr(pgd, "load_test_data", no_data)
+    code = pgd.main([str(path), "--arch", "wrn-16-1", "--dataset", "digits", "--device", "cpu",
+                     "--n-ex", "8", "--steps", "1"])
+    _one_line(capsys, code, f"cannot write results to {tmp_path / 'eval'}")
+
+
+def test_a_result_that_cannot_be_saved_is_printed(tmp_path, monkeypatch, capsys):
+    path = _checkpoint(tmp_path)
+
+    def full(text, where):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(common, "write_text", full)
+    code = pgd.main([str(path), "--arch", "wrn-16-1", "--dataset", "digits", "--device", "cpu",
+                     "--n-ex", "8", "--steps", "1"])
+    out = capsys.readouterr()
+    assert code == 1 and "Traceback" not in out.err and out.err.count("\n") == 1, out.err
+    assert "(disk full); the result is printed on stdout above" in out.err
+    result = json.loads(out.out)
+    assert result["n_ex"] == 8 and 0 <= result["robust_acc"] <= result["clean_acc"]
+
+
+def test_a_full_disk_while_saving_an_autoattack_chunk_is_one_line(tmp_path, monkeypatch, capsys):
+    from eval import autoattack
+    path = _checkpoint(tmp_path)
+
+    def full(obj, where):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(autoattack.ckpt, "atomic_save", full)
+    code = autoattack.main([str(path), "--arch", "wrn-16-1", "--dataset", "digits", "--device",
+                            "cpu", "--n-ex", "4", "--attacks", "apgd-ce"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and err.count("\n") == 1, err
+    assert "chunk_000000_000004.pt (No space left on device); the chunks saved before it are " \
+           "kept" in err
