@@ -28,10 +28,9 @@ EPS = "16/255"  # the digits model is robust at 8/255 already; 16/255 separates 
 # more to AutoAttack than to PGD (12.5 pp against the 10 pp threshold: the honest model warned),
 # another kept 83.3 % of 91.7 % under AutoAttack (the scaled model's gap was 4.2 pp: it passed).
 # On 144 images (one image is 0.7 pp) models trained with AVX-512 and with AVX2 kernels had honest
-# gaps of 2.8 and 5.6 pp, and scaled-logits gaps of 25.7 and 27.1 pp.
+# gaps of 2.8 and 5.6 pp, and scaled-logits gaps of 25.7 and 27.1 pp; the quantized-input model's
+# transfer lead, one image of 24 on one of them, was 22.9 pp on both.
 N_EX = 144
-# Quantized inputs give no gradient at all: its checks do not depend on how robust the model is.
-N_QUANTIZED = 24
 
 
 class ScaledLogits(nn.Module):
@@ -100,7 +99,7 @@ def test_honest_model_passes_and_masked_models_warn_on_the_right_checks(models, 
     for name in ("determinism", "batchnorm_modes"):  # nothing wrong there
         assert status[name] == "pass", (name, audit.table(scaled))
 
-    quant = audit.audit(masked(t, QuantizedInputs, tmp_path), **{**kwargs, "n_ex": N_QUANTIZED})
+    quant = audit.audit(masked(t, QuantizedInputs, tmp_path), **kwargs)
     print(audit.table(quant))
     status = _statuses(quant)
     assert quant["verdict"] == "warn"
