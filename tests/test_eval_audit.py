@@ -21,15 +21,17 @@ from eval.common import EvalError
 # The audit on few images with tiny budgets: what it detects here does not depend on the budget.
 TINY = audit.Budget(pgd_steps=3, strong_steps=6, restarts=2, unbounded_steps=10,
                     transfer_steps=10, aa_iters=10, aa_targets=2)
-N_EX = 24
 EPS = "16/255"  # the digits model is robust at 8/255 already; 16/255 separates PGD from AA
-# The honest model's verdict must not turn on a few images. Its PGD-AutoAttack gap is a few
-# images in a hundred, and the model differs with the CPU that trained it (float32 training
-# differs between instruction sets): one lost 3 of its first 24 images more to AutoAttack than to
-# PGD (12.5 pp against the 10 pp threshold), one trained with AVX2 kernels 5 of its first 48
-# (10.4 pp) but 8 of 144 (5.6 pp), one trained with AVX-512 kernels 3 of 96. On 144 images one
-# image is 0.7 pp. The masked models miss the thresholds by tens of points: 24 images decide them.
-N_HONEST = 144
+# The verdicts must not turn on a few images. The honest model's PGD-AutoAttack gap is a few images
+# in a hundred; the scaled-logits model's gap is about the honest model's drop from clean to
+# AutoAttack accuracy. Both depend on the model the session trained, which differs with the CPU
+# (float32 training differs between instruction sets). On the first 24 images one model lost 3
+# more to AutoAttack than to PGD (12.5 pp against the 10 pp threshold: the honest model warned),
+# another kept 83.3 % of 91.7 % under AutoAttack (the scaled model's gap was 4.2 pp: it passed).
+# On 144 images (one image is 0.7 pp) models trained with AVX-512 and with AVX2 kernels had honest
+# gaps of 2.8 and 5.6 pp, and scaled-logits gaps of 25.7 and 27.1 pp; the quantized-input model's
+# transfer lead, one image of 24 on one of them, was 22.9 pp on both.
+N_EX = 144
 
 
 class ScaledLogits(nn.Module):
@@ -73,7 +75,7 @@ def _statuses(report):
 def test_honest_model_passes_and_masked_models_warn_on_the_right_checks(models, tmp_path):
     t, surrogate = models
     kwargs = dict(n_ex=N_EX, eps=EPS, surrogate=surrogate, budget=TINY, batch_size=64)
-    honest = audit.audit(t, **{**kwargs, "n_ex": N_HONEST})
+    honest = audit.audit(t, **kwargs)
     print(audit.table(honest))
     # A threshold of a few points can lie inside a 95 % interval even at N_HONEST images: no
     # check may warn, and the ones that cannot decide say so.
