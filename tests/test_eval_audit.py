@@ -77,12 +77,12 @@ def test_honest_model_passes_and_masked_models_warn_on_the_right_checks(models, 
     kwargs = dict(n_ex=N_EX, eps=EPS, surrogate=surrogate, budget=TINY, batch_size=64)
     honest = audit.audit(t, **kwargs)
     print(audit.table(honest))
-    # A threshold of a few points can lie inside a 95 % interval even at N_HONEST images: no
-    # check may warn, and the ones that cannot decide say so.
+    # A threshold of a few points can lie inside a 95 % interval even at N_EX images: no check
+    # may warn, and the ones that cannot decide say so.
     assert honest["verdict"] in ("pass", "inconclusive"), audit.table(honest)
     assert "warn" not in set(_statuses(honest).values()), audit.table(honest)
     assert set(_statuses(honest)) == set(audit.CHECKS) and not honest["skipped"]
-    saved = json.loads((t.out_dir / f"audit-quick_linf_eps16-255_n{N_HONEST}_best.json"
+    saved = json.loads((t.out_dir / f"audit-quick_linf_eps16-255_n{N_EX}_best.json"
                         ).read_text())
     assert saved["verdict"] == honest["verdict"] and len(saved["checks"]) == len(audit.CHECKS)
     for c in saved["checks"]:
@@ -99,12 +99,10 @@ def test_honest_model_passes_and_masked_models_warn_on_the_right_checks(models, 
     print(audit.table(scaled))
     status = _statuses(scaled)
     assert scaled["verdict"] == "warn"
-    # Checks whose value is a share of 24 images warn only when the 95 % interval clears the
-    # threshold: a gap of a few images is "inconclusive at n = 24", never a pass.
-    for name in ("zero_gradients", "unbounded", "eps_sweep"):
+    # Checks whose value is a share of the images warn only when the 95 % interval clears the
+    # threshold; on 144 images these gaps (over 20 pp) clear it.
+    for name in ("zero_gradients", "unbounded", "eps_sweep", "pgd_vs_autoattack", "transfer"):
         assert status[name] == "warn", (name, audit.table(scaled))
-    for name in ("pgd_vs_autoattack", "transfer"):
-        assert status[name] in ("warn", "inconclusive"), (name, audit.table(scaled))
     assert status["determinism"] == "pass", audit.table(scaled)  # nothing wrong there
     assert status["batchnorm_modes"] != "warn", audit.table(scaled)
 
@@ -112,9 +110,8 @@ def test_honest_model_passes_and_masked_models_warn_on_the_right_checks(models, 
     print(audit.table(quant))
     status = _statuses(quant)
     assert quant["verdict"] == "warn"
-    for name in ("zero_gradients", "unbounded", "eps_sweep", "autoattack_flags"):
+    for name in ("zero_gradients", "unbounded", "eps_sweep", "transfer", "autoattack_flags"):
         assert status[name] == "warn", (name, audit.table(quant))
-    assert status["transfer"] in ("warn", "inconclusive"), audit.table(quant)
     assert "zero_gradients" in quant["autoattack"]["flags_raised"]
 
 
