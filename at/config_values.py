@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 
-from errors import ConfigError
+from errors import ConfigError, unknown
 
 SEED_RANGE = (0, 2**32 - 1)  # numpy.random.seed's; seed_everything seeds numpy with the seed
 
@@ -36,13 +36,13 @@ def _check_names(cfg: dict) -> None:
     import data as datasets
     import models
 
-    from .methods import METHODS, unknown_name
+    from .methods import METHODS
 
     name = cfg["data"]["name"]
     if name not in datasets.NUM_CLASSES:
-        raise unknown_name("dataset (data.name)", name, datasets.NUM_CLASSES)
+        raise unknown("dataset (data.name)", name, datasets.NUM_CLASSES)
     known = {**models.MODELS, **models.IMAGENET_MODELS}  # which fits the dataset: build_model
     if cfg["model"]["name"] not in known:
-        raise unknown_name("model (model.name)", cfg["model"]["name"], known)
+        raise unknown("model (model.name)", cfg["model"]["name"], known)
     if cfg["method"]["name"] not in METHODS:
-        raise unknown_name("method (method.name)", cfg["method"]["name"], METHODS)
+        raise unknown("method (method.name)", cfg["method"]["name"], METHODS)
