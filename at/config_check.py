@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import data as datasets
 from attacks.pgd import INITS, NORMS, eps_problem
+from attacks.single_step import KINDS
 from attacks.utils import BN_MODES
 
-from . import averaging, speed
+from . import averaging, co_guard, grad_align, speed
 from .early_stop import EarlyStop
-from .errors import RunError
+from .errors import RunError, did_you_mean
 from .schedules import ATTACK_SCHEDULES, LR_SCHEDULES
 
 # Keys that may change when a run is resumed; anything else would silently change the experiment.
@@ -85,6 +86,7 @@ def check_config(cfg: dict) -> None:
     for ok, message in checks:
         if not ok:
             raise RunError(message)
+    _check_attack_kind(cfg)
     side = d["image_size"] if d["name"] in datasets.FOLDER_DATASETS else 32  # CIFAR, digits
     problem = eps_problem("attack.eps", a["eps"], a["norm"], 3 * side * side)
     if problem:
@@ -93,6 +95,33 @@ def check_config(cfg: dict) -> None:
     speed.check(cfg["speed"])
     averaging.check_config(cfg["avg"])
     EarlyStop.from_config(cfg)  # train.early_stop
+    grad_align.check_config(cfg["method"])  # method.grad_align
+    co_guard.check_config(cfg)  # train.co_guard
+
+
+def _check_attack_kind(cfg: dict) -> None:
+    """attack.kind and the single-step keys (docs/reference.md#single-step-attacks)."""
+    a, method = cfg["attack"], cfg["method"]["name"]
+    kind = a["kind"]
+    if kind not in KINDS:
+        hint = did_you_mean(kind, KINDS)
+        raise RunError(f"unknown attack.kind {kind!r}; valid: {', '.join(KINDS)}"
+                       + (f"; {hint}" if hint else ""))
+    if not a["n_fgsm_k"] > 0:
+        raise RunError(f"attack.n_fgsm_k (N-FGSM noise radius / eps) must be > 0, "
+                       f"got {a['n_fgsm_k']}")
+    factor = a["step_factor"]
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))
+                               or not factor > 0):
+        raise RunError(f"attack.step_factor must be null or a number > 0, got {factor!r}")
+    if kind == "pgd":
+        return
+    if method not in co_guard.SINGLE_STEP_METHODS:
+        raise RunError(f"attack.kind={kind}: method {method} has no single-step form (one of "
+                       f"{', '.join(co_guard.SINGLE_STEP_METHODS)})")
+    if a["norm"] != "linf" or a["schedule"] != "fixed":
+        raise RunError(f"attack.kind={kind} is a linf attack with a fixed schedule; got "
+                       f"attack.norm={a['norm']}, attack.schedule={a['schedule']}")
 
 
 def _cycle_ok(cycle, schedule: str) -> bool:

@@ -121,6 +121,9 @@ def restore(tr) -> None:
     match_state_layout(tr.optimizer)  # a checkpoint of another speed.channels_last
     if tr.avg is not None:
         tr.avg.load_state_dict(state["avg"])
+    guard = getattr(tr, "guard", None)  # train.co_guard (at/co_guard.py)
+    if guard is not None:
+        guard.load_state_dict(state["co_guard"])
     tr.epoch, tr.best = state["epoch"], state["best"]
     partial = state.get("partial")
     if partial is None:
@@ -135,6 +138,8 @@ def restore(tr) -> None:
         # This rank's own buffers: BatchNorm running statistics drift apart between ranks
         # within an epoch (the attack uses them) and method accumulators hold its share.
         _load_buffers(tr, mine["buffers"])
+        if guard is not None:  # this rank's last good state
+            guard.snapshot = mine.get("co_guard")
     else:
         epoch, step = tr.epoch + 1, partial["step"]
         fresh = torch.Generator().manual_seed(
@@ -176,6 +181,8 @@ def _state(tr) -> dict:
              "best": tr.best, "world_size": tr.world}
     if tr.avg is not None:
         state["avg"] = tr.avg.state_dict()
+    if getattr(tr, "guard", None) is not None:
+        state["co_guard"] = tr.guard.state_dict()
     return state
 
 
@@ -210,6 +217,8 @@ def save_partial(tr, step: int, sums: dict[str, float], seen: int, skipped: int,
             "buffers": {f"{prefix}.{name}": b.detach().cpu().clone()
                         for prefix, module in (("model", tr.model), ("method", tr.method))
                         for name, b in module.named_buffers()}}
+    if getattr(tr, "guard", None) is not None:  # its last good state (at/co_guard.py)
+        mine["co_guard"] = tr.guard.snapshot
     ranks = distributed.gather_objects(mine)
     if tr.main:
         state = _state(tr)
