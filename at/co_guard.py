@@ -14,9 +14,9 @@ A passed check stores the whole training state in memory (model, method, optimiz
 loader position, random generators, the epoch's statistics so far): the "last good state"; each
 epoch also starts with one. On a collapse the trainer returns to it exactly and then applies
 `action`: stop (the run ends; best.pt, chosen by validation as always, is intact), halve_step
-(the inner attack's step is halved from there on) or n_fgsm (the inner attack becomes N-FGSM
-with the paper's step; a collapse under N-FGSM then stops). Every event goes to metrics.jsonl
-(a line with "event": "co_guard"), to the console and to final.json.
+(the inner attack's step is halved from there on; past MAX_HALVINGS it stops) or n_fgsm (the
+inner attack becomes N-FGSM with the paper's step; a collapse under N-FGSM then stops). Every
+event goes to metrics.jsonl (a line with "event": "co_guard"), to the console and to final.json.
 
 The check runs in eval mode with its own seeded generator: a run whose checks all pass trains
 exactly as without the guard. The guard's counters travel in every last.pt; a mid-epoch last.pt
@@ -43,6 +43,9 @@ from .errors import ConfigError, RunError
 from .optim import match_state_layout
 
 ACTIONS = ("stop", "halve_step", "n_fgsm")
+# halve_step gives up (stops) after this many halvings: a step of 1/16 of the configured one
+# that still collapses will not be rescued by a smaller one, and every retry costs training time.
+MAX_HALVINGS = 4
 # Methods whose inner attack has a single-step form (attacks.maximise on the method's objective).
 SINGLE_STEP_METHODS = ("pgd_at", "trades", "ikl_at", "lbgat")
 
@@ -183,6 +186,8 @@ class COGuard:
         action = self.action
         if action == "n_fgsm" and (self.kind or base.kind) == "n_fgsm":
             action = "stop"  # N-FGSM itself collapsed: nothing left to switch to
+        if action == "halve_step" and self.step_scale <= 0.5 ** MAX_HALVINGS:
+            action = "stop"
         if action == "stop":
             self.stopped = True
         elif action == "halve_step":
