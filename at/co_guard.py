@@ -128,16 +128,21 @@ class COGuard:
                                     for z in (x_pgd, x_fgsm)]).tolist()
         return hits[0], hits[1]
 
-    def check(self, tr, step: int, stats, skipped: int, seconds: float) -> dict | None:
-        """After optimizer step `step` of epoch tr.epoch: None when the check passes (the state is
-        then stored as the last good one), else the collapse event (nothing restored yet)."""
-        pgd_acc, fgsm_acc = distributed.broadcast_object(self.measure(tr.model, tr.epoch, step))
-        self.last = {"epoch": tr.epoch, "step": step, "pgd_acc": pgd_acc, "fgsm_acc": fgsm_acc}
+    def collapse_reasons(self, pgd_acc: float, fgsm_acc: float) -> list[str]:
+        """Why a check with these accuracies (fractions) is a collapse; [] when it is not."""
         reasons = []
         if self.best is not None and self.best >= self.floor and pgd_acc < self.drop * self.best:
             reasons.append(f"pgd accuracy {pgd_acc:.3f} < {self.drop} x best {self.best:.3f}")
         if fgsm_acc - pgd_acc > self.gap:
             reasons.append(f"fgsm - pgd accuracy {fgsm_acc - pgd_acc:.3f} > {self.gap}")
+        return reasons
+
+    def check(self, tr, step: int, stats, skipped: int, seconds: float) -> dict | None:
+        """After optimizer step `step` of epoch tr.epoch: None when the check passes (the state is
+        then stored as the last good one), else the collapse event (nothing restored yet)."""
+        pgd_acc, fgsm_acc = distributed.broadcast_object(self.measure(tr.model, tr.epoch, step))
+        self.last = {"epoch": tr.epoch, "step": step, "pgd_acc": pgd_acc, "fgsm_acc": fgsm_acc}
+        reasons = self.collapse_reasons(pgd_acc, fgsm_acc)
         if not reasons:
             self.best = pgd_acc if self.best is None else max(self.best, pgd_acc)
             self.snapshot = self.take(tr, step, stats.host_sums(), stats.seen, skipped, seconds)

@@ -48,6 +48,23 @@ def test_bad_values_are_one_line_before_any_data(overrides, message, capsys, tmp
         load_config(DIGITS, [*GUARDED, *overrides])
 
 
+def test_collapse_rules():
+    from data import TensorEvalSet
+    cfg = load_config(DIGITS, GUARDED)  # drop 0.5, gap 0.3
+    images = torch.zeros(64, 3, 32, 32, dtype=torch.uint8)
+    guard = COGuard(cfg, TensorEvalSet(images, torch.zeros(64, dtype=torch.long)), 10,
+                    torch.device("cpu"))
+    assert guard.collapse_reasons(0.0, 0.3) == []  # no best yet; a gap of 0.3 is not above 0.3
+    guard.best = 0.15  # below twice chance (0.2): an untrained model's noise
+    assert guard.collapse_reasons(0.05, 0.1) == []
+    guard.best = 0.6
+    assert guard.collapse_reasons(0.31, 0.4) == []
+    (drop,) = guard.collapse_reasons(0.29, 0.4)
+    assert drop.startswith("pgd accuracy 0.290 < 0.5 x best 0.600")
+    assert [r.split()[0] for r in guard.collapse_reasons(0.05, 0.9)] == ["pgd", "fgsm"]
+    assert guard.collapse_reasons(0.5, 0.81)[0].startswith("fgsm - pgd accuracy 0.310")
+
+
 def _scripted(collapse_at: set[tuple[int, int]], trace: dict):
     """COGuard.measure running the real check, then reporting a collapse (PGD 0, FGSM 0.9) at
     the (epoch, step) points in `collapse_at` while no action has been taken, else 0.5 / 0.5.
