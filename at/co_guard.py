@@ -4,8 +4,8 @@ Single-step adversarial training can collapse within a few hundred steps: the PG
 to about zero while the accuracy under FGSM climbs (Wong et al. 2020; Andriushchenko & Flammarion
 2020). Every `every` steps and at each epoch's last step the guard measures, on a fixed batch held
 out from training (the first `batch` validation images), the accuracy under PGD-k (cross-entropy,
-uniform start, radius attack.eps) and under FGSM (one step of attack.eps from x, no random
-start). A collapse is
+uniform start, radius attack.eps, step 2.5 eps / k) and under FGSM (one step of attack.eps from x,
+no random start). A collapse is
 
     pgd < drop * best  (best: the highest PGD accuracy of a passed check, once >= 2 / classes)
     or  fgsm - pgd > gap.
@@ -85,7 +85,10 @@ class COGuard:
         g = cfg["train"]["co_guard"]
         self.every, self.pgd_steps, self.action = g["every"], g["pgd_steps"], g["action"]
         self.drop, self.gap, self.floor = g["drop"], g["gap"], 2.0 / num_classes
-        self.eps, self.pgd_step = cfg["attack"]["eps"], cfg["eval"]["pgd_step_size"]
+        # PGD-k with Madry et al.'s step 2.5 eps / k, which can cross the ball from any start
+        # whatever eps (2/255 for PGD-10 at 8/255, as eval.pgd_step_size).
+        self.eps = cfg["attack"]["eps"]
+        self.pgd_step = 2.5 * self.eps / self.pgd_steps
         self.k, self.seed, self.device = cfg["attack"]["n_fgsm_k"], cfg["seed"], device
         n = g["batch"]
         if val_set is None or len(val_set) < n:
