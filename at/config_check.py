@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import data as datasets
 from attacks.pgd import INITS, NORMS, eps_problem
+from attacks.single_step import KINDS
 from attacks.utils import BN_MODES
-from errors import RunError
+from errors import RunError, unknown
 
-from . import averaging, early_stop, speed
+from . import averaging, co_guard, early_stop, grad_align, speed
 from .config_values import check_values
 from .schedules import ATTACK_SCHEDULES, LR_SCHEDULES
 
@@ -76,6 +77,7 @@ def check_config(cfg: dict) -> None:
     for ok, message in checks:
         if not ok:
             raise RunError(message)
+    _check_attack_kind(cfg)
     side = d["image_size"] if d["name"] in datasets.FOLDER_DATASETS else 32  # CIFAR, digits
     problem = eps_problem("attack.eps", a["eps"], a["norm"], 3 * side * side)
     if problem:
@@ -85,6 +87,31 @@ def check_config(cfg: dict) -> None:
     speed.check(cfg["speed"])
     averaging.check_config(cfg["avg"])
     early_stop.check_config(cfg)
+    grad_align.check_config(cfg["method"])  # method.grad_align
+    co_guard.check_config(cfg)  # train.co_guard
+
+
+def _check_attack_kind(cfg: dict) -> None:
+    """attack.kind and the single-step keys (docs/reference.md#single-step-attacks)."""
+    a, method = cfg["attack"], cfg["method"]["name"]
+    kind = a["kind"]
+    if kind not in KINDS:
+        raise unknown("attack.kind", kind, KINDS)
+    if not a["n_fgsm_k"] > 0:
+        raise RunError(f"attack.n_fgsm_k (N-FGSM noise radius / eps) must be > 0, "
+                       f"got {a['n_fgsm_k']}")
+    factor = a["step_factor"]
+    if factor is not None and (isinstance(factor, bool) or not isinstance(factor, (int, float))
+                               or not factor > 0):
+        raise RunError(f"attack.step_factor must be null or a number > 0, got {factor!r}")
+    if kind == "pgd":
+        return
+    if method not in co_guard.SINGLE_STEP_METHODS:
+        raise RunError(f"attack.kind={kind}: method {method} has no single-step form (one of "
+                       f"{', '.join(co_guard.SINGLE_STEP_METHODS)})")
+    if a["norm"] != "linf" or a["schedule"] != "fixed":
+        raise RunError(f"attack.kind={kind} is a linf attack with a fixed schedule; got "
+                       f"attack.norm={a['norm']}, attack.schedule={a['schedule']}")
 
 
 def _cycle_ok(cycle, schedule: str) -> bool:

@@ -36,13 +36,14 @@ def _check_names(cfg: dict) -> None:
     import data as datasets
     import models
 
-    from .methods import METHODS
-
     name = cfg["data"]["name"]
     if name not in datasets.NUM_CLASSES:
         raise unknown("dataset (data.name)", name, datasets.NUM_CLASSES)
     known = {**models.MODELS, **models.IMAGENET_MODELS}  # which fits the dataset: build_model
     if cfg["model"]["name"] not in known:
         raise unknown("model (model.name)", cfg["model"]["name"], known)
-    if cfg["method"]["name"] not in METHODS:
-        raise unknown("method (method.name)", cfg["method"]["name"], METHODS)
+    # Every method has its parameter section in base.yaml (tests/test_methods.py): the sections
+    # name the methods without importing them (at.methods imports the config's own helpers).
+    methods = [k for k, v in cfg["method"].items() if isinstance(v, dict)]
+    if cfg["method"]["name"] not in methods:
+        raise unknown("method (method.name)", cfg["method"]["name"], methods)

@@ -40,10 +40,10 @@ from errors import USER_ERRORS, ConfigError, report
 
 from . import checkpoint as ckpt
 from .config import load_run_config
+from .cost_matrix import FORMAT, nonfinite
 
 KINDS = ("cka", "fc")
 FEATURES = ("map", "logits", "penultimate")
-FORMAT = 1
 _NOT_STAGES = (nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.SiLU, nn.Identity, nn.Linear,
                nn.AdaptiveAvgPool2d, nn.AvgPool2d, nn.MaxPool2d, nn.Dropout)
 
@@ -207,37 +207,13 @@ def compute(target: str, kind: str = "cka", per_class: int = 0, weights: str = "
                                              device_, workers)
         rows, per_image = feature_rows(model, batches, features)
         cost = cka_cost(list(rows.view(classes, n * per_image, -1)), device_)
-    problem = _nonfinite(cost)
+    problem = nonfinite(cost)
     if problem:  # a class whose features are constant (CKA's 0/0), or a diverged teacher
         raise ConfigError(f"the {kind} cost matrix of {target} holds {problem}; nothing saved")
     return {"format": FORMAT, "kind": kind, "cost": cost, "teacher": str(target),
             "weights": weights, "checkpoint_sha256": sha,
             "features": features if kind == "cka" else None,
             "per_class": per_class if kind == "cka" else None}
-
-
-def _nonfinite(cost: Tensor) -> str | None:
-    """'NaN/inf costs (3 of them, the first between classes i and j)', or None."""
-    bad = (~torch.isfinite(cost)).nonzero()
-    if not len(bad):
-        return None
-    i, j = (int(v) for v in bad[0])
-    return f"NaN/inf costs ({len(bad)} of them, the first between classes {i} and {j})"
-
-
-def load_cost_matrix(path: str, num_classes: int, sharpen: float = 1.0) -> Tensor:
-    """The training cost: D <- 1 - exp(-sharpen * D), then relu(D) + 1e-8 (float32, C x C)."""
-    saved = ckpt.load(Path(path))
-    cost = saved.get("cost") if isinstance(saved, dict) else None
-    if saved.get("format") != FORMAT or cost is None or cost.shape != (num_classes,
-                                                                          num_classes):
-        raise ConfigError(f"{path} is not a {num_classes}-class cost matrix made by "
-                         f"python -m at.kd_cost_matrix")
-    problem = _nonfinite(cost)
-    if problem:
-        raise ConfigError(f"{path} holds {problem}; make it again with "
-                          f"python -m at.kd_cost_matrix")
-    return (1 - torch.exp(-sharpen * cost)).clamp_min(0.0).float() + 1e-8
 
 
 def check_writable(out: Path) -> None:

@@ -52,13 +52,14 @@ class RunState:
     partial: dict | None = None
 
 
-def claim(out: Path, resume: bool) -> tuple[Lock, bool]:
+def claim(out: Path, resume: bool) -> tuple[Lock, bool, bool]:
     """Take the run directory for this process (created if needed; at/lock.py: a second
     writer is refused, naming the first) and check it (`check_out_dir`): (the lock, whether
-    there is a checkpoint to resume). Nothing is left behind when the check refuses."""
+    there is a checkpoint to resume, whether this call created the directory). Nothing is left
+    behind when the check refuses."""
     if out.exists() and not out.is_dir():
         raise RunError(f"out_dir {out} is a file, not a directory; choose another out_dir")
-    existed = out.is_dir()
+    created = not out.is_dir()
     try:
         out.mkdir(parents=True, exist_ok=True)
         lock = acquire(out / LOCK_FILE, f"out_dir {out}", "at.train")
@@ -66,18 +67,24 @@ def claim(out: Path, resume: bool) -> tuple[Lock, bool]:
         raise RunError(f"cannot write to out_dir {out} ({err.strerror or err}); "
                        f"choose another out_dir") from None
     try:
-        if resume and not existed:
+        if resume and created:
             raise RunError(f"--resume: no last.pt in {out}")
-        return lock, check_out_dir(out, resume)
+        return lock, check_out_dir(out, resume), created
     except RunError:
-        lock.release()
-        if not existed:  # the directory this call made, holding only the lock file
-            (out / LOCK_FILE).unlink(missing_ok=True)
-            try:
-                out.rmdir()
-            except OSError:  # another process wrote there meanwhile: its files stay
-                pass
+        release(out, lock, created)
         raise
+
+
+def release(out: Path, lock: Lock, created: bool) -> None:
+    """Give the run directory up after a refusal before training: the lock, and the directory
+    itself when `created` by `claim` and holding nothing but the lock file."""
+    lock.release()
+    if created:
+        (out / LOCK_FILE).unlink(missing_ok=True)
+        try:
+            out.rmdir()
+        except OSError:  # something was written there meanwhile: it stays
+            pass
 
 
 def _leftover(name: str) -> bool:
@@ -188,6 +195,9 @@ def restore(tr) -> RunState:
     match_state_layout(tr.optimizer)  # a checkpoint of another speed.channels_last
     if tr.avg is not None:
         tr.avg.load_state_dict(state["avg"])
+    guard = getattr(tr, "guard", None)  # train.co_guard (at/co_guard.py)
+    if guard is not None:
+        guard.load_state_dict(state["co_guard"])
     run = RunState(state["epoch"], state["best"])
     partial = state.get("partial")
     if partial is None:
@@ -202,6 +212,8 @@ def restore(tr) -> RunState:
         # This rank's own buffers: BatchNorm running statistics drift apart between ranks
         # within an epoch (the attack uses them) and method accumulators hold its share.
         _load_buffers(tr, mine["buffers"])
+        if guard is not None:  # this rank's last good state
+            guard.snapshot = mine.get("co_guard")
     else:
         epoch, step = run.epoch + 1, partial["step"]
         fresh = torch.Generator().manual_seed(
@@ -244,6 +256,8 @@ def _state(tr) -> dict:
              "best": tr.state.best, "world_size": tr.world}
     if tr.avg is not None:
         state["avg"] = tr.avg.state_dict()
+    if getattr(tr, "guard", None) is not None:
+        state["co_guard"] = tr.guard.state_dict()
     return state
 
 
@@ -277,6 +291,8 @@ def save_partial(tr, step: int, sums: dict[str, float], seen: int, skipped: int,
             "buffers": {f"{prefix}.{name}": b.detach().cpu().clone()
                         for prefix, module in (("model", tr.model), ("method", tr.method))
                         for name, b in module.named_buffers()}}
+    if getattr(tr, "guard", None) is not None:  # its last good state (at/co_guard.py)
+        mine["co_guard"] = tr.guard.snapshot
     ranks = distributed.gather_objects(mine)
     if tr.main:
         state = _state(tr)

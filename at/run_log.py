@@ -44,6 +44,15 @@ class RunLog:
         if self.wandb is not None:
             self.wandb.log(record, step=record["epoch"])
 
+    def event(self, record: dict) -> None:
+        """A line that is not an epoch record (it has an "event" key: at/co_guard.py); curves
+        and wandb leave it out."""
+        self.records.append(record)
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
     def close(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()
@@ -84,6 +93,7 @@ def curves_figure(records: list[dict], best_on: str = "model"):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
+    records = [r for r in records if "event" not in r]  # co_guard events (RunLog.event)
     epochs = [r["epoch"] for r in records]
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(11, 4))
     for key in ACCURACY_KEYS:

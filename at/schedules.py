@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from attacks.single_step import DEFAULT_STEP_FACTOR
+
 LR_SCHEDULES = ("cosine", "piecewise", "onecycle", "constant")
 ATTACK_SCHEDULES = ("fixed", "dkl_high", "dkl_high_intended")
 
@@ -68,7 +70,8 @@ def lr_at(optim_cfg: dict, epoch: int) -> float:
 @dataclass(frozen=True)
 class AttackBudget:
     """One epoch's inner-maximisation settings (radius and step on the [0,1] scale; `bn`: how
-    BatchNorm normalises during the attack, attacks.BN_MODES)."""
+    BatchNorm normalises during the attack, attacks.BN_MODES; `kind`: attacks.single_step.KINDS,
+    `k`: the N-FGSM noise radius in units of eps)."""
     eps: float
     step_size: float
     steps: int
@@ -76,14 +79,23 @@ class AttackBudget:
     init: str = "normal"
     clamp_init: bool = True
     bn: str = "eval"
+    kind: str = "pgd"
+    k: float = 2.0
 
     def pgd_kwargs(self) -> dict:
         return dict(eps=self.eps, step_size=self.step_size, steps=self.steps, norm=self.norm,
                     init=self.init, clamp_init=self.clamp_init)
 
+    def attack_kwargs(self) -> dict:
+        """Keyword arguments of attacks.maximise."""
+        return dict(self.pgd_kwargs(), kind=self.kind, k=self.k)
+
 
 def attack_budget(attack_cfg: dict, epoch: int, epochs: int) -> AttackBudget:
     """The training attack for 1-based `epoch` of `epochs`.
+
+    attack.kind other than pgd: one step of attack.step_factor * eps_t
+    (docs/reference.md#single-step-attacks); the schedule is then fixed (checked at load).
 
     eps_ramp: eps_t = eps * epoch / epochs (DKL's curriculum), else eps_t = eps.
     fixed: `steps` steps of `step_size` (scaled by eps_t / eps). dkl_high: 5 steps of eps_t / 2 in
@@ -95,6 +107,12 @@ def attack_budget(attack_cfg: dict, epoch: int, epochs: int) -> AttackBudget:
     eps, kind = attack_cfg["eps"], attack_cfg["schedule"]
     scale = epoch / epochs if attack_cfg["eps_ramp"] else 1.0
     eps_t = eps * scale
+    attack = attack_cfg["kind"]
+    if attack != "pgd":  # single-step: one step of step_factor * eps_t (null: the paper's)
+        factor = attack_cfg["step_factor"]
+        factor = DEFAULT_STEP_FACTOR[attack] if factor is None else factor
+        return AttackBudget(eps=eps_t, step_size=factor * eps_t, steps=1, norm=attack_cfg["norm"],
+                            bn=attack_cfg["bn"], kind=attack, k=attack_cfg["n_fgsm_k"])
     if kind == "fixed":
         steps, step_size = attack_cfg["steps"], attack_cfg["step_size"] * scale
     elif kind == "dkl_high":

@@ -29,8 +29,10 @@ from models.bn import set_bn_groups, set_bn_momentum
 from . import averaging, distributed, run_dir, speed, stop_signal, sync_bn
 from . import checkpoint as ckpt
 from .awp import AWP
+from .co_guard import COGuard
 from .early_stop import EarlyStop
 from .epoch_stats import EpochStats
+from .grad_align import GradAlign
 from .methods import Method, build_method
 from .optim import build_optimizer
 from .progress import Progress
@@ -53,12 +55,15 @@ class _Objective(nn.Module):
     """The outer loss as one module call, so that DistributedDataParallel sees the model and the
     method's own modules (LBGAT's natural model) in one forward and averages all their gradients."""
 
-    def __init__(self, model: nn.Module, method: Method):
+    def __init__(self, model: nn.Module, method: Method, grad_align: GradAlign | None = None):
         super().__init__()
-        self.model, self.method = model, method
+        self.model, self.method, self.grad_align = model, method, grad_align
 
     def forward(self, x, y, x_adv):
-        return self.method.loss(self.model, x, y, x_adv)
+        out = self.method.loss(self.model, x, y, x_adv)
+        if self.grad_align is not None:  # method.grad_align (at/grad_align.py)
+            out.terms["grad_align"] = self.grad_align(self.model, x, y)
+        return out
 
 
 class Trainer:
@@ -66,12 +71,12 @@ class Trainer:
                  splits: datasets.Splits | None = None):
         """`cfg`: a config from load_config (which checked it); `splits`: data to train on
         instead of loading `data.name` (benchmarks); the config still decides everything else."""
-        self._lock = None
+        self._lock, self._created = None, False
         try:
             self._build(cfg, resume, splits)
-        except BaseException:  # the run directory is free again for the next attempt
+        except BaseException:  # the run directory is free (or gone) for the next attempt
             if self._lock is not None:
-                self._lock.release()
+                run_dir.release(self.out, self._lock, self._created)
             raise
 
     def _build(self, cfg: dict, resume: bool, splits: datasets.Splits | None) -> None:
@@ -88,7 +93,7 @@ class Trainer:
         verdict = None
         if self.main:
             try:
-                self._lock, found = run_dir.claim(self.out, resume)
+                self._lock, found, self._created = run_dir.claim(self.out, resume)
                 verdict = ("resume" if found else "new", None)
             except RunError as err:
                 verdict = ("error", str(err))
@@ -122,7 +127,9 @@ class Trainer:
         speed.prepare_model(self.model, self.speed)
         if self.speed["channels_last"]:  # a method's own networks (LBGAT's natural model)
             self.method.to(memory_format=torch.channels_last)
-        objective = _Objective(self.model, self.method)
+        lam = cfg["method"]["grad_align"]
+        self.grad_align = GradAlign(lam) if lam > 0 else None
+        objective = _Objective(self.model, self.method, self.grad_align)
         # No buffer sync per forward: rank 0 would overwrite the other ranks' method statistics
         # (the IKL-AT prior sums) every step; buffers are synchronised once per epoch instead.
         self.objective = objective if self.world == 1 else DDP(
@@ -141,6 +148,8 @@ class Trainer:
                                          steps_per_epoch=len(self.loader))
         self._stop_signal: int | None = None  # SIGTERM / SIGUSR1 received (see fit)
         self._last_save = time.time()
+        self.guard = COGuard(cfg, data.eval_sets["val"], self.num_classes, self.device) \
+            if cfg["train"]["co_guard"]["enabled"] else None  # train.co_guard (at/co_guard.py)
         self.state = run_dir.restore(self) if resume else run_dir.RunState()
         self.log = None
         if self.main:
@@ -174,7 +183,12 @@ class Trainer:
         momentum = momentum_at(cfg["optim"], self.epoch)
         for group in self.optimizer.param_groups:
             group["lr"], group["momentum"] = lr, momentum
-        return attack_budget(cfg["attack"], self.epoch, cfg["optim"]["epochs"])
+        budget = attack_budget(cfg["attack"], self.epoch, cfg["optim"]["epochs"])
+        if self.guard is not None:
+            budget = self.guard.adjust(budget)  # its actions so far
+        if self.grad_align is not None:
+            self.grad_align.eps = budget.eps
+        return budget
 
     def train_epoch(self) -> dict:
         cfg, model, method, steps = self.cfg, self.model, self.method, len(self.loader)
@@ -185,6 +199,9 @@ class Trainer:
         if partial is not None:
             stats = EpochStats(self.device, partial["sums"], partial["seen"])
             skipped, first, before = partial["skipped"], partial["step"], partial["seconds"]
+        guard, collapse = self.guard, None
+        if guard is not None:
+            guard.start_epoch(self, partial, first, skipped, before)
         interval, limit = cfg["log"]["interval"], cfg["train"]["skip_nonfinite"]
         every = cfg["checkpoint"]["every_minutes"] * 60.0
         bar = Progress(total=steps, initial=first, desc=f"epoch {self.epoch}", enabled=self.main,
@@ -221,6 +238,10 @@ class Trainer:
             if step % interval == 0 or step == steps:
                 self._check_finite(stats)
                 bar.set_postfix(loss=f"{stats.mean_loss():.4f}")
+            if guard is not None and guard.due(step, steps):
+                collapse = guard.check(self, step, stats, skipped, before + time.time() - start)
+                if collapse is not None:
+                    break
             # A mid-epoch checkpoint when one is due or a preemption signal arrived; the
             # decision is the same on every rank (one tiny host-side all-reduce per step under
             # torchrun, on gloo: it does not wait for the GPU).
@@ -237,6 +258,10 @@ class Trainer:
                     self._preempted(f"saved {self.out / 'last.pt'} at epoch {self.epoch}, "
                                     f"step {step} of {steps}")
         bar.close()
+        if collapse is not None:  # back to the last good check, then the configured action
+            guard.recover(self, collapse, attack_budget(cfg["attack"], self.epoch,
+                                                        cfg["optim"]["epochs"]))
+            return None if guard.stopped else self.train_epoch()
         return self._end_epoch(stats, budget, skipped, start - before)
 
     def _forward_backward(self, x: torch.Tensor, y: torch.Tensor, budget, awp: AWP | None,
@@ -307,6 +332,8 @@ class Trainer:
                   **means, "train_seconds": seconds, "images_per_s": seen / seconds}
         if skipped:
             record["skipped_steps"] = skipped
+        if self.guard is not None:
+            record["co_guard"] = self.guard.summary()
         return record
 
     def validate(self, final: bool, model: torch.nn.Module | None = None) -> dict:
@@ -328,6 +355,8 @@ class Trainer:
             while self.epoch < epochs and not self.early_stop.stopped:
                 self.epoch += 1
                 record = self.train_epoch()
+                if record is None:  # train.co_guard stopped the run inside this epoch
+                    break
                 record.update(self.validate(final=self.epoch == epochs))
                 if self.avg is not None and self.avg.ready:
                     avg = self.validate(final=self.epoch == epochs, model=self.avg.module)
@@ -382,15 +411,18 @@ class Trainer:
 
     def finish(self) -> dict:
         """Test clean and PGD accuracy of the last, best and averaged weights, and the early
-        stop's outcome when it was on -> final.json."""
+        stop's outcome and the CO guard's events when they were on -> final.json."""
         candidates = [("last", self.epoch, self.model)]
         if (self.out / "best.pt").exists():
             candidates.append(("best", *run_dir.load_best(self)))
         if self.avg is not None and self.avg.ready:
             candidates.append(("avg", self.epoch, self.avg.module))
         rows = self.evaluator.final(candidates)
-        result = {**rows, "early_stop": self.early_stop.state()} if self.early_stop.enabled \
-            else rows
+        result = dict(rows)
+        if self.early_stop.enabled:
+            result["early_stop"] = self.early_stop.state()
+        if self.guard is not None:  # every collapse event (at/co_guard.py)
+            result["co_guard"] = self.guard.final_record()
         if self.main:
             ckpt.write_json(result, self.out / "final.json")
             print(final_table(rows, self.cfg), flush=True)

@@ -25,20 +25,34 @@ def frozen(model: nn.Module, bn: str = "eval") -> Iterator[nn.Module]:
                          f"{', '.join(BN_MODES)}")
     modes = {m: m.training for m in model.modules()}
     grads = {p: p.requires_grad for p in model.parameters()}
-    norms = [m for m in model.modules() if isinstance(m, _BatchNorm)] if bn == "train" else []
-    tracking = [m.track_running_stats for m in norms]
     model.eval()
-    for m in norms:
-        m.train()
-        m.track_running_stats = False
     for p in grads:
         p.requires_grad_(False)
     try:
-        yield model
+        if bn == "train":
+            with batch_statistics(model):
+                yield model
+        else:
+            yield model
     finally:
-        for m, flag in zip(norms, tracking):
-            m.track_running_stats = flag
         for m, mode in modes.items():
             m.training = mode
         for p, flag in grads.items():
             p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
+    """BatchNorm layers in train mode with running-statistics tracking off: they normalise with
+    each forward's batch statistics and leave their buffers (num_batches_tracked included)
+    alone; the other modules' modes are not touched. Restored on exit."""
+    norms = [m for m in model.modules() if isinstance(m, _BatchNorm)]
+    saved = [(m.training, m.track_running_stats) for m in norms]
+    for m in norms:
+        m.train()
+        m.track_running_stats = False
+    try:
+        yield model
+    finally:
+        for m, (mode, flag) in zip(norms, saved):
+            m.training, m.track_running_stats = mode, flag

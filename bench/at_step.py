@@ -4,6 +4,7 @@ reference-style baseline and the essential-pass floor, side by side in one proce
     python -m bench.at_step [--config configs/cifar100/ikl_at.yaml] [--model wrn-16-1]
         [--batch 128] [--attack-steps 10] [--awp] [--attack-precision bfloat16]
         [--update-precision bfloat16] [--no-channels-last] [--compile] [--autoattack 500]
+        [--single-step]
         [--json bench/results/NAME.json] [dotted.key=value ...]
 
 * ours: the real trainer (at.trainer.Trainer.train_epoch: loader, augmentation, attack, AWP,
@@ -15,7 +16,9 @@ reference-style baseline and the essential-pass floor, side by side in one proce
   precision.
 Also timed: the attack alone (ours / baseline on one fixed batch), the data path alone (our
 device-resident loader / the PIL DataLoader) and, with --variant, ours with config changes (e.g.
-`--variant speed.channels_last=false` measures what channels_last buys). Rounds are interleaved
+`--variant speed.channels_last=false` measures what channels_last buys; --single-step adds
+SINGLE_STEP_VARIANTS, N-FGSM, FGSM-RS and FGSM + GradAlign beside the configured PGD: their
+`ours_vs_variant` ratios are the single-step iteration's time over PGD's). Rounds are interleaved
 (every row once per round, a warm-up round first); each figure is the median over --repeats
 rounds, each ratio the median of the two rows' per-round ratios. Data: random uint8 images with
 the config's number of classes (--data synthetic), or a real dataset by name. --autoattack N
@@ -46,6 +49,10 @@ from .floor import FloorStep, forward_units
 from .reference_step import ReferenceStep, loader
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "cifar100" / "ikl_at.yaml"
+# --single-step: the inner attacks of docs/reference.md#single-step-attacks and GradAlign (with
+# FGSM from x, as in its paper), each timed as a variant of the configured method.
+SINGLE_STEP_VARIANTS = ("attack.kind=n_fgsm", "attack.kind=fgsm_rs",
+                        "attack.kind=fgsm,method.grad_align=0.2")
 
 
 def device_name(device: torch.device) -> str:
@@ -131,6 +138,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
                    help="also time ours with these config changes in the same rounds (e.g. "
                    "speed.channels_last=false); repeatable")
+    p.add_argument("--single-step", action="store_true",
+                   help="also time the single-step attacks and GradAlign as variants "
+                   "(SINGLE_STEP_VARIANTS)")
     p.add_argument("--skip", default="", help="comma-separated rows not to time: baseline, "
                    "floor, attack, data")
     p.add_argument("--autoattack", type=int, default=0, metavar="N",
@@ -148,6 +158,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--skip: unknown rows {', '.join(sorted(args.skip))}; "
                 f"valid: baseline, floor, attack, data")
     args.no_baseline = "baseline" in args.skip
+    if args.single_step:
+        args.variant += [v for v in SINGLE_STEP_VARIANTS if v not in args.variant]
     if min(args.batch, args.steps, args.repeats) < 1 or args.attack_steps < 0:
         p.error("--batch, --steps and --repeats must be >= 1, --attack-steps >= 0")
     return args

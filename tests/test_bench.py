@@ -140,3 +140,16 @@ def test_imagenet_data_bench_smoke_run(tmp_path):
     assert r["ours"] > 0 and r["reference"] > 0 and r["images"] == 48
     assert r["ratio_ours_vs_reference"] == pytest.approx(r["ours"] / r["reference"])
     assert imagenet_data.main(["--root", str(tmp_path / "none"), "--device", "cpu"]) == 1
+
+
+@pytest.mark.slow
+def test_single_step_variants_are_timed_beside_pgd(tmp_path):
+    out = tmp_path / "result.json"
+    assert at_step.main(["--model", "wrn-16-1", "--batch", "8", "--attack-steps", "2",
+                         "--steps", "1", "--repeats", "1", "--device", "cpu", "--single-step",
+                         "--skip", "baseline,floor,attack,data", "--json", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert set(r["variant"]) == set(at_step.SINGLE_STEP_VARIANTS)
+    for change in at_step.SINGLE_STEP_VARIANTS:
+        assert r["variant"][change]["images_per_s"] > 0
+        assert r["ratios"][f"ours_vs_variant[{change}]"] > 0

@@ -115,7 +115,7 @@ def test_negative_per_class_and_nan_costs_are_refused(tmp_path, capsys):
                              "--per-class", "-3", "--device", "cpu"]) == 1
     _one_line_error(capsys, "--per-class must be >= 0")
     assert not (tmp_path / "c.pt").exists()
-    from at.kd_cost_matrix import FORMAT, load_cost_matrix
+    from at.cost_matrix import FORMAT, load_cost_matrix
     cost = torch.rand(10, 10)
     cost[2, 7] = float("nan")
     torch.save({"format": FORMAT, "kind": "cka", "cost": cost}, tmp_path / "nan.pt")

@@ -14,7 +14,7 @@ from conftest import DIGITS
 import models
 from at import checkpoint
 from at.train import main as train_main
-from eval import common, pgd
+from eval import pgd
 
 QUICK = ["attack.schedule=fixed", "attack.steps=1", "optim.epochs=1", "data.val_size=1037",
          "optim.batch_size=256", "eval.every=100", "eval.final_pgd=false", "eval.n_test=50",
@@ -107,7 +107,7 @@ def test_a_result_that_cannot_be_saved_is_printed(tmp_path, monkeypatch, capsys)
     def full(text, where):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(common, "write_text", full)
+    monkeypatch.setattr(checkpoint, "write_text", full)  # under eval.common.write_result
     code = pgd.main([str(path), "--arch", "wrn-16-1", "--dataset", "digits", "--device", "cpu",
                      "--n-ex", "8", "--steps", "1"])
     out = capsys.readouterr()

@@ -3,6 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from at.config import load_config
 from at.methods import METHODS, StepOutput, build_method
 from at.methods.ikl_at import IKLAT
 from at.optim import build_optimizer
@@ -22,6 +23,9 @@ def _batch(n=16, c=10, seed=0):
 def test_registry_is_complete_and_unknown_names_fail():
     # distill needs a trained teacher: tests/test_distill.py covers it.
     assert set(METHODS) == set(EXPECTED_TERMS) | {"distill"}
+    # base.yaml holds one parameter section per method: at load, those sections name the methods.
+    sections = {k for k, v in load_config(None)["method"].items() if isinstance(v, dict)}
+    assert sections == set(METHODS)
     with pytest.raises(ValueError) as err:
         build_method({"name": "ikl"}, 10)
     assert "ikl_at" in str(err.value) and "trades" in str(err.value)

@@ -96,8 +96,8 @@ def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("override,needle", [
-    ("model.name=wrn-34-11", "unknown model 'wrn-34-11'"),
-    ("method.name=ikl", "unknown method 'ikl'"),
+    ("model.name=wrn-34-11", "unknown model (model.name) 'wrn-34-11'"),
+    ("method.name=ikl", "unknown method (method.name) 'ikl'"),
     ("data.name=cifar1000", "unknown dataset"),
     ("optim.epoch=3", "unknown config key 'optim.epoch'"),
     ("eval.every=0", "eval.every and eval.batch_size must be >= 1"),

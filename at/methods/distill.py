@@ -110,7 +110,7 @@ class Distill(Method):
         self.decay_from, self.decay_epochs = decay_from, decay_epochs
         self.teacher = load_teacher(teacher, teacher_weights, teacher_arch, num_classes)
         if cost_matrix is not None:
-            from ..kd_cost_matrix import load_cost_matrix
+            from ..cost_matrix import load_cost_matrix
             self.register_buffer("cost", load_cost_matrix(cost_matrix, num_classes,
                                                           cost_sharpen))
         self.register_buffer("prior", torch.full((num_classes, num_classes), 1.0 / num_classes))

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attacks import frozen, pgd
+from attacks import frozen, maximise
 from errors import ConfigError
 
 from ..losses import ikl_loss, ikl_terms
@@ -78,7 +78,7 @@ class IKLAT(Method):
                                 beta=self.attack_beta, gamma=self.attack_gamma,
                                 version=self.version)
 
-            return pgd(objective, x, **budget.pgd_kwargs())
+            return maximise(objective, x, **budget.attack_kwargs())
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor) -> StepOutput:
         return self._loss(model, x, y, x_adv, self.views)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from attacks import frozen, pgd
+from attacks import frozen, maximise
 
 from ..schedules import AttackBudget
 from .base import Method, StepOutput
@@ -18,8 +18,8 @@ class PGDAT(Method):
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor, budget: AttackBudget) -> Tensor:
         with frozen(model, budget.bn):
             # Summed, not averaged: each example's gradient is independent of the batch size.
-            return pgd(lambda z: F.cross_entropy(model(z), y, reduction="sum"), x,
-                       **budget.pgd_kwargs())
+            return maximise(lambda z: F.cross_entropy(model(z), y, reduction="sum"), x,
+                            **budget.attack_kwargs())
 
     def loss(self, model: nn.Module, x: Tensor, y: Tensor, x_adv: Tensor) -> StepOutput:
         model.train()

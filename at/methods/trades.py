@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from attacks import frozen, pgd
+from attacks import frozen, maximise
 from errors import ConfigError
 
 from ..bn_stats import BNUpdate
@@ -61,7 +61,8 @@ class TRADES(Method):
         with frozen(model, budget.bn):
             with torch.no_grad():
                 logits_clean = model(x)
-            return pgd(lambda z: trades_kl(model(z), logits_clean), x, **budget.pgd_kwargs())
+            return maximise(lambda z: trades_kl(model(z), logits_clean), x,
+                            **budget.attack_kwargs())
 
     def run_forwards(self, model: nn.Module, x: Tensor, x_adv: Tensor,
                      grad: dict[str, bool] | None = None) -> dict[str, Tensor]:
