@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import models
+from at.target import load_target
 from eval import autoattack
-from eval.common import EvalError, load_target
+from eval.common import EvalError
 from eval.precision import evaluation_precision
 
 NAME = "autoattack-standard-apgd-ce_linf_eps8-255_n8_net"

@@ -12,8 +12,8 @@ from conftest import DIGITS
 
 import models
 from at.config import dump_config, load_config
+from at.target import load_target
 from eval import pgd, plot, summary
-from eval.common import load_target
 
 MAGIC = {"png": b"\x89PNG", "pdf": b"%PDF", "svg": b"<?xml"}
 

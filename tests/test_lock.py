@@ -19,9 +19,9 @@ import models
 from at import sweep
 from at.config import REPO_ROOT
 from at.lock import LOCK_FILE, Busy, acquire
+from at.target import load_target
 from at.train import main as train_main
 from eval import autoattack
-from eval.common import load_target
 from eval.precision import evaluation_precision
 
 QUICK = ["attack.schedule=fixed", "attack.steps=1", "optim.epochs=1", "data.val_size=1037",

@@ -12,8 +12,8 @@ from conftest import DIGITS
 
 import models
 from at.config import dump_config, load_config
+from at.target import load_target
 from eval import audit, autoattack, plot, runs_table, summary
-from eval.common import load_target
 from eval.precision import evaluation_precision
 
 TINY = audit.Budget(pgd_steps=2, strong_steps=3, restarts=1, unbounded_steps=3,
