@@ -162,7 +162,7 @@ slurm_train() {
   out_dir="$(trap '' TERM USR1; python - "$@" <<'EOF'
 import sys
 from at.config import load_config
-from at.errors import USER_ERRORS, report
+from errors import USER_ERRORS, report
 try:
     print(load_config(sys.argv[1], sys.argv[2:])["out_dir"])
 except USER_ERRORS as err:
