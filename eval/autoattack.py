@@ -118,8 +118,9 @@ def _check_perturbation(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: 
                         f"{size.max():.6f} > eps {eps:.6f} or outside [0,1])")
 
 
-def _load_chunk(path: Path, fingerprint: dict) -> dict | None:
-    """A finished chunk if its file is intact and belongs to this exact evaluation, else None."""
+def _load_chunk(path: Path, fingerprint: dict, warn: bool = True) -> dict | None:
+    """A finished chunk if its file is intact and belongs to this exact evaluation, else None
+    (with a warning, unless `warn` is off: a second look at a chunk already reported)."""
     if not path.exists():
         return None
     try:
@@ -131,11 +132,13 @@ def _load_chunk(path: Path, fingerprint: dict) -> dict | None:
                                                         else torch.bool)
                         for k, v in outcome.items())
     except (ckpt.CheckpointError, KeyError, AttributeError, TypeError) as err:
-        log.warning("chunk file %s is unreadable (%s): recomputing it", path, err)
+        if warn:
+            log.warning("chunk file %s is unreadable (%s): recomputing it", path, err)
         return None
     if not ok:
-        log.warning("chunk file %s belongs to another evaluation or is malformed: recomputing it",
-                    path)
+        if warn:
+            log.warning("chunk file %s belongs to another evaluation or is malformed: "
+                        "recomputing it", path)
         return None
     return saved
 
@@ -345,7 +348,7 @@ def _run_chunks(plan: _Plan, bounds: list[tuple[int, int]], progress: bool, merg
         if saved is None:  # one process computes a chunk (at/lock.py); it may have just finished
             chunk_lock = acquire(path.with_name(path.name + ".lock"),
                                  f"AutoAttack chunk {path}", "eval.autoattack")
-            saved = _load_chunk(path, fingerprint)
+            saved = _load_chunk(path, fingerprint, warn=False)  # finished meanwhile?
             if saved is not None:
                 chunk_lock.release()
         was_saved = saved is not None

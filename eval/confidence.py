@@ -13,22 +13,23 @@ from scipy.stats import beta
 LEVEL = 0.95
 
 
-def interval(k: int, n: int, level: float = LEVEL) -> tuple[float, float]:
-    """(low, high) in percent for k successes out of n (0 <= k <= n, n >= 1)."""
+def interval(k: int, n: int, level: float = LEVEL) -> list[float]:
+    """[low, high] in percent for k successes out of n (0 <= k <= n, n >= 1); a list, as JSON
+    reads it back, so a result and its saved file compare equal."""
     if not (n >= 1 and 0 <= k <= n):
         raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
     alpha = 1 - level
     low = 0.0 if k == 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
     high = 1.0 if k == n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))
-    return round(100 * low, 2), round(100 * high, 2)
+    return [round(100 * low, 2), round(100 * high, 2)]
 
 
-def of_percent(acc: float, n: int) -> tuple[float, float]:
+def of_percent(acc: float, n: int) -> list[float]:
     """The interval of an accuracy given in percent of n images (rounded to whole images)."""
     return interval(round(acc * n / 100), n)
 
 
-def outside(claim: float | None, ci: tuple[float, float]) -> bool | None:
+def outside(claim: float | None, ci: list[float]) -> bool | None:
     """Whether a claimed accuracy (percent) lies outside the interval: only then is the gap
     between claim and measurement significant. None when there is no claim."""
     if claim is None:
@@ -36,7 +37,7 @@ def outside(claim: float | None, ci: tuple[float, float]) -> bool | None:
     return not ci[0] <= claim <= ci[1]
 
 
-def against_threshold(value: float, n: int, threshold: float) -> tuple[str, tuple[float, float]]:
+def against_threshold(value: float, n: int, threshold: float) -> tuple[str, list[float]]:
     """'warn' when the interval of `value` (a share of n points, in percent or percentage
     points) lies above `threshold`, 'pass' when it lies at or below it, 'inconclusive' when it
     straddles it. A zero threshold asks whether any point at all shows the problem: one point

@@ -41,7 +41,7 @@ def test_harness_smoke_run_writes_every_figure(tmp_path, capsys):
 def test_harness_refuses_bad_input_in_one_line(capsys):
     assert at_step.main(["--model", "wrn-16-100", "--device", "cpu", "--steps", "1"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "unknown model 'wrn-16-100'" in err[0]
+    assert len(err) == 1 and "unknown model (model.name) 'wrn-16-100'" in err[0]
 
 
 class _FlopCount(TorchDispatchMode):
