@@ -11,7 +11,6 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torchvision import models as tv
 
 from .bn import set_bn_momentum
 
@@ -68,15 +67,23 @@ class MobileNetV1(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
 
 
+def _tv():
+    # Imported on first use: torchvision's package import (about a second) would otherwise be
+    # paid by every process that builds any model, the CIFAR ones included.
+    from torchvision import models
+    return models
+
+
 def _resnext101_32x4d(num_classes: int) -> nn.Module:
-    return tv.resnet.ResNet(tv.resnet.Bottleneck, [3, 4, 23, 3], groups=32, width_per_group=4,
-                            num_classes=num_classes)
+    resnet = _tv().resnet
+    return resnet.ResNet(resnet.Bottleneck, [3, 4, 23, 3], groups=32, width_per_group=4,
+                         num_classes=num_classes)
 
 
 NETWORKS: dict[str, Callable[[int], nn.Module]] = {
-    "resnet18": lambda c: tv.resnet18(num_classes=c),
-    "resnet34": lambda c: tv.resnet34(num_classes=c),
-    "resnet50": lambda c: tv.resnet50(num_classes=c),
+    "resnet18": lambda c: _tv().resnet18(num_classes=c),
+    "resnet34": lambda c: _tv().resnet34(num_classes=c),
+    "resnet50": lambda c: _tv().resnet50(num_classes=c),
     "resnext101-32x4d": _resnext101_32x4d,
     "mobilenetv1": MobileNetV1,
 }
@@ -95,7 +102,7 @@ def load_pretrained(model: ImageNetModel, name: str) -> ImageNetModel:
     if name not in PRETRAINED:
         raise ValueError(f"no torchvision weights for {name!r}; available: "
                          f"{', '.join(PRETRAINED)}")
-    weights = tv.get_weight(PRETRAINED[name])
+    weights = _tv().get_weight(PRETRAINED[name])
     try:
         state = weights.get_state_dict(progress=False, check_hash=True)
     except Exception as err:  # URLError, HTTPError, hash mismatch: all mean "no weights"

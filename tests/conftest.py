@@ -1,6 +1,7 @@
 """Shared fixtures: a digits IKL-AT run and a standard-trained one, trained once per session."""
 from __future__ import annotations
 
+import collections
 from pathlib import Path
 
 import pytest
@@ -14,12 +15,60 @@ DIGITS = REPO_ROOT / "configs" / "digits" / "ikl_at.yaml"
 # serves the fast tier's tests of argument errors.
 TRAINING_FIXTURES = {"learned", "ikl_run", "cost_file", "trained", "run10", "run100",
                      "teacher_run", "sweeps"}
+# The modules that take longest (each over a minute of the 2-core whole suite), longest first:
+# parallel workers start with them so that the quick tests even out the end (an order that is
+# out of date only balances the workers less well).
+LONGEST_FIRST = ("test_slurm", "test_distill", "test_sweep", "test_refactor_identity",
+                 "test_folder_data", "test_distributed", "test_preemption", "test_co_guard",
+                 "test_train", "test_zoo")
 
 
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    groups = _shared_fixture_groups(items)
+    for item, group in groups.items():
+        item.add_marker(pytest.mark.xdist_group(group))
+    # sh/test.sh runs the tests on parallel workers (pytest-xdist, --dist loadgroup, in this
+    # order): the longest modules first, then the other slow tests, then the quick ones, which
+    # fill in at the end. A group is scheduled where its first test stands.
+    def rank(item):
+        module = item.module.__name__ if item.module else ""
+        group = [LONGEST_FIRST.index(m) for m in groups.get(item, module).split("+")
+                 if m in LONGEST_FIRST]
+        return min(group, default=len(LONGEST_FIRST) + (not item.get_closest_marker("slow")))
+    items.sort(key=rank)
+
+
+def _shared_fixture_groups(items) -> dict:
+    """{test: group name} joining the tests that share a module-scoped fixture or a training
+    session fixture (transitively), so that a parallel run builds each such fixture once, on
+    one worker. Tests that share none are left out (each is scheduled on its own)."""
+    parent: dict = {}
+
+    def root(key):
+        while parent.setdefault(key, key) != key:
+            key = parent[key]
+        return key
+
+    keys = {}
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        shared = [(d.scope, d.baseid, name) for name in getattr(item, "fixturenames", ())
+                  for d in (info.name2fixturedefs.get(name, ()) if info else ())
+                  if d.scope == "module" or (d.scope == "session" and name in TRAINING_FIXTURES)]
+        if shared:
+            keys[item] = shared
+            for key in shared[1:]:
+                parent[root(key)] = root(shared[0])
+    members = collections.defaultdict(dict)  # root -> the modules of its tests, in order
+    for item, shared in keys.items():
+        members[root(shared[0])][item.module.__name__] = None
+    return {item: "+".join(members[root(shared[0])]) for item, shared in keys.items()}
 
 
 # A short IKL-AT schedule on the digits: the demo's recipe, 8 of its 15 epochs.

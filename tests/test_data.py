@@ -225,6 +225,21 @@ def test_digits_splits():
         data.load_splits("digits", val_size=1437)
 
 
+def test_digits_read_from_the_bundled_csv_equal_scikit_learns_loader(monkeypatch):
+    from data import digits
+
+    direct = digits._sklearn_digits()
+    assert digits._bundled_csv() is not None  # the fast path is the one taken here
+    digits._sklearn_digits.cache_clear()
+    monkeypatch.setattr(digits, "_bundled_csv", lambda: None)  # a layout without the CSV
+    try:
+        through_api = digits._sklearn_digits()
+    finally:
+        digits._sklearn_digits.cache_clear()
+    for a, b in zip(direct, through_api):
+        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+
+
 def test_digits_conversion_matches_recipe():
     """uint8 = round(255 * clamp(bilinear_8->32(pixels / 16))), grey replicated to 3 channels."""
     from sklearn.datasets import load_digits
