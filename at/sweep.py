@@ -549,7 +549,7 @@ def check_eval_arguments(spec: Spec) -> None:
     if not spec.evals:
         return
     commands = json.dumps([[EVALS[name], args] for name, args in spec.evals])
-    proc = subprocess.run([sys.executable, "-m", "eval.arguments", commands],
+    proc = subprocess.run([sys.executable, "-m", "eval.arguments", commands], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=600)
     try:
         problems = json.loads(proc.stdout)

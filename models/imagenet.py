@@ -11,9 +11,16 @@ from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
-from torchvision import models as tv
 
 from .bn import set_bn_momentum
+
+
+def _tv():
+    """torchvision's models, imported when an ImageNet network is built: importing torchvision
+    takes about as long as importing torch, which every command that never builds one (every
+    CIFAR evaluation, at.sweep's argument check) would otherwise pay."""
+    from torchvision import models
+    return models
 
 TORCHVISION_PREFIX = "torchvision:"  # a teacher spec: torchvision:resnet34 = torchvision's weights
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -69,14 +76,15 @@ class MobileNetV1(nn.Module):
 
 
 def _resnext101_32x4d(num_classes: int) -> nn.Module:
+    tv = _tv()
     return tv.resnet.ResNet(tv.resnet.Bottleneck, [3, 4, 23, 3], groups=32, width_per_group=4,
                             num_classes=num_classes)
 
 
 NETWORKS: dict[str, Callable[[int], nn.Module]] = {
-    "resnet18": lambda c: tv.resnet18(num_classes=c),
-    "resnet34": lambda c: tv.resnet34(num_classes=c),
-    "resnet50": lambda c: tv.resnet50(num_classes=c),
+    "resnet18": lambda c: _tv().resnet18(num_classes=c),
+    "resnet34": lambda c: _tv().resnet34(num_classes=c),
+    "resnet50": lambda c: _tv().resnet50(num_classes=c),
     "resnext101-32x4d": _resnext101_32x4d,
     "mobilenetv1": MobileNetV1,
 }
@@ -95,7 +103,7 @@ def load_pretrained(model: ImageNetModel, name: str) -> ImageNetModel:
     if name not in PRETRAINED:
         raise ValueError(f"no torchvision weights for {name!r}; available: "
                          f"{', '.join(PRETRAINED)}")
-    weights = tv.get_weight(PRETRAINED[name])
+    weights = _tv().get_weight(PRETRAINED[name])
     try:
         state = weights.get_state_dict(progress=False, check_hash=True)
     except Exception as err:  # URLError, HTTPError, hash mismatch: all mean "no weights"

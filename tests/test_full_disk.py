@@ -46,8 +46,8 @@ class FullAfter(io.RawIOBase):
         self.f.flush()
 
     def close(self):
+        super().close()  # (flushes first)
         self.f.close()
-        super().close()
 
 
 def _one_line(capsys, code, *needles):
