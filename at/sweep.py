@@ -541,6 +541,29 @@ def _check_evals(spec: Spec) -> None:
                          f"this checkout does not have")
 
 
+def check_eval_arguments(spec: Spec) -> None:
+    """Each `eval:` command line as its command reads it (its own parser and argument checks,
+    through python -m eval.arguments: eval/ sits above at/), before anything is written, so
+    that a typo is not found after the first run has trained."""
+    _check_evals(spec)
+    if not spec.evals:
+        return
+    commands = json.dumps([[EVALS[name], args] for name, args in spec.evals])
+    proc = subprocess.run([sys.executable, "-m", "eval.arguments", commands], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=600)
+    try:
+        problems = json.loads(proc.stdout)
+    except ValueError:
+        problems = None
+    if not (isinstance(problems, list) and len(problems) == len(spec.evals)):
+        lines = proc.stderr.strip().splitlines() or ["(no message)"]
+        raise _fail(spec.path, f"the eval: arguments could not be checked (python -m "
+                               f"eval.arguments exited {proc.returncode}: {lines[-1]})") from None
+    for (name, _), problem in zip(spec.evals, problems):
+        if problem:
+            raise _fail(spec.path, f"eval {name}: {problem}")
+
+
 def _evals_done(run: Run) -> dict:
     try:
         return json.loads((run.out_dir / EVAL_MARKER).read_text())
@@ -727,6 +750,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_spec(args.spec, args.out_root)
         runs = expand(spec)
+        if not args.eval_only:  # a task of a --slurm sweep: checked when it was written
+            check_eval_arguments(spec)
         if args.print:
             print_commands(spec, runs)
             return 0
@@ -743,7 +768,6 @@ def main(argv: list[str] | None = None) -> int:
         _root_lock = claim_root(spec.out_root)  # held until the sweep ends (at/lock.py)
         state = check_root(spec, runs, args.resume)
         # Everything that can refuse the command is checked before sweep.json is written.
-        _check_evals(spec)
         done = [r for r in runs if run_state(r) == "done"]
         for run in done:
             _check_done_run(spec, run)

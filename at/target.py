@@ -75,6 +75,37 @@ def _state_dict_of(obj, path: Path) -> dict:
     return strip_prefixes(obj)
 
 
+class DatasetMismatch(EvalError):
+    """A bare checkpoint whose first or last layer does not fit the dataset it is loaded for:
+    its number of `what` ("outputs": classes, or "input channels") is `found`, a model of
+    `dataset` has `expected`."""
+
+    def __init__(self, path: Path, what: str, found: int, expected: int, dataset: str):
+        super().__init__(f"{path} has {found} {what}, but a {dataset} model has {expected}: it "
+                         f"is a model of another dataset (or give the --dataset it was trained "
+                         f"on)")
+        self.what, self.found, self.expected, self.dataset = what, found, expected, dataset
+
+
+def dataset_mismatch(model: nn.Module, state: dict, path: Path, dataset: str
+                     ) -> DatasetMismatch | None:
+    """What of `state` (a bare checkpoint's weights) shows it is not a model of `dataset`, where
+    its weights tell: the outputs of the last linear layer (the classes) and the input channels
+    of the first convolution of `model` (its architecture built for `dataset`). The input
+    resolution is not in a convolutional network's weights: such a mismatch goes unseen."""
+    convs = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    own = model.state_dict()
+    for what, layers, dim in (("outputs", linears[-1:], 0), ("input channels", convs[:1], 1)):
+        for key in (f"{name}.weight" for name in layers):
+            theirs = state.get(key)
+            if key in own and torch.is_tensor(theirs) and theirs.dim() == own[key].dim() \
+                    and theirs.shape[dim] != own[key].shape[dim]:
+                return DatasetMismatch(path, what, theirs.shape[dim], own[key].shape[dim],
+                                       dataset)
+    return None
+
+
 def _run_checkpoint(run_dir: Path, weights: str, best_on: str = "model"
                     ) -> tuple[Path, str | None]:
     """(file, key inside it) for the requested weights of a training run; `best` of a run that
@@ -144,8 +175,12 @@ def load_target(target: str | Path, weights: str = "best", arch: str | None = No
             raise EvalError(f"{path} has no weight-averaged model ('{key}'): the run did not "
                             f"average weights")
         loaded = loaded[key]
+    state = _state_dict_of(loaded, path)
+    mismatch = dataset_mismatch(model, state, path, dataset) if run_dir is None else None
+    if mismatch is not None:  # named as such, not as a wrong architecture
+        raise mismatch
     try:
-        ckpt.load_model_state(model, _state_dict_of(loaded, path), f"{path} ({arch}, {dataset})")
+        ckpt.load_model_state(model, state, f"{path} ({arch}, {dataset})")
     except ckpt.CheckpointError as err:
         raise EvalError(str(err)) from err
     model = model.to(device).float().eval()

@@ -28,7 +28,6 @@ with --aa-target, else random images labelled with the model's own predictions.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -44,6 +43,7 @@ from at import speed
 from at.config import load_config
 from at.schedules import attack_budget
 from errors import USER_ERRORS, RunError, report
+from eval.common import check_writable, write_result
 
 from .floor import FloorStep, forward_units
 from .reference_step import ReferenceStep, loader
@@ -363,16 +363,19 @@ def table(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    path = Path(args.json) if args.json else None
     try:
+        if path is not None:  # before the benchmark: its figures are never lost to the disk
+            if path.is_dir():
+                raise RunError(f"--json {path} is a directory; name a file")
+            check_writable(path.parent, "choose another --json")
         result = run(args)
+        print(table(result))
+        if path is not None:
+            write_result(result, path)  # printed on stdout if the disk is full after all
+            print(f"wrote {path}")
     except USER_ERRORS as err:
         return report("bench.at_step", err)
-    print(table(result))
-    if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {path}")
     return 0
 
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from at.target import Target
+from at.target import DatasetMismatch, Target
 from attacks import frozen, pgd
 from attacks.accuracy import correct
 from attacks.pgd import eps_problem
@@ -41,7 +41,10 @@ from .common import (
     attack_norm,
     autoattack_norm,
     check_eps,
+    check_radius,
     check_writable,
+    eps_argument,
+    known_norm,
     load_test_data,
     parse_eps,
     provenance,
@@ -364,6 +367,12 @@ CHECKS = {
 SKIPPED = {"transfer": "no --surrogate given (use a standard-trained model of the same dataset)"}
 
 
+def _check_nonzero(eps: float) -> None:
+    if eps == 0:
+        raise EvalError("--eps 0: an audit needs a radius > 0 (at 0 every attack measures the "
+                        "clean accuracy and every check passes)")
+
+
 def _outcome(name: str, value, warn: bool, fields: dict) -> dict:
     c = CHECKS[name]
     return {"name": name, "status": "warn" if warn else "pass", "value": value,
@@ -379,9 +388,7 @@ def audit(t: Target, *, n_ex: int | None = 1000, eps: str | None = None, norm: s
     written to <out_dir>/audit_<norm>_eps<eps>_n<images>_<weights>.json (`audit_name`)."""
     threat = attack_norm(norm)
     eps_text, eps_value = parse_eps(eps if eps is not None else DEFAULT_EPS[threat])
-    if eps_value == 0:
-        raise EvalError("--eps 0: an audit needs a radius > 0 (at 0 every attack measures the "
-                        "clean accuracy and every check passes)")
+    _check_nonzero(eps_value)
     check_writable(t.out_dir)  # before any computation
     x, y = load_test_data(t, n_ex)
     check_eps(eps_value, threat, x)
@@ -468,19 +475,31 @@ def table(report: dict) -> str:
     return "\n".join([head, *lines, foot, *warns])
 
 
-def main(argv: list[str] | None = None) -> int:
-    def arguments(p: argparse.ArgumentParser) -> None:
-        p.set_defaults(n_ex=1000)
-        p.add_argument("--surrogate", help="run directory, checkpoint or rb: entry of a model "
-                       "(ideally standard-trained, same dataset) for the transfer check")
-        p.add_argument("--surrogate-weights", default="best")
-        p.add_argument("--surrogate-arch", help="arch of a bare surrogate checkpoint")
-        p.add_argument("--sweep", help="comma-separated ascending eps list for the eps sweep "
-                       "(default: 0, 1/4, 1/2, 1, 2, 4 and 8 x eps)")
-        p.add_argument("--quick", action="store_true", help="small attack budgets (smoke "
-                       "tests; not for a paper)")
-        p.add_argument("--strict", action="store_true", help="exit 3 when the verdict is warn")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """eval.audit's own arguments (besides the target's: eval.common.command_parser)."""
+    p.set_defaults(n_ex=1000)
+    p.add_argument("--surrogate", help="run directory, checkpoint or rb: entry of a model "
+                   "(ideally standard-trained, same dataset) for the transfer check")
+    p.add_argument("--surrogate-weights", default="best")
+    p.add_argument("--surrogate-arch", help="arch of a bare surrogate checkpoint")
+    p.add_argument("--sweep", help="comma-separated ascending eps list for the eps sweep "
+                   "(default: 0, 1/4, 1/2, 1, 2, 4 and 8 x eps)")
+    p.add_argument("--quick", action="store_true", help="small attack budgets (smoke "
+                   "tests; not for a paper)")
+    p.add_argument("--strict", action="store_true", help="exit 3 when the verdict is warn")
 
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """The command line alone, before the target is loaded (eval.arguments: a sweep's too)."""
+    eps = eps_argument(args)
+    if eps is not None:
+        _check_nonzero(eps)
+    for _, value in parse_sweep(args.sweep) if args.sweep else []:
+        if value:
+            check_radius("--sweep", value, known_norm(args))
+
+
+def main(argv: list[str] | None = None) -> int:
     def run(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.WARNING, format="%(message)s")
         sweep = parse_sweep(args.sweep) if args.sweep else None
@@ -493,6 +512,11 @@ def main(argv: list[str] | None = None) -> int:
                                        dataset=t.dataset if args.surrogate_arch else None,
                                        device=next(t.model.parameters()).device,
                                        data_root=args.data_root, model_dir=args.model_dir)
+            except DatasetMismatch as err:
+                raise EvalError(f"--surrogate {args.surrogate} has {err.found} {err.what}, the "
+                                f"audited model ({t.arch}, {t.dataset}) {err.expected}: a bare "
+                                f"surrogate checkpoint is taken to be of the audited model's "
+                                f"dataset, and this one is of another") from None
             except EvalError as err:  # named by the surrogate's own flags
                 why = str(err).replace("--arch and --dataset", "--surrogate-arch (its dataset "
                                        "is the model's)").replace("--weights",
@@ -512,7 +536,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"-> {report['path']}")
         return 3 if args.strict and report["verdict"] == "warn" else 0
 
-    return run_command("eval.audit", __doc__, argv, arguments, run)
+    return run_command("eval.audit", __doc__, argv, add_arguments, run, check=check_arguments)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ gives the robust accuracy after every stage. pyautoattack's own `state_path` res
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -42,8 +43,11 @@ from .common import (
     DEFAULT_EPS,
     EvalError,
     attack_norm,
+    autoattack_norm,
     check_eps,
     check_writable,
+    eps_argument,
+    known_norm,
     load_test_data,
     parse_eps,
     provenance,
@@ -225,10 +229,9 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
     the shard); merge=True computes nothing and builds the result from finished chunks, refusing
     chunks of another evaluation and naming the missing ones."""
     stages = _stages(version, norm, attacks)
-    if batch_size < 1 or chunk_size < 1:
-        raise EvalError("--batch-size and --chunk-size must be >= 1")
-    if shard is not None and merge:
-        raise EvalError("--shard and --merge exclude each other: merge once all shards are done")
+    if batch_size < 1:
+        raise EvalError("--batch-size must be >= 1")
+    _check_chunking(chunk_size, shard, merge)
     plan = _plan(t, n_ex, version, norm, eps, batch_size, seed, chunk_size, stages)
     # A randomised defence gets the EOT version, as AutoAttack itself advises when its flag rises.
     switched = None
@@ -247,9 +250,9 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
     if merge and not plan.chunk_dir.is_dir():
         raise EvalError(f"nothing to merge: {plan.chunk_dir} does not exist (run the shards "
                         f"first)")
+    logfile = _attach_log_file(t.out_dir / (f"{plan.name}.log" if shard is None else
+                                            f"{plan.name}_shard{shard[0]}of{shard[1]}.log"))
     plan.chunk_dir.mkdir(parents=True, exist_ok=True)
-    _attach_log_file(t.out_dir / (f"{plan.name}.log" if shard is None else
-                                  f"{plan.name}_shard{shard[0]}of{shard[1]}.log"))
     log.info("AutoAttack %s %s eps %s on %d %s test images, %s (%s), checkpoint %s", version, norm,
              plan.eps_text, len(plan.y), t.dataset, t.arch, t.weights, t.checkpoint)
     started = time.time()
@@ -260,16 +263,30 @@ def evaluate(t: Target, *, n_ex: int | None = None, version: str = "standard",
     if shard is not None:
         log.info("shard %d/%d: %d chunks done; merge with --merge once every shard is done",
                  *shard, len(bounds))
+        logfile.report_failure()
         return {"shard": f"{shard[0]}/{shard[1]}", "chunks": len(bounds), "name": plan.name,
                 "chunks_reused": reused, "seconds": round(seconds, 1)}
-    return _result(plan, totals, torch.cat(clean), seconds, reused, started,
-                   torch.cat(draws) if draws else None)
+    result = _result(plan, totals, torch.cat(clean), seconds, reused, started,
+                     torch.cat(draws) if draws else None)
+    logfile.report_failure()
+    return result
+
+
+def _check_chunking(chunk_size: int, shard: tuple[int, int] | None, merge: bool) -> None:
+    if chunk_size < 1:
+        raise EvalError("--chunk-size must be >= 1")
+    if shard is not None and merge:
+        raise EvalError("--shard and --merge exclude each other: merge once all shards are done")
+
+
+def _check_version(version: str) -> None:
+    if version not in VERSIONS:
+        raise EvalError(f"unknown AutoAttack version {version!r}; valid: {', '.join(VERSIONS)}")
 
 
 def _stages(version: str, norm: str, attacks: list[str] | None) -> list[str]:
     """The attacks to run: the version's, or the subset `attacks` of them, in their order."""
-    if version not in VERSIONS:
-        raise EvalError(f"unknown AutoAttack version {version!r}; valid: {', '.join(VERSIONS)}")
+    _check_version(version)
     attack_norm(norm)
     full = stage_names(version, norm)
     stages = full if not attacks else [a for a in full if a in attacks]
@@ -439,10 +456,39 @@ def _result(plan: _Plan, totals: dict[str, int], clean: torch.Tensor, seconds: f
     return result
 
 
-def _attach_log_file(path: Path) -> None:
+class _LogFile(logging.FileHandler):
+    """The evaluation's log file, opened at once (a log that cannot be opened is refused before
+    any attack). A record it cannot write (a full disk) gets no traceback of logging's own on
+    stderr for each line: the first failure is kept, and `report_failure` says so in one line
+    once the result is in."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.failure: BaseException | None = None
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if self.failure is None:
+            self.failure = sys.exc_info()[1] or RuntimeError("unknown error")
+
+    def report_failure(self) -> None:
+        err = self.failure
+        if err is None:
+            return
+        why = "disk full" if getattr(err, "errno", None) == errno.ENOSPC else \
+            getattr(err, "strerror", None) or str(err)
+        print(f"eval.autoattack: warning: the log {self.baseFilename} is incomplete: writing "
+              f"to it failed ({why}); the result is not affected", file=sys.stderr, flush=True)
+
+
+def _attach_log_file(path: Path) -> _LogFile:
     """Human-readable log: our chunk summaries plus AutoAttack's own progress lines."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = _LogFile(path)
+    except OSError as err:  # its folder took a file (check_writable): the log's own place
+        raise EvalError(f"cannot write the AutoAttack log {path} ({err.strerror or err}); the "
+                        f"results folder {path.parent} is writable: remove or rename what is "
+                        f"at {path.name}") from None
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(message)s"))
     for name, level in (("eval.autoattack", logging.INFO), ("auto-attack", logging.DEBUG)):
         logger = logging.getLogger(name)
@@ -451,20 +497,35 @@ def _attach_log_file(path: Path) -> None:
             old.close()
         logger.addHandler(handler)
         logger.setLevel(level)
+    return handler
 
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """eval.autoattack's own arguments (besides the target's: eval.common.command_parser)."""
+    p.add_argument("--version", default="standard", help="standard | plus | rand")
+    p.add_argument("--chunk-size", type=int, default=1000, help="images per saved chunk")
+    p.add_argument("--attacks", help="comma-separated subset of the version's attacks, e.g. "
+                   "apgd-ce,apgd-t for quick screening (reported as version 'custom')")
+    p.add_argument("--shard", help="i/n: evaluate only chunks i, i+n, ... (0 <= i < n) and "
+                   "write no result; combine the shards with --merge")
+    p.add_argument("--merge", action="store_true",
+                   help="build the result from the chunks every shard saved")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """The command line alone, before the target is loaded (eval.arguments: a sweep's too)."""
+    norm = known_norm(args)
+    if norm is None:  # an rb: target's threat model: its stages are known once it is loaded
+        _check_version(args.version)
+    else:
+        _stages(args.version, autoattack_norm(norm),
+                args.attacks.split(",") if args.attacks else None)
+    _check_chunking(args.chunk_size, parse_shard(args.shard) if args.shard is not None else None,
+                    args.merge)
+    eps_argument(args)
 
 
 def main(argv: list[str] | None = None) -> int:
-    def arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--version", default="standard", help="standard | plus | rand")
-        p.add_argument("--chunk-size", type=int, default=1000, help="images per saved chunk")
-        p.add_argument("--attacks", help="comma-separated subset of the version's attacks, e.g. "
-                       "apgd-ce,apgd-t for quick screening (reported as version 'custom')")
-        p.add_argument("--shard", help="i/n: evaluate only chunks i, i+n, ... (0 <= i < n) and "
-                       "write no result; combine the shards with --merge")
-        p.add_argument("--merge", action="store_true",
-                       help="build the result from the chunks every shard saved")
-
     def run(args: argparse.Namespace) -> int:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -484,7 +545,8 @@ def main(argv: list[str] | None = None) -> int:
             _report(t, r)
         return 0
 
-    return run_command("eval.autoattack", __doc__, argv, arguments, run)
+    return run_command("eval.autoattack", __doc__, argv, add_arguments, run,
+                       check=check_arguments)
 
 
 def _report(t: Target, r: dict) -> None:

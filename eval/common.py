@@ -48,20 +48,34 @@ def attack_norm(norm: str) -> str:
     return norm.lower()
 
 
-def run_command(module: str, doc: str, argv: list[str] | None,
-                add_arguments: Callable[[argparse.ArgumentParser], None],
-                body: Callable[[argparse.Namespace], int], *, evaluation: bool = True) -> int:
-    """The frame of every eval command on a model: `python -m <module>` takes the target
-    arguments (add_target_arguments), the command's own (`add_arguments`) and --allow-tf32; then
-    `body(args)` runs in the precision asked for and returns the exit status. A user error is
-    reported on one line (exit 1)."""
-    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+def command_parser(module: str, doc: str,
+                   add_arguments: Callable[[argparse.ArgumentParser], None], *,
+                   evaluation: bool = True,
+                   parser_class: type[argparse.ArgumentParser] = argparse.ArgumentParser
+                   ) -> argparse.ArgumentParser:
+    """The command line of `python -m <module>`: the target arguments (add_target_arguments), the
+    command's own (`add_arguments`) and --allow-tf32."""
+    parser = parser_class(prog=f"python -m {module}", description=doc,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     add_target_arguments(parser, evaluation=evaluation)
     add_arguments(parser)
     add_tf32_argument(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run_command(module: str, doc: str, argv: list[str] | None,
+                add_arguments: Callable[[argparse.ArgumentParser], None],
+                body: Callable[[argparse.Namespace], int], *, evaluation: bool = True,
+                check: Callable[[argparse.Namespace], None] | None = None) -> int:
+    """The frame of every eval command on a model: `python -m <module>` parses its command line
+    (`command_parser`), runs `check(args)` (the checks of the arguments alone, before any model
+    is loaded; eval.arguments runs the same on a sweep's `eval:` list), then `body(args)` in the
+    precision asked for, which returns the exit status. A user error is reported on one line
+    (exit 1)."""
+    args = command_parser(module, doc, add_arguments, evaluation=evaluation).parse_args(argv)
     try:
+        if check is not None:
+            check(args)
         with evaluation_precision(args.allow_tf32):
             return body(args)
     except USER_ERRORS as err:
@@ -212,6 +226,35 @@ def check_eps(eps: float, norm: str, x: torch.Tensor) -> None:
         raise EvalError(problem)
 
 
+def known_norm(args: argparse.Namespace) -> str | None:
+    """The threat model (attacks/ spelling: linf, l2, l1) a command will attack under, as far as
+    its command line tells before the target is loaded: --norm, else Linf for a run directory or
+    a checkpoint (`target_from_arguments`); None for an rb: target without --norm (its threat
+    model comes with it). EvalError for an unknown --norm."""
+    if args.norm is not None:
+        return attack_norm(args.norm)
+    return None if str(args.target).startswith("rb:") else "linf"
+
+
+def check_radius(flag: str, value: float, norm: str | None) -> None:
+    """What can be told of a radius before the images are loaded: under Linf it must be < 1 (the
+    usual slip, 8 for 8/255). L2 and L1 bounds depend on the image size: `check_eps`."""
+    if norm == "linf":
+        problem = eps_problem(flag, value, norm, 0)  # the image size plays no part under linf
+        if problem:
+            raise EvalError(problem)
+
+
+def eps_argument(args: argparse.Namespace) -> float | None:
+    """--eps as read from the command line alone (None when not given), its radius checked as
+    far as `check_radius` can."""
+    if args.eps is None:
+        return None
+    value = parse_eps(args.eps)[1]
+    check_radius("--eps", value, known_norm(args))
+    return value
+
+
 def parse_eps(text: str) -> tuple[str, float]:
     """'8/255' -> ('8/255', 0.0313...); '0.5' -> ('0.5', 0.5)."""
     try:
@@ -255,17 +298,17 @@ def provenance(t: Target, device: torch.device | str) -> dict:
     }
 
 
-def check_writable(folder: Path) -> None:
+def check_writable(folder: Path, hint: str = "make it writable, or evaluate a copy of the run "
+                   "or checkpoint elsewhere") -> None:
     """Before any computation: `folder` (created if needed) takes a file, so that hours of
-    attacks never end in a read-only or missing place."""
+    attacks never end in a read-only or missing place; `hint` says what to do instead."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
         os.close(fd)
         os.unlink(probe)
     except OSError as err:
-        raise EvalError(f"cannot write results to {folder} ({err.strerror or err}); make it "
-                        f"writable, or evaluate a copy of the run or checkpoint elsewhere"
+        raise EvalError(f"cannot write results to {folder} ({err.strerror or err}); {hint}"
                         ) from None
 
 

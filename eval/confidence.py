@@ -8,8 +8,6 @@ alpha/2, X ~ Binomial(n, p). It is conservative (covers at least 95 %).
 """
 from __future__ import annotations
 
-from scipy.stats import beta
-
 LEVEL = 0.95
 
 
@@ -18,6 +16,7 @@ def interval(k: int, n: int, level: float = LEVEL) -> list[float]:
     reads it back, so a result and its saved file compare equal."""
     if not (n >= 1 and 0 <= k <= n):
         raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    from scipy.stats import beta  # here: importing scipy.stats takes most of a second
     alpha = 1 - level
     low = 0.0 if k == 0 else float(beta.ppf(alpha / 2, k, n - k + 1))
     high = 1.0 if k == n else float(beta.ppf(1 - alpha / 2, k + 1, n - k))

@@ -24,6 +24,7 @@ from .common import (
     attack_norm,
     check_eps,
     check_writable,
+    eps_argument,
     load_test_data,
     parse_eps,
     provenance,
@@ -42,11 +43,10 @@ def evaluate(t: Target, *, attack: str = "pgd", steps: int = 20, n_ex: int | Non
              batch_size: int = 500, seed: int = 0) -> dict:
     """Clean and PGD accuracy of `t` on the first `n_ex` test images; the result is also written
     to <out_dir>/<attack><steps>_<norm>_eps<eps>_n<images>_<weights>.json (`result_name`)."""
-    if attack not in ATTACKS:
-        raise EvalError(f"unknown attack {attack!r}; valid: {', '.join(ATTACKS)}")
+    _check_settings(attack, steps)
     name = attack_norm(norm)
-    if steps < 1 or batch_size < 1:
-        raise EvalError("--steps and --batch-size must be >= 1")
+    if batch_size < 1:
+        raise EvalError("--batch-size must be >= 1")
     eps_text, eps_value = parse_eps(eps if eps is not None else DEFAULT_EPS[name])
     # Default step: 2/255 for the usual L-inf 8/255 setting, otherwise eps / 4.
     step_text, step_value = parse_eps(step_size) if step_size else (
@@ -78,12 +78,29 @@ def evaluate(t: Target, *, attack: str = "pgd", steps: int = 20, n_ex: int | Non
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    def arguments(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--attack", default="pgd", help="pgd (cross-entropy) | cw (CW margin)")
-        p.add_argument("--steps", type=int, default=20)
-        p.add_argument("--step-size", help="default 2/255 for Linf 8/255, else eps/4")
+def _check_settings(attack: str, steps: int) -> None:
+    if attack not in ATTACKS:
+        raise EvalError(f"unknown attack {attack!r}; valid: {', '.join(ATTACKS)}")
+    if steps < 1:
+        raise EvalError("--steps must be >= 1")
 
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """eval.pgd's own arguments (besides the target's: eval.common.command_parser)."""
+    p.add_argument("--attack", default="pgd", help="pgd (cross-entropy) | cw (CW margin)")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--step-size", help="default 2/255 for Linf 8/255, else eps/4")
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """The command line alone, before the target is loaded (eval.arguments: a sweep's too)."""
+    _check_settings(args.attack, args.steps)
+    eps_argument(args)
+    if args.step_size is not None:
+        parse_eps(args.step_size)
+
+
+def main(argv: list[str] | None = None) -> int:
     def run(args: argparse.Namespace) -> int:
         t = target_from_arguments(args)
         r = evaluate(t, attack=args.attack, steps=args.steps, n_ex=args.n_ex, eps=args.eps,
@@ -94,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['robust_acc']:.2f}% on {r['n_ex']} images")
         return 0
 
-    return run_command("eval.pgd", __doc__, argv, arguments, run)
+    return run_command("eval.pgd", __doc__, argv, add_arguments, run, check=check_arguments)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,14 @@ from torch import Tensor, nn
 
 from .bn import set_bn_momentum
 
+
+def _tv():
+    """torchvision's models, imported when an ImageNet network is built: importing torchvision
+    takes about as long as importing torch, which every command that never builds one (every
+    CIFAR evaluation, at.sweep's argument check) would otherwise pay."""
+    from torchvision import models
+    return models
+
 TORCHVISION_PREFIX = "torchvision:"  # a teacher spec: torchvision:resnet34 = torchvision's weights
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -67,17 +75,10 @@ class MobileNetV1(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(self.features(x), 1), 1))
 
 
-def _tv():
-    # Imported on first use: torchvision's package import (about a second) would otherwise be
-    # paid by every process that builds any model, the CIFAR ones included.
-    from torchvision import models
-    return models
-
-
 def _resnext101_32x4d(num_classes: int) -> nn.Module:
-    resnet = _tv().resnet
-    return resnet.ResNet(resnet.Bottleneck, [3, 4, 23, 3], groups=32, width_per_group=4,
-                         num_classes=num_classes)
+    tv = _tv()
+    return tv.resnet.ResNet(tv.resnet.Bottleneck, [3, 4, 23, 3], groups=32, width_per_group=4,
+                            num_classes=num_classes)
 
 
 NETWORKS: dict[str, Callable[[int], nn.Module]] = {

@@ -1,6 +1,8 @@
 """Full and unwritable disks: torch's own error on a full disk is the one-line disk-full error, a
-run whose first last.pt could not be written starts again with --resume, and the evaluations
-check that they can write before computing and print a result they could not save."""
+run whose first last.pt could not be written starts again with --resume, the evaluations and
+bench.at_step check that they can write before computing and print a result they could not save,
+and AutoAttack's log is refused before attacking when it cannot be opened, its later write
+failures reported once."""
 from __future__ import annotations
 
 import errno
@@ -44,8 +46,8 @@ class FullAfter(io.RawIOBase):
         self.f.flush()
 
     def close(self):
+        super().close()  # (flushes first)
         self.f.close()
-        super().close()
 
 
 def _one_line(capsys, code, *needles):
@@ -131,3 +133,90 @@ def test_a_full_disk_while_saving_an_autoattack_chunk_is_one_line(tmp_path, monk
     assert code == 1 and "Traceback" not in err and err.count("\n") == 1, err
     assert "chunk_000000_000004.pt (No space left on device); the chunks saved before it are " \
            "kept" in err
+
+
+def test_bench_refuses_an_unwritable_json_place_before_measuring(tmp_path, monkeypatch, capsys):
+    from bench import at_step
+    (tmp_path / "results").write_text("a file where the --json folder would go")
+
+    def no_run(args):
+        raise AssertionError("the benchmark ran: the check came too late")
+
+    monkeypatch.setattr(at_step, "run", no_run)
+    code = at_step.main(["--device", "cpu", "--json", str(tmp_path / "results" / "r.json")])
+    _one_line(capsys, code, f"cannot write results to {tmp_path / 'results'}",
+              "choose another --json")
+
+
+def test_bench_prints_a_result_it_could_not_save(tmp_path, monkeypatch, capsys):
+    """The disk fills between the check and the end: the figures come out on stdout."""
+    from bench import at_step
+    fdopen = os.fdopen
+
+    def full_for_the_json(fd, *args, **kwargs):
+        f = fdopen(fd, *args, **kwargs)
+        if ".r.json." in os.readlink(f"/proc/self/fd/{fd}"):
+            return FullAfter(f, room=0)
+        return f
+
+    monkeypatch.setattr(checkpoint.os, "fdopen", full_for_the_json)
+    code = at_step.main(["--config", str(DIGITS), "--device", "cpu", "--batch", "4",
+                         "--attack-steps", "1", "--steps", "1", "--repeats", "1",
+                         "--skip", "baseline,floor,attack,data", "--peak-size", "64",
+                         "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr()
+    last = out.err.strip().splitlines()[-1]
+    assert code == 1 and "Traceback" not in out.err, out.err
+    assert last == f"bench.at_step: error: could not write {tmp_path / 'r.json'} (disk full); " \
+                   f"the result is printed on stdout above", out.err
+    result = json.loads(out.out[out.out.index("\n{") + 1:])
+    assert result["ours"]["images_per_s"] > 0 and result["setup"]["num_classes"] == 10
+    assert os.listdir(tmp_path) == []  # neither a result nor a half-written temporary file
+
+
+AA = ["--arch", "wrn-16-1", "--dataset", "digits", "--device", "cpu", "--n-ex", "4",
+      "--attacks", "apgd-ce"]
+AA_NAME = "autoattack-standard-apgd-ce_linf_eps8-255_n4_net"  # result_name of that evaluation
+
+
+def test_an_autoattack_log_that_cannot_be_opened_is_refused_before_attacking(tmp_path,
+                                                                             monkeypatch,
+                                                                             capsys):
+    from eval import autoattack
+    path = _checkpoint(tmp_path)
+    (tmp_path / "eval" / f"{AA_NAME}.log").mkdir(parents=True)  # what root cannot write either
+
+    def no_attack(*args, **kwargs):
+        raise AssertionError("an attack ran before the log was opened")
+
+    monkeypatch.setattr(autoattack, "attack_chunk", no_attack)
+    code = autoattack.main([str(path), *AA])
+    _one_line(capsys, code, f"cannot write the AutoAttack log {tmp_path / 'eval' / AA_NAME}.log "
+              f"(Is a directory)", "results folder")
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == [f"{AA_NAME}.log"]
+
+
+def test_a_log_the_disk_stops_taking_is_one_warning_and_the_result_is_kept(tmp_path,
+                                                                           monkeypatch,
+                                                                           capsys):
+    import logging
+
+    from eval import autoattack
+    path = _checkpoint(tmp_path)
+
+    def filling_log(self):  # the log's first 100 bytes fit on the disk, then ENOSPC
+        return io.TextIOWrapper(FullAfter(open(self.baseFilename, "wb"), room=100),
+                                write_through=True)
+
+    monkeypatch.setattr(logging.FileHandler, "_open", filling_log)
+    code = autoattack.main([str(path), *AA])
+    out = capsys.readouterr()
+    assert code == 0 and "Logging error" not in out.err and "Traceback" not in out.err, out.err
+    assert out.err.count("warning: the log") == 1 and "(disk full)" in out.err, out.err
+    result = json.loads((tmp_path / "eval" / f"{AA_NAME}.json").read_text())
+    assert result["n_ex"] == 4 and f"-> {tmp_path / 'eval' / AA_NAME}.json" in out.out
+    for name in ("eval.autoattack", "auto-attack"):  # the failing log goes with the test
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
+            logger.removeHandler(handler)
+            handler.close()

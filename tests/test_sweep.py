@@ -318,6 +318,54 @@ def test_bad_specs_are_one_line_errors_naming_the_problem(tmp_path, capsys, fiel
     assert not (tmp_path / "root").exists()
 
 
+@pytest.mark.parametrize("mode", [[], ["--slurm"]])
+def test_bad_eval_arguments_are_refused_before_anything_is_written(tmp_path, capsys, mode):
+    """Found by the eval's own parser before the first run trains, not after it."""
+    spec = write_spec(tmp_path / "s.yaml", tmp_path / "root", grid={"optim.lr": [0.05]},
+                      seeds=[0], eval=[{"autoattack": "--n-ex 4 --attacks apgd-ce"},
+                                       {"pgd": ["--steps", "1", "--stepz", "5"]}])
+    one_line_error(capsys, sweep.main([str(spec), *mode]),
+                   f"at.sweep: error: {spec}: eval pgd: unrecognized arguments: --stepz 5")
+    assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.parametrize("module, args, needle", [
+    ("eval.pgd", ["--stepz", "5"], "unrecognized arguments: --stepz 5"),
+    ("eval.autoattack", ["--n-ex", "abc"], "argument --n-ex: invalid int value: 'abc'"),
+    ("eval.audit", ["--eps", "-1"], "eps must be a finite number >= 0, got '-1'"),
+    ("eval.pgd", ["--eps", "8"], "--eps=8 must be < 1 under linf"),
+    ("eval.pgd", ["--steps", "0"], "--steps must be >= 1"),
+    ("eval.pgd", ["--attack", "fgsm"], "unknown attack 'fgsm'"),
+    ("eval.autoattack", ["--attacks", "apgd-x"], "choose among those"),
+    ("eval.autoattack", ["--version", "fast"], "unknown AutoAttack version 'fast'"),
+    ("eval.autoattack", ["--norm", "L3"], "unknown norm 'L3'"),
+    ("eval.audit", ["--sweep", "0,8/255,8"], "--sweep=8 must be < 1 under linf"),
+    ("eval.audit", ["--eps", "0"], "an audit needs a radius > 0"),
+    ("eval.audit", ["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    # What the sweep sets itself: the run directory (its model, dataset and results folder).
+    ("eval.pgd", ["runs/other"], "unrecognized arguments: runs/other"),
+    ("eval.pgd", ["--arch", "wrn-16-1"], "--arch is what the run directory settles"),
+    ("eval.autoattack", ["--out", "results"], "--out is what the run directory settles"),
+    ("eval.autoattack", ["--shard", "0/2"], "--shard cannot be given here"),
+    ("eval.audit", ["--help"], "-h/--help prints the help"),
+])
+def test_eval_arguments_are_checked_by_each_commands_own_parser(capsys, module, args, needle):
+    from eval import arguments
+    problem = arguments.problem(module, args)
+    assert problem is not None and needle in problem and "\n" not in problem, problem
+    assert capsys.readouterr() == ("", "")  # nothing printed: no usage, no help
+
+
+def test_good_eval_arguments_pass_the_check():
+    from eval import arguments
+    for module, args in [("eval.pgd", ["--steps", "20", "--attack", "cw", "--eps", "8/255"]),
+                         ("eval.autoattack", ["--n-ex", "1000", "--weights", "best",
+                                              "--attacks", "apgd-ce,apgd-t"]),
+                         ("eval.audit", ["--quick", "--norm", "L2", "--eps", "0.5",
+                                         "--surrogate", "runs/standard"])]:
+        assert arguments.problem(module, args) is None, (module, args)
+
+
 def test_nested_overrides_and_colliding_random_draws(tmp_path):
     spec = sweep.load_spec(write_spec(tmp_path / "s.yaml", tmp_path / "root",
                                       overrides={**CHEAP, "optim": {"momentum": 0.8}}))
