@@ -57,18 +57,22 @@ def _one_line(capsys, code, *needles):
         assert needle in err, err
 
 
+def _fill_disk(monkeypatch, part: str, room: int) -> None:
+    """The atomic writes of at.checkpoint (a temporary file, then a rename) to a temporary file
+    whose name holds `part` fill the disk after `room` bytes."""
+    fdopen = os.fdopen
+
+    def full_after_room(fd, *args, **kwargs):
+        f = fdopen(fd, *args, **kwargs)
+        return FullAfter(f, room=room) if part in os.readlink(f"/proc/self/fd/{fd}") else f
+
+    monkeypatch.setattr(checkpoint.os, "fdopen", full_after_room)
+
+
 def test_a_full_disk_at_the_first_last_pt_is_one_line_and_recoverable(tmp_path, monkeypatch,
                                                                        capsys):
     out = tmp_path / "run"
-    fdopen = os.fdopen
-
-    def full_for_last_pt(fd, *args, **kwargs):
-        f = fdopen(fd, *args, **kwargs)
-        if ".last.pt." in os.readlink(f"/proc/self/fd/{fd}"):
-            return FullAfter(f, room=4096)
-        return f
-
-    monkeypatch.setattr(checkpoint.os, "fdopen", full_for_last_pt)
+    _fill_disk(monkeypatch, ".last.pt.", room=4096)
     code = train_main(["-c", str(DIGITS), *QUICK, f"out_dir={out}"])
     _one_line(capsys, code, f"could not write {out / 'last.pt'} (disk full)",
               "run again with --resume")
@@ -151,15 +155,7 @@ def test_bench_refuses_an_unwritable_json_place_before_measuring(tmp_path, monke
 def test_bench_prints_a_result_it_could_not_save(tmp_path, monkeypatch, capsys):
     """The disk fills between the check and the end: the figures come out on stdout."""
     from bench import at_step
-    fdopen = os.fdopen
-
-    def full_for_the_json(fd, *args, **kwargs):
-        f = fdopen(fd, *args, **kwargs)
-        if ".r.json." in os.readlink(f"/proc/self/fd/{fd}"):
-            return FullAfter(f, room=0)
-        return f
-
-    monkeypatch.setattr(checkpoint.os, "fdopen", full_for_the_json)
+    _fill_disk(monkeypatch, ".r.json.", room=0)
     code = at_step.main(["--config", str(DIGITS), "--device", "cpu", "--batch", "4",
                          "--attack-steps", "1", "--steps", "1", "--repeats", "1",
                          "--skip", "baseline,floor,attack,data", "--peak-size", "64",
