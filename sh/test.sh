@@ -8,17 +8,27 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 select=()
 if [ "${1:-}" = --fast ]; then select=(-m "not slow"); shift; fi
-source sh/venv.sh
-pip_install -r requirements-test.txt
-# robustbench and what its load_model imports (the zoo tests load published entries through it);
-# its `autoattack` import is pyautoattack, aliased by eval/robustbench_import.py.
-pip_install -r requirements-zoo.txt
-export CUDA_VISIBLE_DEVICES="" WANDB_MODE=disabled MPLBACKEND=Agg
-# Parallel workers (pytest-xdist), one per core up to 4 (TEST_WORKERS=N sets the number; 1 runs
-# in this process). Tests that share a fixture run on one worker (tests/conftest.py groups them);
-# the cores are shared out so that the workers' torch threads do not oversubscribe them.
+# One worker per core, up to 4; TEST_WORKERS=N sets the number (1: all in this process).
 cores=$(nproc)
 workers=${TEST_WORKERS:-$(( cores < 4 ? cores : 4 ))}
+if ! [[ "$workers" =~ ^[1-9][0-9]*$ ]]; then
+  echo "sh/test.sh: error: TEST_WORKERS must be a whole number >= 1, got '$workers'" >&2
+  exit 1
+fi
+source sh/venv.sh
+# The test requirements, and robustbench with what its load_model imports (the zoo tests load
+# published entries through it; its `autoattack` import is pyautoattack, aliased by
+# eval/robustbench_import.py). A stamp, as in sh/venv.sh, skips pip when neither file changed.
+test_stamp="$VENV/.test-requirements.sha"
+test_want=$(cat requirements-test.txt requirements-zoo.txt | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$test_stamp" 2>/dev/null)" != "$test_want" ]; then
+  pip_install -r requirements-test.txt
+  pip_install -r requirements-zoo.txt
+  echo "$test_want" > "$test_stamp"
+fi
+export CUDA_VISIBLE_DEVICES="" WANDB_MODE=disabled MPLBACKEND=Agg
+# Parallel workers (pytest-xdist; the cores are shared out so that the workers' torch threads do
+# not oversubscribe them). Tests that share a fixture run on one worker (tests/conftest.py).
 parallel=()
 if [ "$workers" -gt 1 ]; then
   parallel=(-n "$workers" --dist loadgroup --no-loadscope-reorder)

@@ -1,4 +1,5 @@
-"""Shared fixtures: a digits IKL-AT run and a standard-trained one, trained once per session."""
+"""Shared fixtures (a digits IKL-AT run and a standard-trained one, trained once per session),
+the `slow` marks of the tests that train, and how parallel workers share the tests out."""
 from __future__ import annotations
 
 import collections
@@ -21,8 +22,6 @@ TRAINING_FIXTURES = {"learned", "ikl_run", "cost_file", "trained", "run10", "run
 LONGEST_FIRST = ("test_slurm", "test_distill", "test_sweep", "test_refactor_identity",
                  "test_folder_data", "test_distributed", "test_preemption", "test_co_guard",
                  "test_train", "test_zoo")
-
-
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
