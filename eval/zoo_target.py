@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from at.target import Target, sha256
-from errors import EvalError, did_you_mean
+from errors import EvalError, did_you_mean, unknown
 
 from .robustbench_import import robustbench
 
@@ -75,11 +75,9 @@ def parse(spec: str, dataset: str | None = None, threat: str | None = None
         raise EvalError(f"cannot read {spec!r}; write rb:<dataset>/<threat>/<Name>, e.g. "
                         f"rb:cifar100/Linf/Cui2023Decoupled_WRN-28-10")
     if ds not in DATASETS:
-        raise EvalError(f"unknown RobustBench dataset {ds!r} in {spec}; valid: "
-                        f"{', '.join(DATASETS)}")
+        raise unknown("RobustBench dataset", ds, DATASETS, source=spec)
     if tm not in THREATS:
-        raise EvalError(f"unknown RobustBench threat model {tm!r} in {spec}; valid: "
-                        f"{', '.join(THREATS)}")
+        raise unknown("RobustBench threat model", tm, THREATS, source=spec)
     if not name:
         raise EvalError(f"{spec}: no model name")
     return ds, tm, name
