@@ -19,24 +19,32 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import DIGITS
+from fake_cifar import write_fake_cifar
 from slurm_cluster import Cluster, unavailable
 from test_preemption import _same
 
 from at.checkpoint import load
 from at.config import REPO_ROOT
+from at.sweep import main as sweep_main
+from eval import summary
 
 pytestmark = pytest.mark.slow
 
-# IKL-AT on the digits, wrn-16-1, 5 steps an epoch; the final test (PGD-3 on the test set of
-# the last weights, which are also the best, and of their epoch average) is long enough to be
-# signalled in. Slurm sends a time-limit signal on a periodic
-# pass, up to 30 s after it is due: that run is long enough (about a minute) for it to land
-# inside training, and is compared with an uninterrupted run of its own length.
+# The CIFAR-10 IKL-AT recipe users submit (its epoch average included), on a wrn-16-1 without AWP,
+# through the real CIFAR loader on a fake CIFAR-10 (tests/fake_cifar.py): 400 training images in
+# 5 steps an epoch, 50 validation images (the validation of the last epoch costs little), 360
+# test images. The final test (PGD-3 on the test set of the last weights, which are also the
+# best, and of their epoch average) is long enough to be signalled in. Slurm sends a time-limit
+# signal on a periodic pass, up to 30 s after it is due: that run is long enough (about a minute)
+# for it to land inside training, and is compared with an uninterrupted run of its own length.
+CONFIG = REPO_ROOT / "configs" / "cifar10" / "ikl_at.yaml"
 EPOCHS, LONG = 4, 20
-TRAIN = ["attack.schedule=fixed", "attack.steps=1", "attack.step_size=8/255",
-         "data.val_size=1037", "optim.batch_size=80", "eval.every=100", "eval.n_test=50",
-         "eval.pgd_steps=3", "eval.final_pgd=true", "avg.kind=epoch_ema", "log.plot=false"]
+N_TRAIN, N_VAL, N_TEST = 450, 50, 360
+TRAIN = ["device=cpu", "model.name=wrn-16-1", "model.bn_groups=1", "awp.enabled=false",
+         "attack.schedule=fixed", "attack.steps=1", "attack.step_size=8/255",
+         "data.download=false", f"data.val_size={N_VAL}", "optim.batch_size=80",
+         "eval.every=100", "eval.n_test=50", "eval.pgd_steps=3", "eval.final_pgd=true",
+         "log.plot=false"]
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
                 "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 TIMEOUT = 800  # seconds one wait may take (queueing included), under sh/test.sh's 900 per test
@@ -51,8 +59,18 @@ def slurm(tmp_path_factory):
             pytest.fail(f"AT_REQUIRE_SLURM=1 but no local Slurm: {reason}")
         pytest.skip(reason)
     cluster = Cluster(tmp_path_factory.mktemp("slurm")).start()
+    write_fake_cifar(str(data_root(cluster)), n_train=N_TRAIN, n_test=N_TEST)
     yield cluster
     cluster.stop()
+
+
+def data_root(cluster: Cluster) -> Path:
+    return cluster.root / "data"
+
+
+def train_args(cluster: Cluster) -> list[str]:
+    """TRAIN, with the cluster's fake CIFAR-10."""
+    return [*TRAIN, f"data.root={data_root(cluster)}"]
 
 
 def job_env(cluster: Cluster) -> dict:
@@ -129,7 +147,8 @@ def train_job(cluster: Cluster, tmp: Path, name: str, *sbatch: str,
               epochs: int = EPOCHS) -> tuple[Job, Path]:
     out = tmp / name
     job = Job.submit(cluster, tmp / f"{name}.out", f"--job-name={name}", *sbatch,
-                     "sh/slurm_train.sh", str(DIGITS), *TRAIN, f"optim.epochs={epochs}",
+                     "sh/slurm_train.sh", str(CONFIG), *train_args(cluster),
+                     f"optim.epochs={epochs}",
                      f"out_dir={out}")
     return job, out
 
@@ -162,32 +181,36 @@ def assert_one_line(log: str, *needles: str) -> None:
 
 
 # ---- bad input (first, on an empty node) ------------------------------------------------------
-def test_bad_input_is_one_line_exit_1_and_nothing_trained_is_lost(slurm, tmp_path):
+def test_bad_input_is_one_line_exit_1_and_nothing_trained_is_lost(slurm, tmp_path, monkeypatch,
+                                                                  capsys):
     # slurm_train.sh submitted from outside the repository root.
     job = Job.submit(slurm, tmp_path / "outside.out", str(REPO_ROOT / "sh" / "slurm_train.sh"),
-                     str(DIGITS), f"out_dir={tmp_path / 'outside'}", cwd=tmp_path)
+                     str(CONFIG), f"out_dir={tmp_path / 'outside'}", cwd=tmp_path)
     end = job.finish()
     assert end["JobState"] == "FAILED" and end["ExitCode"] == "1:0", end
     assert_one_line(end["log"], "slurm_train.sh: error:", "not the repository root")
     assert not (tmp_path / "outside").exists()
 
-    # `slurm:` options sbatch refuses: nothing written, not even the sweep root.
+    # `slurm:` options sbatch refuses: nothing written, not even the sweep root. (at.sweep in
+    # this process, with the cluster's sbatch: `sbatch --test-only` judges the options.)
+    for key, value in job_env(slurm).items():
+        monkeypatch.setenv(key, value)
+    capsys.readouterr()
     for options, needle in (({"no-such-option": 1}, "no-such-option"),
                             ({"time": "soon"}, "time"), ({"array": "0-9"}, "set by the sweep"),
                             ({"cpus-per-task": 1000}, "node configuration")):
-        spec = write_spec(tmp_path / "bad.yaml", tmp_path / "bad_root", slurm=options)
-        proc = subprocess.run([sys.executable, "-m", "at.sweep", str(spec), "--slurm"],
-                              cwd=REPO_ROOT, env=job_env(slurm), capture_output=True, text=True)
-        assert proc.returncode == 1, proc.stderr
-        assert_one_line(proc.stderr, "at.sweep: error:", needle)
+        spec = write_spec(slurm, tmp_path / "bad.yaml", tmp_path / "bad_root", slurm=options)
+        code, err = sweep_main([str(spec), "--slurm"]), capsys.readouterr().err
+        assert code == 1, err
+        assert_one_line(err, "at.sweep: error:", needle)
         assert not (tmp_path / "bad_root").exists()
 
     # A sweep root the compute node does not see (moved away after the script was written;
     # the output file is elsewhere, as it has to be for anyone to read the error).
     root = tmp_path / "root"
-    spec = write_spec(tmp_path / "s.yaml", root, slurm={"output": f"{tmp_path}/unseen-%a.out"})
-    subprocess.run([sys.executable, "-m", "at.sweep", str(spec), "--slurm"], cwd=REPO_ROOT,
-                   env=job_env(slurm), check=True, capture_output=True)
+    spec = write_spec(slurm, tmp_path / "s.yaml", root,
+                      slurm={"output": f"{tmp_path}/unseen-%a.out"})
+    assert sweep_main([str(spec), "--slurm"]) == 0, capsys.readouterr().err
     shutil.copy(root / "sweep.sbatch", tmp_path / "sweep.sbatch")
     root.rename(tmp_path / "elsewhere")
     job = Job(slurm, slurm_cmd(slurm, "sbatch", "--parsable", "--array=0",
@@ -200,7 +223,7 @@ def test_bad_input_is_one_line_exit_1_and_nothing_trained_is_lost(slurm, tmp_pat
 
     # A requeued job whose out_dir is not there: the first start wrote it where this node does
     # not see it; a fresh start would lose that run.
-    proc = subprocess.run(["bash", "sh/slurm_train.sh", str(DIGITS),
+    proc = subprocess.run(["bash", "sh/slurm_train.sh", str(CONFIG),
                            f"out_dir={tmp_path / 'gone'}"], cwd=REPO_ROOT,
                           env={**job_env(slurm), "SLURM_RESTART_COUNT": "1"},
                           capture_output=True, text=True, timeout=300)
@@ -209,13 +232,14 @@ def test_bad_input_is_one_line_exit_1_and_nothing_trained_is_lost(slurm, tmp_pat
     assert not (tmp_path / "gone").exists()
 
 
-def write_spec(path: Path, root: Path, slurm: dict | None = None, **fields) -> Path:
+def write_spec(cluster: Cluster, path: Path, root: Path, slurm: dict | None = None,
+               **fields) -> Path:
     """Two points that train the same weights (they differ in the number of test images shown
     per epoch), 4 epochs, one CPU per task."""
-    overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in TRAIN)
+    overrides = {k: yaml.safe_load(v) for k, v in (o.split("=", 1) for o in train_args(cluster))
                  if k != "eval.n_test"}
     overrides["optim.epochs"] = EPOCHS
-    spec = {"base": str(DIGITS), "overrides": overrides, "grid": {"eval.n_test": [50, 60]},
+    spec = {"base": str(CONFIG), "overrides": overrides, "grid": {"eval.n_test": [50, 60]},
             "seeds": [0], "out_root": str(root), "slurm": {"cpus-per-task": 1, **(slurm or {})},
             **fields}
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
@@ -285,7 +309,7 @@ def swept(cluster, tmp) -> dict:
     """A 2-point sweep (write_spec) with an evaluation; task 0 is preempted in its first
     epoch, and task 1, trained without a stop, is its reference."""
     root = tmp / "sweep"
-    spec = write_spec(tmp / "sweep.yaml", root, eval=[
+    spec = write_spec(cluster, tmp / "sweep.yaml", root, eval=[
         {"pgd": ["--steps", "1", "--n-ex", "20", "--device", "cpu"]}])
     proc = subprocess.run([sys.executable, "-m", "at.sweep", str(spec), "--slurm"],
                           cwd=REPO_ROOT, env=job_env(cluster), capture_output=True, text=True)
@@ -367,7 +391,7 @@ def test_a_killed_run_and_a_cancelled_one_continue_when_submitted_again(scenario
     assert_same_run(end["out"], reference["out"], log)
 
 
-def test_a_sweep_array_trains_evaluates_and_requeues_only_the_preempted_task(scenarios):
+def test_a_sweep_array_trains_evaluates_and_requeues_only_the_preempted_task(scenarios, capsys):
     result = scenarios["sweep"].result()
     root, names, (first, second) = result["root"], result["names"], result["ends"]
     assert first["JobState"] == second["JobState"] == "COMPLETED", first["log"] + second["log"]
@@ -379,8 +403,8 @@ def test_a_sweep_array_trains_evaluates_and_requeues_only_the_preempted_task(sce
         assert len(list((root / name / "eval").glob("pgd1_*_best.json"))) == 1
     a, b = load(root / names[0] / "last.pt"), load(root / names[1] / "last.pt")
     assert _same(a["model"], b["model"]) and _same(a["method"], b["method"])  # resumed exactly
-    proc = subprocess.run([sys.executable, "-m", "eval.summary", str(root), "--format", "json"],
-                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    runs = [Path(r).name for g in json.loads(proc.stdout)["groups"] for r in g["runs"]]
+    capsys.readouterr()
+    assert summary.main([str(root), "--format", "json"]) == 0
+    runs = [Path(r).name for g in json.loads(capsys.readouterr().out)["groups"]
+            for r in g["runs"]]
     assert sorted(runs) == names
