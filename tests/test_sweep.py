@@ -51,15 +51,30 @@ def write_spec(path: Path, root: Path, **fields) -> Path:
     return path
 
 
-def run_sweep(*args: str) -> subprocess.CompletedProcess:
+def _train_here(child, cmd: list[str]) -> int:
+    """A sweep's `python -m at.train ARGS` command run by at.train's main in this process, on one
+    thread as the command's environment asks (OMP_NUM_THREADS=1)."""
+    from at.train import main
+    assert cmd[1:3] == ["-m", "at.train"], cmd
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(cmd[3:])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_sweep(*args: str, train_here: bool = False) -> subprocess.CompletedProcess:
     """`python -m at.sweep ARGS` in this process (no interpreter to start for the sweep itself;
-    its training and evaluation commands are processes of their own, as always): the exit status
-    and what the sweep printed."""
+    its training and evaluation commands are processes of their own, or with `train_here` the
+    training commands run in this process too): the exit status and what the sweep printed."""
     out, err = StringIO(), StringIO()
     with pytest.MonkeyPatch.context() as mp, redirect_stdout(out), redirect_stderr(err):
         mp.chdir(REPO_ROOT)
         for key, value in CHILD_ENV.items():
             mp.setenv(key, value)
+        if train_here:
+            mp.setattr(sweep._Child, "run", _train_here)
         code = sweep.main(list(args))
     return subprocess.CompletedProcess(["at.sweep", *args], code, out.getvalue(), err.getvalue())
 
@@ -101,10 +116,13 @@ def sweeps(tmp_path_factory):
              "unfinished": [n for n in names if not (tmp / "a" / n / "final.json").exists()]}
     again = run_sweep(str(stopped))
     third = run_sweep(str(stopped))
-    one_seed = run_sweep(str(write_spec(tmp / "one_seed.yaml", tmp / "b", seeds=[0])))
+    # The reference's runs train in this process (no interpreter and imports to start for
+    # each): the stopped sweep's, which are compared with them, are the real processes.
+    one_seed = run_sweep(str(write_spec(tmp / "one_seed.yaml", tmp / "b", seeds=[0])),
+                         train_here=True)
     seed0 = {n: (tmp / "b" / n / "best.pt").read_bytes() for n in names if n.endswith("seed0")}
     whole = run_sweep(str(write_spec(tmp / "whole.yaml", tmp / "b",
-                                     overrides={**CHEAP, **CORRECTED})))
+                                     overrides={**CHEAP, **CORRECTED})), train_here=True)
     return {"tmp": tmp, "names": names, "first": first, "again": again, "third": third,
             "one_seed": one_seed, "seed0_weights": seed0, "whole": whole}
 
