@@ -447,9 +447,11 @@ def test_early_stop_counts_validations_and_restores_from_the_records(tmp_path):
     # accuracy flat, so patience 1 stops right after epoch 2. The first call trains one epoch;
     # the resumed run must continue the count from metrics.jsonl (else epoch 2 would be a "new
     # best" and it would train to epoch 3).
+    # 200 training images, the 1,037 held out validated clean (PGD-0): the cheapest epochs.
     out = tmp_path / "run"
     args = [*(f"{k}={v}" for k, v in CHEAP.items()), "optim.lr=1e-12", "model.bn_momentum=0.0",
-            "train.early_stop.patience=1", f"out_dir={out}", "eval.final_pgd=false"]
+            "train.early_stop.patience=1", f"out_dir={out}", "eval.final_pgd=false",
+            "data.val_size=1037", "eval.pgd_steps=0"]
     fit(load_config(DIGITS, args))
     result = fit(load_config(DIGITS, [*args, "optim.epochs=3"]), resume=True)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
