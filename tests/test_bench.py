@@ -23,7 +23,7 @@ def test_harness_smoke_run_writes_every_figure(tmp_path, capsys):
     out = tmp_path / "result.json"
     code = at_step.main(["--model", "wrn-16-1", "--batch", "8", "--attack-steps", "2",
                          "--steps", "2", "--repeats", "1", "--awp", "--device", "cpu",
-                         "--json", str(out)])
+                         "--peak-size", "512", "--json", str(out)])  # as the tiny device check
     assert code == 0
     r = json.loads(out.read_text())
     assert r["torch"] == torch.__version__ and r["device"] and r["device_type"] == "cpu"
@@ -147,7 +147,8 @@ def test_single_step_variants_are_timed_beside_pgd(tmp_path):
     out = tmp_path / "result.json"
     assert at_step.main(["--model", "wrn-16-1", "--batch", "8", "--attack-steps", "2",
                          "--steps", "1", "--repeats", "1", "--device", "cpu", "--single-step",
-                         "--skip", "baseline,floor,attack,data", "--json", str(out)]) == 0
+                         "--skip", "baseline,floor,attack,data", "--peak-size", "512",
+                         "--json", str(out)]) == 0
     r = json.loads(out.read_text())
     assert set(r["variant"]) == set(at_step.SINGLE_STEP_VARIANTS)
     for change in at_step.SINGLE_STEP_VARIANTS:

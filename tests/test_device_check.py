@@ -16,7 +16,7 @@ import torch
 
 from at.config import load_config
 from at.run_dir import RESUMABLE_CHANGES
-from bench import device_sections
+from bench import device_check, device_sections
 from bench.device_check import SECTIONS
 from errors import ConfigError
 from eval.precision import evaluation_precision, tf32_enabled
@@ -103,11 +103,12 @@ def test_a_hung_or_failing_section_stops_nothing_else(tmp_path):
     assert _results(out)["a-env"]["status"] == "failed"
 
 
-def test_a_spent_budget_runs_nothing_more_but_still_writes_the_summary(tmp_path):
-    env = _env(DEVICE_CHECK_STARTED=str(time.time() - 100))
-    proc = _check("--device", "cpu", "--out", str(tmp_path), "--budget", "60",
-                  "--sections", "a-env,b-cuda-tests", env=env)
-    assert proc.returncode == 1
+def test_a_spent_budget_runs_nothing_more_but_still_writes_the_summary(tmp_path, monkeypatch,
+                                                                        capsys):
+    # In this process (no section is started): the shell script's start time, 100 s ago.
+    monkeypatch.setenv("DEVICE_CHECK_STARTED", str(time.time() - 100))
+    assert device_check.main(["--device", "cpu", "--out", str(tmp_path), "--budget", "60",
+                              "--sections", "a-env,b-cuda-tests"]) == 1
     assert {r["status"] for r in _results(tmp_path).values()} == {"not run"}
     assert "budget" in next(tmp_path.glob("*_summary.txt")).read_text()
 
@@ -117,10 +118,10 @@ def test_a_spent_budget_runs_nothing_more_but_still_writes_the_summary(tmp_path)
     (["--timeout", "z=3"], "unknown section 'z'"),
     (["--sections", "a-env,zz"], "--sections: unknown zz"),
 ])
-def test_bad_arguments_are_one_line_errors(args, problem, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "bench.device_check", "--out", str(tmp_path),
-                           *args], cwd=ROOT, env=_env(), capture_output=True, text=True)
-    assert proc.returncode == 2 and problem in proc.stderr.splitlines()[-1]
+def test_bad_arguments_are_one_line_errors(args, problem, tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:  # argparse's exit: status 2
+        device_check.main(["--out", str(tmp_path), *args])
+    assert stop.value.code == 2 and problem in capsys.readouterr().err.splitlines()[-1]
     assert not list(tmp_path.iterdir())
 
 

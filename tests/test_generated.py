@@ -97,7 +97,7 @@ def _nothing_written(out: Path) -> bool:
 
 
 @pytest.mark.slow
-def test_prepare_rejects_truncated_part_before_writing(tmp_path):
+def test_prepare_rejects_truncated_part_before_writing(tmp_path, capsys):
     _part(tmp_path / "good.npz", 20, 0)
     _part(tmp_path / "cut.npz", 20, 20)
     raw = (tmp_path / "cut.npz").read_bytes()
@@ -107,10 +107,8 @@ def test_prepare_rejects_truncated_part_before_writing(tmp_path):
         prepare([tmp_path / "good.npz", tmp_path / "cut.npz"], out, 10, log=_silent)
     assert _nothing_written(out)
     # The command line: one line on stderr, exit status 1, nothing written.
-    proc = subprocess.run([sys.executable, "-m", "data.prepare_generated",
-                           str(tmp_path / "good.npz"), str(tmp_path / "cut.npz"), "--out",
-                           str(out), "--num-classes", "10"], cwd=ROOT, capture_output=True,
-                          text=True)
+    proc = _main(capsys, str(tmp_path / "good.npz"), str(tmp_path / "cut.npz"), "--out", str(out),
+                 "--num-classes", "10")
     assert proc.returncode == 1 and _nothing_written(out)
     assert proc.stderr.startswith("prepare_generated: error: ") and \
         proc.stderr.count("\n") == 1
@@ -147,6 +145,15 @@ def _cli(*args: str, **kw) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, **kw)
 
 
+def _main(capsys, *args: str) -> subprocess.CompletedProcess:
+    """`python -m data.prepare_generated ARGS` in this process (no interpreter to start): its
+    exit status and what it printed."""
+    capsys.readouterr()
+    code = prepare_generated.main(list(args))
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, out, err)
+
+
 def _one_line_error(proc: subprocess.CompletedProcess, needle: str) -> None:
     # Progress lines may come first; the error is the last line, alone, and no traceback.
     lines = proc.stderr.splitlines()
@@ -164,15 +171,15 @@ def test_prepare_names_the_exact_row_of_a_bad_label(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_prepare_out_that_is_a_file_or_unwritable(tmp_path):
+def test_prepare_out_that_is_a_file_or_unwritable(tmp_path, capsys):
     _part(tmp_path / "a.npz", 8, 0)
     (tmp_path / "file").write_text("keep me")
-    _one_line_error(_cli(str(tmp_path / "a.npz"), "--out", str(tmp_path / "file"),
-                         "--num-classes", "10"), "is a file, not a directory")
+    _one_line_error(_main(capsys, str(tmp_path / "a.npz"), "--out", str(tmp_path / "file"),
+                          "--num-classes", "10"), "is a file, not a directory")
     assert (tmp_path / "file").read_text() == "keep me"
     # Below a file no directory can be made (what a read-only place gives too).
-    _one_line_error(_cli(str(tmp_path / "a.npz"), "--out", str(tmp_path / "file" / "out"),
-                         "--num-classes", "10"), "cannot write to --out")
+    _one_line_error(_main(capsys, str(tmp_path / "a.npz"), "--out", str(tmp_path / "file" / "out"),
+                          "--num-classes", "10"), "cannot write to --out")
     assert (tmp_path / "file").read_text() == "keep me"
 
 
