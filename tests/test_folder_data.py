@@ -212,7 +212,7 @@ def _cfg(root, out, *extra):
     return load_config(None, [
         "data.name=imagenet", f"data.root={root}", "data.num_classes=10", "data.image_size=32",
         "data.resize_size=36", "data.workers=0", "data.augment=resized_crop_flip",
-        "model.name=resnet18", "method.name=standard", "optim.epochs=10", "optim.batch_size=64",
+        "model.name=resnet18", "method.name=standard", "optim.epochs=6", "optim.batch_size=64",
         "optim.lr=0.05", "optim.weight_decay=5e-4", "eval.pgd_steps=0", "eval.final_pgd=false",
         "data.val_size=null", "log.plot=false", f"out_dir={out}", *extra])
 
@@ -429,6 +429,7 @@ def test_two_processes_see_what_one_sees_on_image_files(fake, tmp_path):
 
     from at.checkpoint import load
     from at.config import REPO_ROOT
+    from at.train import main
     root, _ = fake
     common = ["data.name=imagenet", f"data.root={root}", "data.num_classes=10",
               "data.image_size=32", "data.resize_size=36", "data.workers=1",
@@ -440,13 +441,20 @@ def test_two_processes_see_what_one_sees_on_image_files(fake, tmp_path):
            "PYTHONPATH": str(REPO_ROOT)}
     runs = {}
     for procs in (1, 2):
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc_per_node={procs}"] if procs > 1 else [sys.executable]
         out = tmp_path / f"p{procs}"
-        proc = subprocess.run([*launcher, "-m", "at.train", *common, f"out_dir={out}"],
-                              cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                              timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        if procs == 1:  # main() in this process, on one thread as the launched ones
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                assert main([*common, f"out_dir={out}"]) == 0
+            finally:
+                torch.set_num_threads(threads)
+        else:
+            proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                   f"--nproc_per_node={procs}", "-m", "at.train", *common,
+                                   f"out_dir={out}"], cwd=REPO_ROOT, env=env,
+                                  capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, proc.stderr[-3000:]
         runs[procs] = (load(out / "last.pt")["model"],
                        json.loads((out / "metrics.jsonl").read_text().splitlines()[0]))
     (a, ra), (b, rb) = runs[1], runs[2]
