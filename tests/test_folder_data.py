@@ -347,10 +347,12 @@ def test_preemption_of_the_process_group_saves_and_resumes_exactly(fake, tmp_pat
     from at.checkpoint import load
     from at.config import REPO_ROOT
     root, _ = fake
-    common = ["data.name=imagenet", f"data.root={root}", "data.num_classes=10",
+    # The long-tailed list (472 training images; no validation list) in batches of 40: 12
+    # steps an epoch, each waiting 0.4 s for its batch from the two slow workers.
+    common = ["data.name=imagenet_lt", f"data.root={root}", "data.num_classes=10",
               "data.image_size=32", "data.resize_size=36", "data.workers=2",
-              "data.augment=resized_crop_flip", "data.val_size=null", "model.name=mobilenetv1",
-              "method.name=standard", "optim.epochs=2", "optim.batch_size=128",
+              "data.augment=resized_crop_flip", "data.val_size=0", "model.name=mobilenetv1",
+              "method.name=standard", "optim.epochs=2", "optim.batch_size=40",
               "eval.pgd_steps=0", "eval.final_pgd=false", "eval.n_test=64", "log.plot=false"]
 
     def run(k, *args):
