@@ -212,7 +212,7 @@ def _cfg(root, out, *extra):
     return load_config(None, [
         "data.name=imagenet", f"data.root={root}", "data.num_classes=10", "data.image_size=32",
         "data.resize_size=36", "data.workers=0", "data.augment=resized_crop_flip",
-        "model.name=resnet18", "method.name=standard", "optim.epochs=6", "optim.batch_size=64",
+        "model.name=resnet18", "method.name=standard", "optim.epochs=10", "optim.batch_size=64",
         "optim.lr=0.05", "optim.weight_decay=5e-4", "eval.pgd_steps=0", "eval.final_pgd=false",
         "data.val_size=null", "log.plot=false", f"out_dir={out}", *extra])
 
@@ -221,7 +221,8 @@ def _cfg(root, out, *extra):
 def teacher_run(fake, tmp_path_factory):
     root, _ = fake
     out = tmp_path_factory.mktemp("runs") / "teacher"
-    return out, fit(_cfg(root, out))
+    # 5 epochs in batches of 32: 72.8 % / 73.6 % test accuracy with seeds 0 / 1 (bar: 60 %)
+    return out, fit(_cfg(root, out, "optim.epochs=5", "optim.batch_size=32", "optim.lr=0.025"))
 
 
 def test_standard_training_on_imagenet_layout_learns(teacher_run):
@@ -422,20 +423,21 @@ def test_long_tailed_runs_report_accuracy_per_shot(fake, tmp_path):
 def test_two_processes_see_what_one_sees_on_image_files(fake, tmp_path):
     """torchrun, 2 CPU processes (gloo) vs 1, with the learning rate ~0 so that the weights stay
     put and what is compared is the data path itself: the same global batches and crops
-    (position-keyed augmentation), uneven shares (1237 training images in batches of 255:
-    128 + 127, last 217: 109 + 108), BatchNorm statistics synchronised over the global batch,
-    the epoch's loss weighted over ranks and the sharded evaluation. (With a real learning rate
-    this 32-pixel ResNet-18 is chaotic: 1 vs 2 threads of one process already end 58 % of the
-    update apart, so weights cannot be compared.)"""
+    (position-keyed augmentation), uneven shares (the 472 images of the long-tailed training list
+    in batches of 255: 128 + 127, last 217: 109 + 108), BatchNorm statistics synchronised over
+    the global batch, the epoch's loss weighted over ranks and the sharded evaluation (the
+    validation list and the test images). (With a real learning rate this 32-pixel ResNet-18
+    is chaotic: 1 vs 2 threads of one process already end 58 % of the update apart, so weights
+    cannot be compared.)"""
     import subprocess
 
     from at.checkpoint import load
     from at.config import REPO_ROOT
     from at.train import main
     root, _ = fake
-    common = ["data.name=imagenet", f"data.root={root}", "data.num_classes=10",
+    common = ["data.name=imagenet_lt", f"data.root={root}", "data.num_classes=10",
               "data.image_size=32", "data.resize_size=36", "data.workers=1",
-              "data.augment=resized_crop_flip", "data.val_size=200", "model.name=resnet18",
+              "data.augment=resized_crop_flip", "data.val_size=null", "model.name=resnet18",
               "model.sync_bn=true", "method.name=standard", "optim.epochs=1",
               "optim.batch_size=255", "optim.lr=1e-12", "optim.schedule=constant",
               "device=cpu", "eval.pgd_steps=0", "eval.final_pgd=false", "log.plot=false"]
@@ -462,8 +464,8 @@ def test_two_processes_see_what_one_sees_on_image_files(fake, tmp_path):
     (a, ra), (b, rb) = runs[1], runs[2]
     stats = [k for k in a if "running" in k]
     assert stats and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in stats)
-    assert ra["images_per_s"] * ra["train_seconds"] == pytest.approx(1237)
-    assert rb["images_per_s"] * rb["train_seconds"] == pytest.approx(1237)
+    assert ra["images_per_s"] * ra["train_seconds"] == pytest.approx(472)
+    assert rb["images_per_s"] * rb["train_seconds"] == pytest.approx(472)
     assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
     for key in ("train_clean_acc", "val_clean_acc", "test_clean_acc"):
         assert ra[key] == pytest.approx(rb[key], abs=0.3), key
