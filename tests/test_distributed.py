@@ -33,12 +33,13 @@ from test_preemption import DRIVER
 
 import models
 from at import checkpoint as ckpt
+from at.train import main
 
 # End-to-end runs: left out of the fast tier (sh/test.sh --fast).
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["-c", "configs/digits/ikl_at.yaml", "device=cpu", "optim.batch_size=255",
+COMMON = ["-c", str(ROOT / "configs/digits/ikl_at.yaml"), "device=cpu", "optim.batch_size=255",
           "optim.schedule=constant", "optim.lr=0.002", "data.augment=none", "attack.init=none",
           "attack.schedule=fixed", "attack.steps=0", "attack.eps_ramp=false", "model.sync_bn=true",
           "awp.enabled=true", "awp.warmup=1", "awp.gamma=2e-4", "eval.final_pgd=false",
@@ -46,18 +47,27 @@ COMMON = ["-c", "configs/digits/ikl_at.yaml", "device=cpu", "optim.batch_size=25
 
 
 def _train(out: Path, epochs: int, procs: int, resume: bool = False,
-           driver: Path | None = None, expect: int = 0) -> subprocess.CompletedProcess:
-    """at.train (or `driver`, a script taking a stop spec before at.train's arguments)."""
+           driver: Path | None = None, expect: int = 0) -> None:
+    """at.train (or `driver`, a script taking a stop spec before at.train's arguments): under
+    torchrun for procs > 1; one process is main() in this one, on one thread as the launched
+    processes (no interpreter to start)."""
+    args = [*COMMON, f"out_dir={out}", f"optim.epochs={epochs}", *(["--resume"] if resume else [])]
+    if procs == 1 and driver is None:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            assert main(args) == expect
+        finally:
+            torch.set_num_threads(threads)
+        return
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": str(ROOT)}  # a script's own directory, not the cwd, is on its path
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 f"--nproc_per_node={procs}"] if procs > 1 else [sys.executable]
     entry = [str(driver), "term", "3"] if driver else ["-m", "at.train"]
-    cmd = [*launcher, *entry, *COMMON, f"out_dir={out}", f"optim.epochs={epochs}"]
-    proc = subprocess.run(cmd + (["--resume"] if resume else []), cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([*launcher, *entry, *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
     assert proc.returncode == expect, proc.stderr[-3000:]
-    return proc
 
 
 def _initial_weights() -> dict:

@@ -221,7 +221,8 @@ def _cfg(root, out, *extra):
 def teacher_run(fake, tmp_path_factory):
     root, _ = fake
     out = tmp_path_factory.mktemp("runs") / "teacher"
-    return out, fit(_cfg(root, out))
+    # 5 epochs in batches of 32: 72.8 % / 73.6 % test accuracy with seeds 0 / 1 (bar: 60 %)
+    return out, fit(_cfg(root, out, "optim.epochs=5", "optim.batch_size=32", "optim.lr=0.025"))
 
 
 def test_standard_training_on_imagenet_layout_learns(teacher_run):
@@ -347,10 +348,12 @@ def test_preemption_of_the_process_group_saves_and_resumes_exactly(fake, tmp_pat
     from at.checkpoint import load
     from at.config import REPO_ROOT
     root, _ = fake
-    common = ["data.name=imagenet", f"data.root={root}", "data.num_classes=10",
+    # The long-tailed list (472 training images; no validation list) in batches of 40: 12
+    # steps an epoch, each waiting 0.4 s for its batch from the two slow workers.
+    common = ["data.name=imagenet_lt", f"data.root={root}", "data.num_classes=10",
               "data.image_size=32", "data.resize_size=36", "data.workers=2",
-              "data.augment=resized_crop_flip", "data.val_size=null", "model.name=mobilenetv1",
-              "method.name=standard", "optim.epochs=2", "optim.batch_size=128",
+              "data.augment=resized_crop_flip", "data.val_size=0", "model.name=mobilenetv1",
+              "method.name=standard", "optim.epochs=2", "optim.batch_size=40",
               "eval.pgd_steps=0", "eval.final_pgd=false", "eval.n_test=64", "log.plot=false"]
 
     def run(k, *args):
@@ -420,19 +423,21 @@ def test_long_tailed_runs_report_accuracy_per_shot(fake, tmp_path):
 def test_two_processes_see_what_one_sees_on_image_files(fake, tmp_path):
     """torchrun, 2 CPU processes (gloo) vs 1, with the learning rate ~0 so that the weights stay
     put and what is compared is the data path itself: the same global batches and crops
-    (position-keyed augmentation), uneven shares (1237 training images in batches of 255:
-    128 + 127, last 217: 109 + 108), BatchNorm statistics synchronised over the global batch,
-    the epoch's loss weighted over ranks and the sharded evaluation. (With a real learning rate
-    this 32-pixel ResNet-18 is chaotic: 1 vs 2 threads of one process already end 58 % of the
-    update apart, so weights cannot be compared.)"""
+    (position-keyed augmentation), uneven shares (the 472 images of the long-tailed training list
+    in batches of 255: 128 + 127, last 217: 109 + 108), BatchNorm statistics synchronised over
+    the global batch, the epoch's loss weighted over ranks and the sharded evaluation (the
+    validation list and the test images). (With a real learning rate this 32-pixel ResNet-18
+    is chaotic: 1 vs 2 threads of one process already end 58 % of the update apart, so weights
+    cannot be compared.)"""
     import subprocess
 
     from at.checkpoint import load
     from at.config import REPO_ROOT
+    from at.train import main
     root, _ = fake
-    common = ["data.name=imagenet", f"data.root={root}", "data.num_classes=10",
+    common = ["data.name=imagenet_lt", f"data.root={root}", "data.num_classes=10",
               "data.image_size=32", "data.resize_size=36", "data.workers=1",
-              "data.augment=resized_crop_flip", "data.val_size=200", "model.name=resnet18",
+              "data.augment=resized_crop_flip", "data.val_size=null", "model.name=resnet18",
               "model.sync_bn=true", "method.name=standard", "optim.epochs=1",
               "optim.batch_size=255", "optim.lr=1e-12", "optim.schedule=constant",
               "device=cpu", "eval.pgd_steps=0", "eval.final_pgd=false", "log.plot=false"]
@@ -440,20 +445,27 @@ def test_two_processes_see_what_one_sees_on_image_files(fake, tmp_path):
            "PYTHONPATH": str(REPO_ROOT)}
     runs = {}
     for procs in (1, 2):
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                    f"--nproc_per_node={procs}"] if procs > 1 else [sys.executable]
         out = tmp_path / f"p{procs}"
-        proc = subprocess.run([*launcher, "-m", "at.train", *common, f"out_dir={out}"],
-                              cwd=REPO_ROOT, env=env, capture_output=True, text=True,
-                              timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+        if procs == 1:  # main() in this process, on one thread as the launched ones
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                assert main([*common, f"out_dir={out}"]) == 0
+            finally:
+                torch.set_num_threads(threads)
+        else:
+            proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                   f"--nproc_per_node={procs}", "-m", "at.train", *common,
+                                   f"out_dir={out}"], cwd=REPO_ROOT, env=env,
+                                  capture_output=True, text=True, timeout=600)
+            assert proc.returncode == 0, proc.stderr[-3000:]
         runs[procs] = (load(out / "last.pt")["model"],
                        json.loads((out / "metrics.jsonl").read_text().splitlines()[0]))
     (a, ra), (b, rb) = runs[1], runs[2]
     stats = [k for k in a if "running" in k]
     assert stats and all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in stats)
-    assert ra["images_per_s"] * ra["train_seconds"] == pytest.approx(1237)
-    assert rb["images_per_s"] * rb["train_seconds"] == pytest.approx(1237)
+    assert ra["images_per_s"] * ra["train_seconds"] == pytest.approx(472)
+    assert rb["images_per_s"] * rb["train_seconds"] == pytest.approx(472)
     assert ra["loss"] == pytest.approx(rb["loss"], rel=1e-5)
     for key in ("train_clean_acc", "val_clean_acc", "test_clean_acc"):
         assert ra[key] == pytest.approx(rb[key], abs=0.3), key
