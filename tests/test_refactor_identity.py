@@ -33,11 +33,11 @@ from at.trainer import fit  # noqa: E402
 
 GOLDEN = Path(__file__).with_name("golden") / "refactor_identity.json"
 CONFIG = REPO_ROOT / "configs" / "digits" / "ikl_at_awp.yaml"
-# Two epochs of four steps (200 training images: the other 1,237 validate), AWP from the first,
-# an epoch EMA, a short attack and validation PGD; no time-based mid-epoch checkpoints (they would
-# depend on the clock). The portable kernels are slow: every image counts.
+# Two epochs of four steps (200 training images: the other 1,237 validate, at the last epoch),
+# AWP from the first, an epoch EMA, a short attack and validation PGD; no time-based mid-epoch
+# checkpoints (they would depend on the clock). The portable kernels are slow: every image counts.
 OVERRIDES = ["optim.epochs=2", "awp.warmup=1", "attack.schedule=fixed", "attack.steps=1",
-             "attack.step_size=8/255", "eval.pgd_steps=1", "eval.n_test=100",
+             "attack.step_size=8/255", "eval.pgd_steps=1", "eval.every=2", "eval.n_test=100",
              "eval.final_pgd=false", "log.plot=false", "data.val_size=1237",
              "checkpoint.every_minutes=0", "device=cpu", "model.name=wrn-16-1",
              "optim.batch_size=64", "optim.lr=0.05"]
