@@ -19,9 +19,9 @@ TRAINING_FIXTURES = {"learned", "ikl_run", "cost_file", "trained", "run10", "run
 # The modules that take longest (each over a minute of the 2-core whole suite), longest first:
 # parallel workers start with them so that the quick tests even out the end (an order that is
 # out of date only balances the workers less well).
-LONGEST_FIRST = ("test_slurm", "test_distill", "test_sweep", "test_refactor_identity",
-                 "test_folder_data", "test_distributed", "test_preemption", "test_co_guard",
-                 "test_train", "test_zoo")
+LONGEST_FIRST = ("test_distill", "test_slurm", "test_folder_data", "test_distributed",
+                 "test_sweep", "test_refactor_identity", "test_co_guard", "test_preemption",
+                 "test_zoo", "test_train")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups

@@ -92,9 +92,9 @@ def test_chunked_autoattack_killed_after_a_chunk_resumes_to_the_same_totals(ikl_
 
 def test_corrupt_and_foreign_chunks_are_recomputed_not_trusted(ikl_run, caplog):
     t = load_target(ikl_run, "last", device="cpu")
-    kwargs = dict(n_ex=24, chunk_size=12, attacks=["apgd-ce"], batch_size=12, progress=False)
+    kwargs = dict(n_ex=8, chunk_size=4, attacks=["apgd-ce"], batch_size=4, progress=False)
     first = autoattack.evaluate(t, **kwargs)
-    chunks = t.out_dir / "autoattack-standard-apgd-ce_linf_eps8-255_n24_last_chunks"
+    chunks = t.out_dir / "autoattack-standard-apgd-ce_linf_eps8-255_n8_last_chunks"
     files = sorted(chunks.glob("chunk_*.pt"))
     assert len(files) == 2
     files[0].write_bytes(files[0].read_bytes()[:50])        # truncated by a crash or a full disk
@@ -111,7 +111,7 @@ def test_corrupt_and_foreign_chunks_are_recomputed_not_trusted(ikl_run, caplog):
     third = autoattack.evaluate(t, **kwargs)
     assert third["chunks_reused"] == 2 and third["robust_acc"] == first["robust_acc"]
     # Another evaluation (eps, images) has its own chunks: it never replaces these.
-    autoattack.evaluate(t, **{**kwargs, "n_ex": 12, "eps": "4/255"})
+    autoattack.evaluate(t, **{**kwargs, "n_ex": 4, "eps": "4/255"})
     assert autoattack.evaluate(t, **kwargs)["chunks_reused"] == 2
 
 

@@ -145,9 +145,12 @@ def epochs_done(out: Path) -> int:
 
 def train_job(cluster: Cluster, tmp: Path, name: str, *sbatch: str,
               epochs: int = EPOCHS) -> tuple[Job, Path]:
+    """A job of sh/slurm_train.sh; the long runs (epochs != EPOCHS) skip the final PGD test,
+    which only the final-test scenario needs."""
     out = tmp / name
+    final = [] if epochs == EPOCHS else ["eval.final_pgd=false"]
     job = Job.submit(cluster, tmp / f"{name}.out", f"--job-name={name}", *sbatch,
-                     "sh/slurm_train.sh", str(CONFIG), *train_args(cluster),
+                     "sh/slurm_train.sh", str(CONFIG), *train_args(cluster), *final,
                      f"optim.epochs={epochs}",
                      f"out_dir={out}")
     return job, out
