@@ -1,13 +1,16 @@
 """Shared fixtures (a digits IKL-AT run and a standard-trained one, trained once per session),
-the `slow` marks of the tests that train, and how parallel workers share the tests out."""
+the small-run overrides and in-process training the end-to-end tests share, the `slow` marks of
+the tests that train, and how parallel workers share the tests out."""
 from __future__ import annotations
 
 import collections
 from pathlib import Path
 
 import pytest
+import torch
 
 from at.config import REPO_ROOT, load_config
+from at.train import main as train_main
 from at.trainer import fit
 
 DIGITS = REPO_ROOT / "configs" / "digits" / "ikl_at.yaml"
@@ -87,6 +90,24 @@ def learned(tmp_path_factory):
         cfg = load_config(DIGITS, [*LEARN, f"method.name={name}", f"out_dir={out}"])
         runs[name] = (out, fit(cfg))
     return runs
+
+
+# For tests of what a run writes, not what it learns: 100 training images in 5 steps of 20 (the
+# rest of the digits set is validation) and a clean-only validation (eval.pgd_steps=0:
+# val_robust_acc is the clean accuracy), the cheap part of a large validation split.
+SMALL_RUN = ["data.val_size=1337", "optim.batch_size=20", "eval.pgd_steps=0"]
+
+
+def train_in_process(args: list[str]) -> int:
+    """`python -m at.train ARGS` as main() in this process (no interpreter to start), on one
+    thread as the test's launched processes (OMP_NUM_THREADS=1): a run compared weight for weight
+    with theirs must sum in the same order."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train_main(args)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # One epoch of plain training on 1,405 images, validation PGD-1 on 32: seconds, not minutes.

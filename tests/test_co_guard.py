@@ -9,7 +9,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import DIGITS
+from conftest import DIGITS, SMALL_RUN
 
 from at import checkpoint as ckpt
 from at.co_guard import COGuard
@@ -21,11 +21,10 @@ from errors import UserError
 # 5 steps of 20 images per epoch (100 training images, the rest validation), AWP and a per-step
 # EMA so that their state has to come back too; checks every 2 steps on 32 held-out images. The
 # end-of-run validation is clean accuracy only (eval.pgd_steps=0): no test here reads it.
-GUARDED = ["attack.schedule=fixed", "attack.eps_ramp=false", "attack.kind=fgsm_rs",
-           "data.val_size=1337",
-           "optim.batch_size=20", "optim.epochs=2", "awp.enabled=true", "awp.warmup=1",
+GUARDED = ["attack.schedule=fixed", "attack.eps_ramp=false", "attack.kind=fgsm_rs", *SMALL_RUN,
+           "optim.epochs=2", "awp.enabled=true", "awp.warmup=1",
            "avg.kind=step_ema", "eval.every=100", "eval.final_pgd=false", "eval.n_test=50",
-           "eval.pgd_steps=0", "log.plot=false", "train.co_guard.enabled=true",
+           "log.plot=false", "train.co_guard.enabled=true",
            "train.co_guard.every=2", "train.co_guard.batch=32", "train.co_guard.pgd_steps=2"]
 
 

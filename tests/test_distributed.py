@@ -29,11 +29,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import train_in_process
 from test_preemption import DRIVER
 
 import models
 from at import checkpoint as ckpt
-from at.train import main
 
 # End-to-end runs: left out of the fast tier (sh/test.sh --fast).
 pytestmark = pytest.mark.slow
@@ -53,12 +53,7 @@ def _train(out: Path, epochs: int, procs: int, resume: bool = False,
     processes (no interpreter to start)."""
     args = [*COMMON, f"out_dir={out}", f"optim.epochs={epochs}", *(["--resume"] if resume else [])]
     if procs == 1 and driver is None:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            assert main(args) == expect
-        finally:
-            torch.set_num_threads(threads)
+        assert train_in_process(args) == expect
         return
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
            "PYTHONPATH": str(ROOT)}  # a script's own directory, not the cwd, is on its path

@@ -24,6 +24,7 @@ from errors import DataError, RunError
 
 # By path, as in test_data.py (robustbench's wheel installs a top-level `tests` package).
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import train_in_process  # noqa: E402
 from fake_imagenet import WNIDS, write_fake_imagenet  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -433,7 +434,6 @@ def test_two_processes_see_what_one_sees_on_image_files(fake, tmp_path):
 
     from at.checkpoint import load
     from at.config import REPO_ROOT
-    from at.train import main
     root, _ = fake
     common = ["data.name=imagenet_lt", f"data.root={root}", "data.num_classes=10",
               "data.image_size=32", "data.resize_size=36", "data.workers=1",
@@ -446,13 +446,8 @@ def test_two_processes_see_what_one_sees_on_image_files(fake, tmp_path):
     runs = {}
     for procs in (1, 2):
         out = tmp_path / f"p{procs}"
-        if procs == 1:  # main() in this process, on one thread as the launched ones
-            threads = torch.get_num_threads()
-            torch.set_num_threads(1)
-            try:
-                assert main([*common, f"out_dir={out}"]) == 0
-            finally:
-                torch.set_num_threads(threads)
+        if procs == 1:
+            assert train_in_process([*common, f"out_dir={out}"]) == 0
         else:
             proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                    f"--nproc_per_node={procs}", "-m", "at.train", *common,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DIGITS, CodeOnLoad
+from conftest import DIGITS, SMALL_RUN, CodeOnLoad
 
 from at import checkpoint, run_dir
 from at.checkpoint import load
@@ -24,10 +24,9 @@ from errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, NonFiniteLoss, RunError
 
 # 5 steps per epoch (100 training images: the rest of the digits set is validation; batch 20), AWP
 # from epoch 1 and a per-step EMA, so that their state has to survive too; checkpoint.every_minutes
-# is set per run (it may change on resume). Validation is clean accuracy only (eval.pgd_steps=0:
-# val_robust_acc is the clean accuracy), the cheap part of a large validation split.
-SMALL = ["data.val_size=1337", "optim.batch_size=20", "eval.every=100", "eval.final_pgd=false",
-         "eval.n_test=50", "eval.pgd_steps=0", "log.plot=false"]
+# is set per run (it may change on resume). Validation is clean accuracy only (SMALL_RUN).
+SMALL = [*SMALL_RUN, "eval.every=100", "eval.final_pgd=false", "eval.n_test=50",
+         "log.plot=false"]
 COMMON = ["-c", str(DIGITS), "attack.schedule=fixed", "attack.steps=1", "attack.step_size=8/255",
           *SMALL, "optim.epochs=2", "awp.enabled=true", "awp.warmup=1", "avg.kind=step_ema"]
 

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import train_in_process
 
 from at import sweep
 from at.checkpoint import load
@@ -52,16 +53,10 @@ def write_spec(path: Path, root: Path, **fields) -> Path:
 
 
 def _train_here(child, cmd: list[str]) -> int:
-    """A sweep's `python -m at.train ARGS` command run by at.train's main in this process, on one
-    thread as the command's environment asks (OMP_NUM_THREADS=1)."""
-    from at.train import main
+    """A sweep's `python -m at.train ARGS` command run in this process, on one thread as the
+    command's environment asks (OMP_NUM_THREADS=1)."""
     assert cmd[1:3] == ["-m", "at.train"], cmd
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        return main(cmd[3:])
-    finally:
-        torch.set_num_threads(threads)
+    return train_in_process(cmd[3:])
 
 
 def run_sweep(*args: str, train_here: bool = False) -> subprocess.CompletedProcess:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import DIGITS
+from conftest import DIGITS, SMALL_RUN
 from fake_cifar import write_fake_cifar
 
 from at.checkpoint import CheckpointError, load, load_model_state
@@ -20,10 +20,6 @@ from models import build_model
 # A fast configuration for plumbing tests: one attack step, no per-epoch validation.
 QUICK = ["attack.schedule=fixed", "attack.steps=1", "attack.step_size=8/255", "eval.every=100",
          "eval.final_pgd=false", "log.plot=false"]
-# Less data for the tests that check what a run writes, not what it learns: 100 training images
-# in 5 steps an epoch (the rest of the digits set is validation) and a clean-only validation
-# (eval.pgd_steps=0: val_robust_acc is the clean accuracy).
-SMALL = ["data.val_size=1337", "optim.batch_size=20", "eval.pgd_steps=0"]
 
 
 def train_main(capsys, *args: str) -> tuple[int, str]:
@@ -88,7 +84,7 @@ def test_fake_cifar_trains_through_the_real_loader(tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tmp_path, capsys):
     out = tmp_path / "nan"
     # Epoch 2 runs at lr * 1e30: the weights blow up within a few steps.
-    code, err = train_main(capsys, "-c", str(DIGITS), *QUICK, *SMALL, "method.name=standard",
+    code, err = train_main(capsys, "-c", str(DIGITS), *QUICK, *SMALL_RUN, "method.name=standard",
                            "optim.epochs=3", "optim.schedule=piecewise", "optim.milestones=[2]",
                            "optim.lr_decay=1e30", f"out_dir={out}")
     assert code == 1
@@ -182,16 +178,16 @@ def test_resume_of_a_run_that_died_before_its_first_checkpoint_starts_afresh(tmp
     out.mkdir()
     (out / "config.yaml").write_text("seed: 0\n")
     (out / "metrics.jsonl").write_text("")
-    code, err = train_main(capsys, "-c", str(DIGITS), *QUICK, *SMALL, "method.name=standard",
+    code, err = train_main(capsys, "-c", str(DIGITS), *QUICK, *SMALL_RUN, "method.name=standard",
                            "optim.epochs=1", f"out_dir={out}", "--resume")
     assert code == 0, err
     assert "starting from epoch 1" in err and load(out / "last.pt")["epoch"] == 1
     # A finished 1-epoch run resumed with fewer epochs than done: refused, overrides after
     # --resume accepted (intermixed).
-    code, err = train_main(capsys, "-c", str(DIGITS), "--resume", *QUICK, *SMALL,
+    code, err = train_main(capsys, "-c", str(DIGITS), "--resume", *QUICK, *SMALL_RUN,
                            "method.name=standard", "optim.epochs=2", f"out_dir={out}")
     assert code == 0, err
-    code, err = train_main(capsys, "-c", str(DIGITS), "--resume", *QUICK, *SMALL,
+    code, err = train_main(capsys, "-c", str(DIGITS), "--resume", *QUICK, *SMALL_RUN,
                            "method.name=standard", "optim.epochs=1", f"out_dir={out}")
     assert code == 1 and "has already done 2 epochs" in err, err
     assert "epochs: 2" in (out / "config.yaml").read_text()  # not rewritten
@@ -203,7 +199,7 @@ def test_wandb_offline_logging_needs_no_network(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "run"
-    cfg = load_config(DIGITS, [*QUICK, *SMALL, "method.name=standard", "optim.epochs=1",
+    cfg = load_config(DIGITS, [*QUICK, *SMALL_RUN, "method.name=standard", "optim.epochs=1",
                                "log.wandb=true", f"out_dir={out}"])
     fit(cfg)
     runs = list((out / "wandb").glob("offline-run-*"))
@@ -216,9 +212,9 @@ def test_awp_and_weight_averaging_run_and_the_average_evaluates(tmp_path):
     from eval import load_model
     from eval.pgd import evaluate
     out = tmp_path / "run"
-    cfg = load_config(DIGITS, [*QUICK, *SMALL, "optim.epochs=2", "awp.enabled=true", "awp.warmup=2",
-                               "avg.kind=epoch_ema", f"out_dir={out}", "eval.every=1",
-                               "eval.best_on=avg"])
+    cfg = load_config(DIGITS, [*QUICK, *SMALL_RUN, "optim.epochs=2", "awp.enabled=true",
+                               "awp.warmup=2", "avg.kind=epoch_ema", f"out_dir={out}",
+                               "eval.every=1", "eval.best_on=avg"])
     result = fit(cfg)
     assert set(result) == {"last", "best", "avg"}
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -242,7 +238,7 @@ def test_awp_and_weight_averaging_run_and_the_average_evaluates(tmp_path):
 @pytest.mark.slow
 def test_two_view_training_runs(tmp_path):
     out = tmp_path / "two_views"
-    cfg = load_config(DIGITS, [*QUICK, *SMALL, "optim.epochs=1", "data.second_view=autoaugment",
+    cfg = load_config(DIGITS, [*QUICK, *SMALL_RUN, "optim.epochs=1", "data.second_view=autoaugment",
                                "method.ikl_at.aug_weight=0.5", f"out_dir={out}"])
     fit(cfg)
     prior = load(out / "last.pt")["method"]["prior"]
@@ -253,7 +249,7 @@ def test_two_view_training_runs(tmp_path):
 def test_a_damaged_last_checkpoint_falls_back_to_the_previous_epoch(tmp_path, capsys):
     # Nothing may depend on the total epoch count here (lr schedule, eps ramp): the damaged run
     # first trains for 2 epochs, then is extended to 3.
-    common = ["-c", str(DIGITS), *QUICK, *SMALL, "method.name=standard",
+    common = ["-c", str(DIGITS), *QUICK, *SMALL_RUN, "method.name=standard",
               "optim.schedule=constant", "attack.eps_ramp=false"]
     code, err = train_main(capsys, *common, "optim.epochs=3", f"out_dir={tmp_path / 'straight'}")
     assert code == 0, err
